@@ -1,0 +1,54 @@
+"""Typed errors that cross process boundaries.
+
+Every error a caller can act on has its own class. They pickle with their message only, so a
+Ray task error re-raised on the caller's side is still an instance of the same class
+(Ray's `RayTaskError` subclasses the cause), and the HTTP ingress maps each class to one
+status code.
+"""
+
+from __future__ import annotations
+
+
+class AntiphonError(Exception):
+    """Base of every error antiphon raises on purpose."""
+
+    http_status: int = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.message,))
+
+
+class InvalidRequest(AntiphonError):
+    """The caller sent something malformed or out of range; the message names the field."""
+
+    http_status = 400
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt (or session plus new tokens) does not fit the model's context."""
+
+
+class NotFound(AntiphonError):
+    """An unknown model, ensemble or policy was named."""
+
+    http_status = 404
+
+
+class SessionLost(AntiphonError):
+    """The session is unknown here: never opened, closed, evicted, or its replica is gone.
+
+    The caller still holds the sequence (the coordinator's state is the source of truth), so
+    the remedy is always the same: open a new session from that sequence.
+    """
+
+    http_status = 409
+
+
+class Overloaded(AntiphonError):
+    """No capacity right now (session cap with nothing evictable, queue full). Retry later."""
+
+    http_status = 503
