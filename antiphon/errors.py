@@ -52,3 +52,13 @@ class Overloaded(AntiphonError):
     """No capacity right now (session cap with nothing evictable, queue full). Retry later."""
 
     http_status = 503
+
+
+class ConfigError(InvalidRequest):
+    """A config file (YAML) is missing, unreadable or invalid; the message names file and field."""
+
+
+class Unauthorized(AntiphonError):
+    """The HTTP API needs an API key (`Authorization: Bearer KEY`) and got none or a wrong one."""
+
+    http_status = 401

@@ -1,0 +1,61 @@
+"""The deferral gate: an extra linear head on a checkpoint's last hidden state (Co-LLM).
+
+gate_t = sigmoid(w . h_t + b), where h_t is the hidden state the LM head reads at position t
+(the final-norm output) and the gate decides whether the token chosen from that position's
+logits should be written by another model. The gate is stored next to the checkpoint as
+`gate.safetensors` with tensors 'weight' (hidden,) and optionally 'bias' () -- the Co-LLM
+trainer writes it with `save_gate`, the engine reads it with `load_gate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from antiphon.errors import InvalidRequest
+
+GATE_FILENAME = "gate.safetensors"
+
+
+@dataclass(frozen=True)
+class GateHead:
+    """A loaded gate: weight (hidden,) and bias () in float32 on the model's device."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Gate values in [0, 1] for hidden states (..., hidden) -> (...,), float32."""
+        return torch.sigmoid(hidden.float() @ self.weight + self.bias)
+
+    def to(self, device: torch.device | str) -> GateHead:
+        return GateHead(self.weight.to(device), self.bias.to(device))
+
+
+def save_gate(path: str | Path, weight: torch.Tensor, bias: float | torch.Tensor = 0.0) -> Path:
+    """Write a gate file; `path` is the file, or a checkpoint directory (gate.safetensors)."""
+    out = Path(path)
+    if out.is_dir():
+        out = out / GATE_FILENAME
+    weight = weight.detach().float().reshape(-1).contiguous().cpu()
+    bias_t = torch.as_tensor(bias, dtype=torch.float32).detach().reshape(()).cpu()
+    save_file({"weight": weight, "bias": bias_t}, str(out))
+    return out
+
+
+def load_gate(path: str | Path, hidden_size: int) -> GateHead:
+    """Read a gate file, checking that its weight matches the model's hidden size."""
+    tensors = load_file(str(path))
+    if "weight" not in tensors:
+        raise InvalidRequest(f"gate file {path} has no 'weight' tensor")
+    weight = tensors["weight"].float().reshape(-1)
+    if weight.numel() != hidden_size:
+        raise InvalidRequest(
+            f"gate file {path}: weight has {weight.numel()} values, the model's hidden size is "
+            f"{hidden_size}"
+        )
+    bias = tensors.get("bias", torch.zeros(())).float().reshape(())
+    return GateHead(weight, bias)

@@ -1,0 +1,147 @@
+"""`ModelServer`: the Ray Serve deployment of one checkpoint, a thin shim over its engine.
+
+Each replica hosts one `ModelEngine`; the methods here only forward to it, keep the replica's
+metrics, and give the engine an id prefix so session ids name their replica (see
+`antiphon.actors.affinity`). Everything about sessions, batching and errors is the engine's.
+
+    from ray import serve
+    from antiphon.actors.client import ServeModelClient
+    from antiphon.actors.server import build_model_deployment
+
+    handle = serve.run(build_model_deployment(spec), name=spec.name, route_prefix=None)
+    model = ServeModelClient(handle)          # a SessionModel, like the engine itself
+    session = await model.open("Once upon")
+"""
+
+from __future__ import annotations
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Application
+from ray.serve.exceptions import RayServeException
+from ray.serve.metrics import Counter, Gauge
+
+from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
+from antiphon.actors.engine import ModelEngine
+from antiphon.actors.messages import Generation, ModelInfo, SamplingParams, SessionInfo
+from antiphon.config import ModelSpec
+
+
+def _own_replica_id() -> str | None:
+    """This replica's Serve id, or None when the class runs outside Serve."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
+class ModelServer:
+    """One replica of a model deployment: the engine plus metrics. Methods mirror SessionModel."""
+
+    def __init__(self, spec: ModelSpec, engine_cls: type[ModelEngine] = ModelEngine) -> None:
+        self.spec = spec
+        replica_id = _own_replica_id()
+        self.replica_id = replica_id or ""
+        self.engine = engine_cls(spec, id_prefix=session_id_prefix(replica_id) if replica_id else "")
+        # ray.serve.metrics are ray.util.metrics that also carry deployment/replica tags.
+        self._tokens_generated = Counter(
+            "antiphon_tokens_generated",
+            description="Tokens written by generate on this replica.",
+            tag_keys=("model",),
+        )
+        self._live_sessions = Gauge(
+            "antiphon_live_sessions",
+            description="Sessions held by this replica.",
+            tag_keys=("model",),
+        )
+        self._cached_tokens = Gauge(
+            "antiphon_cached_tokens",
+            description="Tokens held in this replica's KV caches.",
+            tag_keys=("model",),
+        )
+        for metric in (self._tokens_generated, self._live_sessions, self._cached_tokens):
+            metric.set_default_tags({"model": spec.name})  # a fresh dict: Serve adds to it
+        self._tokens_reported = 0  # engine's tokens_generated already added to the counter
+        self._record_metrics()
+
+    def _record_metrics(self) -> None:
+        stats = self.engine.stats()
+        new_tokens = stats.tokens_generated - self._tokens_reported
+        if new_tokens > 0:
+            self._tokens_generated.inc(new_tokens)
+            self._tokens_reported = stats.tokens_generated
+        self._live_sessions.set(stats.live_sessions)
+        self._cached_tokens.set(stats.cached_tokens)
+
+    async def info(self) -> ModelInfo:
+        return await self.engine.info()
+
+    async def open(self, prompt: list[int] | str) -> SessionInfo:
+        try:
+            return await self.engine.open(prompt)
+        finally:
+            self._record_metrics()
+
+    async def append(self, session_id: str, token_ids: list[int]) -> SessionInfo:
+        try:
+            return await self.engine.append(session_id, token_ids)
+        finally:
+            self._record_metrics()
+
+    async def generate(self, session_id: str, params: SamplingParams) -> Generation:
+        try:
+            return await self.engine.generate(session_id, params)
+        finally:
+            self._record_metrics()
+
+    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
+        return await self.engine.score(session_id, token_ids)
+
+    async def fork(self, session_id: str, n: int) -> list[str]:
+        try:
+            return await self.engine.fork(session_id, n)
+        finally:
+            self._record_metrics()
+
+    async def truncate(self, session_id: str, length: int) -> SessionInfo:
+        try:
+            return await self.engine.truncate(session_id, length)
+        finally:
+            self._record_metrics()
+
+    async def close(self, session_id: str) -> None:
+        try:
+            await self.engine.close(session_id)
+        finally:
+            self._record_metrics()
+
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s; raising marks the replica unhealthy."""
+        self.engine.check_health()
+        # Sessions also expire between calls; refresh the gauges here too.
+        self._record_metrics()
+
+    async def __del__(self) -> None:
+        # Serve awaits this on graceful replica shutdown.
+        await self.engine.shutdown()
+
+
+def deployment_options(spec: ModelSpec) -> dict[str, object]:
+    """The `serve.deployment` options of a checkpoint's deployment, all derived from its spec."""
+    return {
+        "name": spec.name,
+        "num_replicas": spec.num_replicas,
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        # Session calls must reach the replica that holds the session's cache.
+        "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+    }
+
+
+def build_model_deployment(
+    spec: ModelSpec, engine_cls: type[ModelEngine] = ModelEngine
+) -> Application:
+    """The Serve application of one checkpoint; run it with `serve.run(app, name=...)`."""
+    return serve.deployment(ModelServer, **deployment_options(spec)).bind(spec, engine_cls)

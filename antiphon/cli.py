@@ -1,0 +1,392 @@
+"""The `antiphon` command.
+
+    antiphon demo                       # local Ray, default ensemble on CPU, one coloured answer
+    antiphon serve [CONFIG]             # serve a config (default ensemble on 127.0.0.1:8000)
+    antiphon generate "Once upon"       # ask a running server (or --local: a throwaway one)
+    antiphon status                     # is the server up, which ensembles does it serve
+    antiphon zoo build --scale tiny     # train the zoo's checkpoints
+    antiphon eval --ensemble default --policy round_robin --split test
+
+Logs go to stderr (console format; JSON inside the server's actors); answers to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from antiphon.deploy.api import GenerateResponse, Segment
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+APP_NAME = "antiphon"
+
+# ANSI colours for writers, in order of first appearance; bold so they read on dark and light.
+_COLOURS = ("\x1b[1;36m", "\x1b[1;33m", "\x1b[1;35m", "\x1b[1;32m", "\x1b[1;34m", "\x1b[1;31m")
+_RESET = "\x1b[0m"
+
+
+# --- output --------------------------------------------------------------------------------
+
+
+class SegmentPrinter:
+    """Prints segments as they arrive, each coloured by its model (or tagged `[model|...]` when
+    colour is off), and a legend of the models first."""
+
+    def __init__(self, models: Iterable[str], colour: bool, out=None) -> None:
+        self.out = out or sys.stdout
+        self.colour = colour
+        self.colours = {m: _COLOURS[i % len(_COLOURS)] for i, m in enumerate(models)}
+
+    def _paint(self, model: str, text: str) -> str:
+        if model not in self.colours:
+            self.colours[model] = _COLOURS[len(self.colours) % len(_COLOURS)]
+        return f"{self.colours[model]}{text}{_RESET}" if self.colour else f"[{model}|{text}]"
+
+    def legend(self) -> None:
+        keys = "  ".join(self._paint(m, m) for m in self.colours)
+        self.out.write(f"writers: {keys}\n\n")
+
+    def segment(self, segment: Segment) -> None:
+        self.out.write(self._paint(segment.model, segment.text))
+        self.out.flush()
+
+    def summary(self, result: GenerateResponse | None) -> None:
+        self.out.write("\n\n")
+        if result is None:
+            return
+        counts: dict[str, int] = {}
+        for s in result.segments:
+            counts[s.model] = counts.get(s.model, 0) + s.num_tokens
+        share = ", ".join(f"{m}: {n} tokens" for m, n in counts.items())
+        self.out.write(
+            f"{len(result.segments)} segments ({share}); finish: {result.finish_reason}; "
+            f"policy: {result.policy}; request id: {result.id}\n"
+        )
+
+
+def _use_colour(choice: str) -> bool:
+    if choice == "always":
+        return True
+    if choice == "never":
+        return False
+    return sys.stdout.isatty() and "NO_COLOR" not in os.environ
+
+
+# --- local cluster -------------------------------------------------------------------------
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_server(config, address: str | None = None, blocking: bool = False) -> str:
+    """Deploy `config` as the Serve app 'antiphon' (starting or joining Ray); return its URL."""
+    import ray
+    from ray import serve
+
+    from antiphon.deploy.app import build_app
+
+    app = build_app(config)  # validates everything before any actor starts
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=blocking)
+    http = {"host": config.serving.host, "port": config.serving.port}
+    serve.start(http_options=http)
+    serve.run(app, name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if config.serving.host in ("0.0.0.0", "::") else config.serving.host
+    return f"http://{host}:{config.serving.port}"
+
+
+@contextmanager
+def local_server(config_path: str | None) -> Iterator[tuple[str, object]]:
+    """A throwaway local Ray + Serve with the config on a free port; torn down on exit."""
+    import ray
+    from ray import serve
+
+    config = _load(config_path)
+    serving = config.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()})
+    config = config.model_copy(update={"serving": serving})
+    started_ray = not ray.is_initialized()
+    try:
+        url = start_server(config)
+        yield url, config
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            if started_ray:
+                ray.shutdown()
+
+
+def _load(config_path: str | None):
+    from antiphon.config import load_config
+    from antiphon.deploy.default import default_config
+
+    return load_config(config_path) if config_path else default_config()
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import time
+
+    from antiphon.logging import configure_logging, get_logger
+
+    configure_logging("json")
+    config = _load(args.config)
+    update = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    if update:
+        config = config.model_copy(update={"serving": config.serving.model_copy(update=update)})
+    url = start_server(config, address=args.address, blocking=True)
+    get_logger("antiphon.cli").info(
+        "serving", url=url, ensembles=[e.name for e in config.ensembles],
+        api_key=config.serving.api_key is not None,
+    )  # fmt: skip
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def _generate_options(args: argparse.Namespace) -> dict[str, object]:
+    params = json.loads(args.policy_params) if args.policy_params else None
+    return {
+        "ensemble": args.ensemble,
+        "policy": args.policy,
+        "policy_params": params,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+    }
+
+
+def _print_answer(url: str, api_key: str | None, prompt: str, options: dict, colour: bool,
+                  as_json: bool) -> None:  # fmt: skip
+    from antiphon.client import Client
+
+    with Client(url, api_key=api_key) as client:
+        if as_json:
+            print(client.generate(prompt, **options).model_dump_json(indent=2))
+            return
+        ensemble = options.get("ensemble")
+        cards = client.models()
+        card = next((c for c in cards if c.id == ensemble), cards[0] if cards else None)
+        printer = SegmentPrinter(card.antiphon_models if card else (), colour)
+        printer.legend()
+        print(prompt, end="", flush=True)
+        stream = client.stream(prompt, **options)
+        for segment in stream:
+            printer.segment(segment)
+        printer.summary(stream.result)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    options = _generate_options(args)
+    colour = _use_colour(args.color)
+    if args.local is not None:
+        with local_server(args.local or None) as (url, _):
+            _print_answer(url, None, args.prompt, options, colour, args.json)
+    else:
+        _print_answer(args.url, args.api_key, args.prompt, options, colour, args.json)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from antiphon.client import Client
+
+    with Client(args.url, api_key=args.api_key, timeout=10) as client:
+        if not client.health():
+            print(f"no antiphon server answers at {args.url}")
+            return 1
+        print(f"antiphon server at {args.url}: healthy")
+        for card in client.models():
+            print(f"  ensemble {card.id}: models {', '.join(card.antiphon_models)}; "
+                  f"default policy {card.antiphon_policy}")  # fmt: skip
+    return 0
+
+
+DEMO_PROMPT = "Once upon a time"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from antiphon.deploy.default import zoo_available
+
+    which = "the zoo's base/sft/aligned" if zoo_available() else "a random-weight pair (no zoo)"
+    print(f"antiphon demo: starting a local Ray and deploying {which} on CPU ...", flush=True)
+    with local_server(None) as (url, config):
+        print(f"serving at {url}\n", flush=True)
+        options = dict(max_tokens=args.max_tokens)
+        _print_answer(url, None, args.prompt, options, _use_colour(args.color), False)
+    print("done; local cluster shut down.")
+    return 0
+
+
+def cmd_zoo_build(args: argparse.Namespace) -> int:
+    from antiphon.zoo.build import build_zoo, install_checkpoints
+
+    out = build_zoo(Path(args.out), args.scale)
+    print(f"zoo written to {out}")
+    if args.install:
+        print(f"installed into {install_checkpoints(out)}")
+    return 0
+
+
+def _zoo_world():
+    """The world the installed zoo was trained on (its zoo.json names scale and seed)."""
+    from antiphon.zoo import CHECKPOINT_DIR
+    from antiphon.zoo.build import world_for
+
+    manifest = CHECKPOINT_DIR / "zoo.json"
+    found = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return world_for(found.get("scale", "full"), found.get("seed", 0))
+
+
+def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
+    import asyncio
+
+    from antiphon.actors.messages import SamplingParams
+    from antiphon.client import AsyncClient
+    from antiphon.zoo.evaluate import evaluate_async
+    from antiphon.zoo.tasks import TASK_NAMES, make_tasks
+
+    tasks = make_tasks(_zoo_world(), args.split, args.tasks or TASK_NAMES).values()
+    params = json.loads(args.policy_params) if args.policy_params else None
+
+    async def run() -> list:
+        async with AsyncClient(url, api_key=api_key) as client:
+
+            async def generate(prompt: str, sampling: SamplingParams) -> str:
+                answer = await client.generate(
+                    prompt, ensemble=args.ensemble, policy=args.policy, policy_params=params,
+                    max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                    top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed,
+                    stop=list(sampling.stop_strings) or None,
+                )  # fmt: skip
+                return answer.text
+
+            return await evaluate_async(
+                generate, tasks, policy=args.policy, ensemble=args.ensemble,
+                concurrency=args.concurrency,
+            )  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from antiphon.zoo.evaluate import markdown_table, write_json
+
+    if args.url:
+        results = _run_eval(args.url, args.api_key, args)
+    else:
+        with local_server(args.config) as (url, _):
+            results = _run_eval(url, None, args)
+    print(markdown_table(results))
+    if args.out:
+        print(f"wrote {write_json(results, Path(args.out))}")
+    return 0
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ensemble", help="ensemble name (default: the server's first)")
+    p.add_argument("--policy", help="policy name (default: the ensemble's)")
+    p.add_argument("--policy-params", help="policy parameters as JSON, e.g. '{\"segment_len\": 4}'")
+    p.add_argument("--max-tokens", type=int, help="response token budget")
+    p.add_argument("--temperature", type=float, help="0: greedy (default)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour segments by model (auto: when stdout is a terminal)")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="antiphon",
+        description="Several checkpoints of one model family take turns writing one response.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="serve a config over HTTP (blocks)")
+    p.add_argument("config", nargs="?", help="YAML config (default: the default ensemble)")
+    p.add_argument("--host", help="override serving.host")
+    p.add_argument("--port", type=int, help="override serving.port")
+    p.add_argument(
+        "--address", help="Ray cluster to join (default: RAY_ADDRESS or a new local one)"
+    )
+    p.set_defaults(run=cmd_serve)
+
+    p = sub.add_parser("generate", help="generate one answer, segments coloured by model")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    p.add_argument("--api-key", default=os.environ.get("ANTIPHON_API_KEY"),
+                   help="API key (default: $ANTIPHON_API_KEY)")  # fmt: skip
+    p.add_argument("--local", nargs="?", const="", metavar="CONFIG",
+                   help="start a throwaway local server (with CONFIG, or the default)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print the whole answer as JSON")
+    _add_generation_args(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("status", help="is a server up, and what does it serve")
+    p.add_argument("--url", default=DEFAULT_URL, help=f"server URL (default {DEFAULT_URL})")
+    p.add_argument("--api-key", default=os.environ.get("ANTIPHON_API_KEY"), help="API key")
+    p.set_defaults(run=cmd_status)
+
+    p = sub.add_parser("demo", help="local Ray + default ensemble on CPU, one coloured answer")
+    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt (default {DEMO_PROMPT!r})")
+    p.add_argument("--max-tokens", type=int, default=64, help="response token budget")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour segments by model (auto: when stdout is a terminal)")  # fmt: skip
+    p.set_defaults(run=cmd_demo)
+
+    zoo = sub.add_parser("zoo", help="the project's own checkpoints")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")
+    p = zoo_sub.add_parser("build", help="train the zoo's checkpoints")
+    p.add_argument("--out", default="zoo-build", help="output directory (default: zoo-build)")
+    p.add_argument("--scale", choices=("tiny", "full"), default="full", help="model/data scale")
+    p.add_argument("--install", action="store_true", help="copy the result into the package")
+    p.set_defaults(run=cmd_zoo_build)
+
+    p = sub.add_parser("eval", help="score an ensemble and policy on the zoo's tasks")
+    p.add_argument("--url", help="a running server to ask (default: a throwaway local one)")
+    p.add_argument("--api-key", default=os.environ.get("ANTIPHON_API_KEY"), help="API key")
+    p.add_argument("--config", help="YAML config of the local server (default: the default)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    p.add_argument("--ensemble", required=True, help="ensemble name")
+    p.add_argument("--policy", required=True, help="policy name")
+    p.add_argument("--policy-params", help="policy parameters as JSON")
+    p.add_argument("--tasks", nargs="*", help="task names (default: all)")
+    p.add_argument("--split", default="test", help="task split (default: test)")
+    p.add_argument("--out", help="also write the report (JSON) here")
+    p.set_defaults(run=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `antiphon` console script."""
+    from antiphon.errors import AntiphonError
+    from antiphon.logging import configure_logging
+
+    args = build_parser().parse_args(argv)
+    configure_logging("console")
+    try:
+        return args.run(args)
+    except AntiphonError as e:
+        print(f"antiphon: error: {type(e).__name__}: {e.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

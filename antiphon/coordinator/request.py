@@ -1,0 +1,142 @@
+"""What goes into the coordinator (`GenerationRequest`) and what comes out of it
+(`SegmentEvent` per segment while streaming, one `FinishEvent` at the end, or a whole
+`GenerationResult`).
+
+The HTTP ingress builds a `GenerationRequest` from its API body (chat messages are rendered
+to prompt text by the caller), e.g.
+
+    req = GenerationRequest.parse({"prompt": "Q: 2+2=", "models": ["base", "aligned"],
+                                   "policy": "round_robin", "policy_params": {"segment_len": 8}})
+
+`parse` turns every validation error into `InvalidRequest` naming the field.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+
+from antiphon.coordinator.state import Segment, SegmentKind, SequenceFinishReason
+from antiphon.errors import InvalidRequest
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class GenerationRequest(BaseModel):
+    """One collaborative generation: who writes (ensemble + policy), from what, how much."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    request_id: str = Field(
+        default_factory=_new_request_id,
+        min_length=1,
+        max_length=128,
+        description="Id that names this request in the turn log and in feedback.",
+    )
+    prompt: str = Field(description="Prompt text; chat messages already rendered by the caller.")
+    models: tuple[str, ...] = Field(
+        min_length=1, description="The ensemble: names of the models that may write, in order."
+    )
+    policy: str = Field(default="round_robin", description="Registry name of the policy.")
+    policy_params: dict[str, JsonValue] = Field(
+        default_factory=dict, description="The policy's parameters (validated by its registry)."
+    )
+    max_tokens: int = Field(default=256, ge=1, description="Response token budget.")
+    temperature: float = Field(default=0.0, ge=0.0, description="0 means greedy.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus mass kept.")
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0: all.")
+    seed: int | None = Field(default=None, description="Seed for sampling and seeded policies.")
+    stop: tuple[str, ...] = Field(
+        default=(), max_length=16, description="Stop strings; the text is cut before the first."
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _models_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"model names must be unique, got {list(v)}")
+        if any(not m for m in v):
+            raise ValueError("model names must be non-empty")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not s for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+    @classmethod
+    def parse(cls, data: Mapping[str, object]) -> GenerationRequest:
+        """Validate a JSON-like mapping; errors become `InvalidRequest` naming the field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise InvalidRequest(validation_message(e, "request")) from None
+
+
+def validation_message(error: ValidationError, what: str) -> str:
+    """One line per problem: 'what.field.sub: message'."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in (what, *err["loc"]))
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentEvent:
+    """Streamed once per committed segment, in order."""
+
+    request_id: str
+    index: int  # position of the segment in the response (0, 1, ...)
+    turn: int  # index of the decision that produced it
+    model: str  # who wrote it
+    kind: SegmentKind
+    text: str  # the segment's text (already cut at a stop string if one ended the response)
+    token_count: int  # its tokens, in the writer's tokenizer
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int  # prompt length in the first ensemble model's tokenizer
+    completion_tokens: int  # sum of segment lengths, each in its writer's tokenizer
+    tokens_by_model: dict[str, int] = field(default_factory=dict)  # completion tokens per model
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class FinishEvent:
+    """The last item of a stream: why the response ended, and its usage."""
+
+    request_id: str
+    finish_reason: SequenceFinishReason
+    usage: Usage
+
+
+StreamEvent = SegmentEvent | FinishEvent
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationResult:
+    request_id: str
+    text: str  # the whole response
+    segments: tuple[Segment, ...]  # who wrote what, in order (texts concatenate to `text`)
+    finish_reason: SequenceFinishReason
+    usage: Usage
+    policy: str  # policy name
+    policy_version: str
+
+
+def openai_finish_reason(reason: SequenceFinishReason) -> Literal["stop", "length"]:
+    """The OpenAI API's two values: 'length' for a spent budget, 'stop' for everything else."""
+    return "length" if reason == "length" else "stop"

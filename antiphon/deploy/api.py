@@ -1,0 +1,333 @@
+"""The HTTP API's bodies: the native `/v1/generate` and feedback, and the OpenAI-compatible
+completions, chat completions and models. Shared by the ingress (which validates requests
+with them) and `antiphon.Client` (which parses responses with them).
+
+Only pydantic here, no Ray or FastAPI, so the client stays light to import.
+
+Native request (`POST /v1/generate`), every field but prompt/messages optional:
+    {"prompt": "Once upon", "ensemble": "default", "policy": "round_robin",
+     "policy_params": {"segment_length": 8}, "max_tokens": 64, "temperature": 0.0,
+     "stream": false}
+Response: {"id", "ensemble", "policy", "text", "segments": [{"index", "model", "text",
+"num_tokens"}], "finish_reason", "usage"}. With "stream": true the body is server-sent events:
+one `event: segment` per segment (data: a Segment), then one `event: done` (data: the full
+response); a failure after the stream began arrives as `event: error` (data: an ErrorBody).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from antiphon.config import PolicyParamValue
+
+Role = Literal["system", "user", "assistant"]
+
+
+class _Strict(BaseModel):
+    """Native API bodies: unknown keys are client mistakes (400 naming the key)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class _Lenient(BaseModel):
+    """OpenAI API bodies: keys we do not implement (user, logit_bias, ...) are ignored, as
+    OpenAI clients send some of them by default."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+
+# --- shared pieces ---------------------------------------------------------------------------
+
+
+class ChatMessage(_Lenient):
+    """One chat turn; content may be a string or OpenAI content parts (text parts only)."""
+
+    role: Role = Field(description="Who wrote the message.")
+    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+
+    def text(self) -> str:
+        """The message's content as one string."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class TextPart(_Lenient):
+    """An OpenAI content part; only text parts are accepted."""
+
+    type: Literal["text"] = Field(description="Part type; only 'text' is supported.")
+    text: str = Field(description="The text.")
+
+
+ChatMessage.model_rebuild()
+
+
+class SamplingFields(BaseModel):
+    """Sampling options common to every generation endpoint."""
+
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Token budget of the whole response (default: server's)."
+    )
+    temperature: float | None = Field(
+        default=None, ge=0.0, description="0 or unset: greedy; > 0: sample at this temperature."
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass kept.")
+    top_k: int | None = Field(default=None, ge=0, description="Keep the k best tokens; 0: all.")
+    seed: int | None = Field(default=None, description="Seed for sampling (reproducible runs).")
+    stop: str | list[str] | None = Field(
+        default=None, description="Stop once the response contains one of these strings."
+    )
+    policy: str | None = Field(
+        default=None, description="Policy name overriding the ensemble's default policy."
+    )
+    policy_params: dict[str, PolicyParamValue] | None = Field(
+        default=None,
+        description="Parameters of the policy (merged over the default's if the "
+        "policy is the ensemble's own).",
+    )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is None:
+            return v
+        stops = [v] if isinstance(v, str) else v
+        if any(not s for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+    def stop_strings(self) -> tuple[str, ...]:
+        """The stop strings as a tuple (a single string is one stop string)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int = Field(description="Tokens of the prompt (of the first model).")
+    completion_tokens: int = Field(description="Tokens written by all models together.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+
+class Segment(BaseModel):
+    """A stretch of the response written by one model in one turn."""
+
+    index: int = Field(description="Position of the segment in the response (0, 1, ...).")
+    model: str = Field(description="Name of the model that wrote it.")
+    text: str = Field(description="The segment's text.")
+    num_tokens: int = Field(description="Tokens in the segment (of the writing model).")
+    kind: str = Field(
+        default="write",
+        description="'write' (chosen writer), 'deferred' (written after a deferral) or 'search'.",
+    )
+
+
+# --- native API ------------------------------------------------------------------------------
+
+
+class GenerateRequest(SamplingFields, _Strict):
+    """Body of `POST /v1/generate`: give exactly one of prompt and messages."""
+
+    prompt: str | None = Field(default=None, description="Plain-text prompt.")
+    messages: list[ChatMessage] | None = Field(
+        default=None, description="Chat messages, rendered with the tokenizer's chat template."
+    )
+    ensemble: str | None = Field(default=None, description="Ensemble name (default: the first).")
+    stream: bool = Field(default=False, description="Answer with server-sent events.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenerateRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("'messages' must not be empty")
+        return self
+
+
+class GenerateResponse(BaseModel):
+    """Body of a non-streamed `/v1/generate` answer, and the data of the final SSE event."""
+
+    id: str = Field(description="Request id; pass it to /v1/feedback.")
+    ensemble: str = Field(description="Ensemble that answered.")
+    policy: str = Field(description="Policy that chose the writers.")
+    text: str = Field(description="The whole response.")
+    segments: list[Segment] = Field(description="The response, split by the model that wrote it.")
+    finish_reason: str = Field(
+        description="'eos', 'stop' (stop string), 'length' (budget) or 'policy' (policy ended it)."
+    )
+    usage: Usage = Field(description="Token counts.")
+
+
+class SegmentEventBody(Segment):
+    """Data of one `event: segment` of a streamed `/v1/generate` answer."""
+
+    id: str = Field(description="Request id.")
+
+
+class FeedbackRequest(_Strict):
+    """Body of `POST /v1/feedback`: a reward for a finished request."""
+
+    request_id: str = Field(min_length=1, description="The `id` of the answer being rated.")
+    reward: float = Field(description="The reward; any finite number, larger is better.")
+
+    @field_validator("reward")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("reward must be a finite number")
+        return v
+
+
+class FeedbackResponse(BaseModel):
+    """Answer of `POST /v1/feedback`."""
+
+    request_id: str = Field(description="The rated request.")
+    recorded: bool = Field(description="True once the reward is in the turn log.")
+
+
+# --- OpenAI-compatible API -------------------------------------------------------------------
+
+
+class _OpenAIFields(SamplingFields, _Lenient):
+    model: str = Field(description="Ensemble name (see GET /v1/models).")
+    stream: bool = Field(default=False, description="Answer with server-sent events.")
+    n: int = Field(default=1, description="Choices per request; only 1 is supported.")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+
+class CompletionRequest(_OpenAIFields):
+    """Body of `POST /v1/completions` (OpenAI); extra: policy, policy_params, top_k."""
+
+    prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
+    echo: bool = Field(default=False, description="Not supported; must be false.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
+        if isinstance(v, list) and len(v) != 1:
+            raise ValueError("a list prompt must hold exactly one string (batches unsupported)")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    def prompt_text(self) -> str:
+        """The one prompt string."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class ChatCompletionRequest(_OpenAIFields):
+    """Body of `POST /v1/chat/completions` (OpenAI); extra: policy, policy_params, top_k."""
+
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, description="Newer name of max_tokens; wins if both are given."
+    )
+
+
+class CompletionChoice(BaseModel):
+    """One choice of a text completion (or of a streamed chunk)."""
+
+    index: int = Field(default=0, description="Always 0 (n=1).")
+    text: str = Field(description="Completion text (of this chunk when streaming).")
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="Why it ended; null in chunks before the last."
+    )
+    logprobs: None = Field(default=None, description="Not supported; always null.")
+
+
+class ChatMessageOut(BaseModel):
+    """The assistant message of a chat completion, or a streamed delta of it."""
+
+    role: Literal["assistant"] | None = Field(default=None, description="'assistant'.")
+    content: str | None = Field(default=None, description="Text (of this chunk when streaming).")
+
+
+class ChatChoice(BaseModel):
+    """The one choice of a chat completion."""
+
+    index: int = Field(default=0, description="Always 0 (n=1).")
+    message: ChatMessageOut = Field(description="The assistant's answer.")
+    finish_reason: Literal["stop", "length"] = Field(description="Why it ended.")
+    logprobs: None = Field(default=None, description="Not supported; always null.")
+
+
+class ChatChunkChoice(BaseModel):
+    """The one choice of a streamed chat completion chunk."""
+
+    index: int = Field(default=0, description="Always 0 (n=1).")
+    delta: ChatMessageOut = Field(description="The new piece of the answer.")
+    finish_reason: Literal["stop", "length"] | None = Field(
+        default=None, description="Why it ended; null in chunks before the last."
+    )
+    logprobs: None = Field(default=None, description="Not supported; always null.")
+
+
+class OpenAIResponse(BaseModel):
+    """A completion, chat completion, or one streamed chunk of either."""
+
+    id: str = Field(description="Request id; pass it to /v1/feedback.")
+    object: Literal["text_completion", "chat.completion", "chat.completion.chunk"] = Field(
+        description="OpenAI object type."
+    )
+    created: int = Field(description="Unix time the request started.")
+    model: str = Field(description="The ensemble that answered.")
+    choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice] = Field(
+        description="One choice (n=1)."
+    )
+    usage: Usage | None = Field(default=None, description="Token counts (last chunk only).")
+    antiphon_segments: list[Segment] = Field(
+        default_factory=list,
+        description="Who wrote what: the segments of the response (of this chunk when streaming).",
+    )
+
+
+class ModelCard(BaseModel):
+    """One entry of GET /v1/models: an ensemble."""
+
+    id: str = Field(description="Ensemble name; use it as `model`.")
+    object: Literal["model"] = Field(default="model", description="OpenAI object type.")
+    created: int = Field(description="Unix time the server started.")
+    owned_by: str = Field(default="antiphon", description="Always 'antiphon'.")
+    antiphon_models: list[str] = Field(description="Models of the ensemble.")
+    antiphon_policy: str = Field(description="Default policy of the ensemble.")
+    description: str = Field(default="", description="Ensemble description from the config.")
+
+
+class ModelList(BaseModel):
+    """Body of GET /v1/models."""
+
+    object: Literal["list"] = Field(default="list", description="OpenAI object type.")
+    data: list[ModelCard] = Field(description="The configured ensembles.")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong, OpenAI style."""
+
+    message: str = Field(description="Human-readable explanation naming the problem.")
+    type: str = Field(description="Category: invalid_request_error, not_found_error, ...")
+    param: str | None = Field(default=None, description="The offending field, if one is.")
+    code: str | None = Field(default=None, description="antiphon error class, e.g. PromptTooLong.")
+
+
+class ErrorBody(BaseModel):
+    """Body of every 4xx/5xx answer: {"error": {...}}."""
+
+    error: ErrorDetail = Field(description="The error.")

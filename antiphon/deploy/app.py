@@ -1,0 +1,70 @@
+"""The app builder: one validated `AppConfig` -> one Serve application.
+
+    from ray import serve
+    from antiphon.config import load_config
+    from antiphon.deploy.app import build_app
+
+    serve.start(http_options={"host": "127.0.0.1", "port": 8000})
+    serve.run(build_app(load_config("antiphon.yaml")), name="antiphon", route_prefix="/")
+
+The application is: one model deployment per `ModelSpec`, the turn-log deployment (the one
+writer of the log file), the coordinator (the turn loop, consulting the policies in-process
+or through their actors), and the HTTP ingress in front. Everything is validated once, here,
+before any actor starts (like Ray Serve LLM's `build_openai_app`).
+
+`serve run antiphon.deploy.app:app_builder config=antiphon.yaml` works too (Serve's builder
+convention), as does a Serve config file naming `import_path: antiphon.deploy.app:app_builder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from ray.serve.deployment import Application
+
+from antiphon.actors.server import build_model_deployment
+from antiphon.config import AppConfig, load_config, parse_config
+from antiphon.deploy.ingress import build_ingress
+
+
+def build_app(config: AppConfig | dict) -> Application:
+    """The Serve application of a whole config (a dict is validated as an AppConfig first)."""
+    if not isinstance(config, AppConfig):
+        config = parse_config(config)
+    # The turn log is opened by an actor whose working directory is not ours: pin the path.
+    log_path = str(Path(config.serving.turn_log_path).expanduser().resolve())
+    serving = config.serving.model_copy(update={"turn_log_path": log_path})
+    config = config.model_copy(update={"serving": serving})
+
+    models = {spec.name: build_model_deployment(spec) for spec in config.models}
+    turn_log = _turn_log(log_path)
+    coordinator = _coordinator(config, models, turn_log)
+    return build_ingress(config, coordinator, turn_log)
+
+
+def _turn_log(path: str) -> Application:
+    from antiphon.training.turn_log_deployment import build_turn_log_deployment
+
+    return build_turn_log_deployment(path)
+
+
+def _coordinator(
+    config: AppConfig, models: dict[str, Application], turn_log: Application
+) -> Application:
+    from antiphon.coordinator.deployment import build_coordinator_deployment
+
+    return build_coordinator_deployment(config.models, models, turn_log)
+
+
+class AppArgs(BaseModel):
+    """Arguments of `app_builder` (Serve passes `key=value` pairs from the command line)."""
+
+    config: str | None = Field(default=None, description="YAML config; default: the default one.")
+
+
+def app_builder(args: AppArgs) -> Application:
+    """Serve's builder entry point: `serve run antiphon.deploy.app:app_builder config=FILE`."""
+    from antiphon.deploy.default import default_config
+
+    return build_app(load_config(args.config) if args.config else default_config())

@@ -1,0 +1,537 @@
+"""The HTTP ingress: a Serve deployment whose FastAPI app turns API bodies into coordinator
+requests and coordinator results into API bodies.
+
+Routes (bodies in `antiphon.deploy.api`):
+    GET  /health                 liveness, no API key needed
+    GET  /v1/models              the configured ensembles, OpenAI style
+    POST /v1/generate            native API: text + segments; SSE with "stream": true
+    POST /v1/completions         OpenAI completions (stream or not)
+    POST /v1/chat/completions    OpenAI chat completions (stream or not)
+    POST /v1/feedback            a reward for a request id -> the turn log
+
+Every error answer is `{"error": {"message", "type", "param", "code"}}`. Client mistakes get
+4xx (antiphon errors by their `http_status`; malformed JSON and invalid fields 400), too many
+requests in flight 503, a missing or wrong API key 401. A streamed answer checks its request
+before the first byte is sent (the first event is awaited first), so a bad request still gets
+its 4xx; a failure after that arrives as a last `error` event.
+
+The FastAPI app is built per replica by `create_api(backend, config)` from any `Backend`; the
+`Ingress` deployment is the backend that calls the coordinator through its Serve handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.deployment import Application
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from transformers import PreTrainedTokenizerBase
+
+from antiphon import __version__
+from antiphon.config import AppConfig, EnsembleSpec
+from antiphon.coordinator.request import (
+    FinishEvent,
+    GenerationRequest,
+    GenerationResult,
+    SegmentEvent,
+    StreamEvent,
+    openai_finish_reason,
+)
+from antiphon.deploy import api
+from antiphon.deploy.chat import load_tokenizer, render_chat
+from antiphon.errors import AntiphonError, Overloaded, Unauthorized
+from antiphon.logging import configure_logging, get_logger, log_context
+from antiphon.training.turn_log import FeedbackRecord
+
+log = get_logger(__name__)
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    503: "overloaded_error",
+}
+
+
+# --- what the app needs from behind it --------------------------------------------------------
+
+
+class Backend(Protocol):
+    """What the HTTP app calls: the coordinator (and the tokenizers, for chat)."""
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """The whole answer."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        """Segment events in order, then one FinishEvent."""
+        ...
+
+    async def feedback(self, request_id: str, reward: float) -> None:
+        """Log a reward for a request beside its turns."""
+        ...
+
+    async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
+        """Prompt text of a conversation, in the ensemble's chat format."""
+        ...
+
+
+class RequestSlots:
+    """At most `limit` generation requests in flight on this replica; beyond: Overloaded."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_flight = 0
+
+    def acquire(self) -> None:
+        if self.in_flight >= self.limit:
+            raise Overloaded(
+                f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry"
+            )
+        self.in_flight += 1
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
+    body = api.ErrorBody(
+        error=api.ErrorDetail(
+            message=message,
+            type=_ERROR_TYPES.get(
+                status, "server_error" if status >= 500 else "invalid_request_error"
+            ),
+            param=param,
+            code=code,
+        )
+    )
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+def _antiphon_error(exc: AntiphonError) -> JSONResponse:
+    return error_response(exc.http_status, exc.message, code=type(exc).__name__)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    problems, params = [], []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            ctx = err.get("ctx") or {}
+            problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
+            continue
+        field = ".".join(loc)
+        params.append(field)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        problems.append(f"{field}: {msg}" if field else msg)
+    return error_response(
+        400, "; ".join(problems) or "invalid request", code="InvalidRequest",
+        param=params[0] if params else None,
+    )  # fmt: skip
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to the one error body; client mistakes never become a 500."""
+
+    async def on_antiphon_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, AntiphonError)
+        return _antiphon_error(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_error(exc)
+
+    async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        return error_response(exc.status_code, str(exc.detail))
+
+    async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", error=repr(exc))
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    app.add_exception_handler(AntiphonError, on_antiphon_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def as_antiphon_error(exc: BaseException) -> AntiphonError | None:
+    """The antiphon error behind an exception that crossed Ray (RayTaskError carries it as
+    its cause), or None if it is something else."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, AntiphonError):
+        return cause
+    if isinstance(exc, AntiphonError):
+        return exc
+    return None
+
+
+# --- API bodies -> coordinator requests ---------------------------------------------------------
+
+
+def coordinator_request(
+    fields: api.SamplingFields,
+    prompt: str,
+    ensemble: EnsembleSpec,
+    config: AppConfig,
+    max_tokens: int | None = None,
+) -> GenerationRequest:
+    """The coordinator request for an API body. The policy is the ensemble's unless the body
+    names another; parameters given for the ensemble's own policy are merged over its defaults."""
+    if fields.policy is None or fields.policy == ensemble.policy.name:
+        policy = ensemble.policy.name
+        params = {**ensemble.policy.params, **(fields.policy_params or {})}
+    else:
+        policy, params = fields.policy, dict(fields.policy_params or {})
+    return GenerationRequest.parse(
+        {
+            "request_id": uuid.uuid4().hex,
+            "prompt": prompt,
+            "models": tuple(ensemble.models),
+            "policy": policy,
+            "policy_params": params,
+            "max_tokens": max_tokens or fields.max_tokens or config.serving.default_max_tokens,
+            "temperature": fields.temperature if fields.temperature is not None else 0.0,
+            "top_p": fields.top_p if fields.top_p is not None else 1.0,
+            "top_k": fields.top_k if fields.top_k is not None else 0,
+            "seed": fields.seed,
+            "stop": fields.stop_strings(),
+        }
+    )
+
+
+def _usage(usage: object) -> api.Usage:
+    return api.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+    )
+
+
+def _segments(result: GenerationResult) -> list[api.Segment]:
+    return [
+        api.Segment(index=i, model=s.model, text=s.text, num_tokens=len(s.token_ids), kind=s.kind)
+        for i, s in enumerate(result.segments)
+    ]
+
+
+def _segment(event: SegmentEvent) -> api.Segment:
+    return api.Segment(
+        index=event.index, model=event.model, text=event.text, num_tokens=event.token_count,
+        kind=event.kind,
+    )  # fmt: skip
+
+
+def _sse(data: str, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {data}\n\n".encode()
+
+
+def _error_json(exc: BaseException) -> str:
+    err = as_antiphon_error(exc)
+    if err is None:
+        detail = api.ErrorDetail(message=f"internal error: {exc}", type="server_error")
+    else:
+        detail = api.ErrorDetail(
+            message=err.message,
+            type=_ERROR_TYPES.get(err.http_status, "server_error"),
+            code=type(err).__name__,
+        )
+    return api.ErrorBody(error=detail).model_dump_json()
+
+
+# --- the app ------------------------------------------------------------------------------------
+
+
+def create_api(backend: Backend, config: AppConfig) -> FastAPI:
+    """The FastAPI app of one ingress replica, calling `backend` for every generation."""
+    app = FastAPI(title="antiphon", version=__version__)
+    install_error_handlers(app)
+    started = int(time.time())
+    slots = RequestSlots(config.serving.max_concurrent_requests)
+    api_key = config.serving.api_key_value()
+
+    async def require_api_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+
+    @asynccontextmanager
+    async def in_slot(request: GenerationRequest):
+        slots.acquire()
+        try:
+            with log_context(request_id=request.request_id):
+                yield
+        finally:
+            slots.release()
+
+    async def first_then_rest(
+        request: GenerationRequest,
+        encode: Callable[[StreamEvent], Awaitable[list[bytes]]],
+        on_error: Callable[[BaseException], bytes],
+        tail: bytes = b"",
+    ) -> StreamingResponse:
+        """Stream `encode(event)` per event; the first event is awaited before answering, so
+        an invalid request still gets its 4xx instead of a broken 200 stream."""
+        slots.acquire()
+        try:
+            events = backend.stream(request)
+            first = await anext(events)
+        except BaseException:
+            slots.release()
+            raise
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                with log_context(request_id=request.request_id):
+                    for chunk in await encode(first):
+                        yield chunk
+                    async for event in events:
+                        for chunk in await encode(event):
+                            yield chunk
+                    if tail:
+                        yield tail
+            except Exception as exc:  # the 200 is already sent: report in-stream
+                log.warning("stream_failed", error=repr(exc))
+                yield on_error(exc)
+            finally:
+                slots.release()
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @v1.get("/models")
+    async def models() -> api.ModelList:
+        return api.ModelList(
+            data=[
+                api.ModelCard(
+                    id=e.name,
+                    created=started,
+                    antiphon_models=list(e.models),
+                    antiphon_policy=e.policy.name,
+                    description=e.description,
+                )  # fmt: skip
+                for e in config.ensembles
+            ]
+        )
+
+    @v1.post("/generate", response_model=None)
+    async def generate(body: api.GenerateRequest) -> api.GenerateResponse | StreamingResponse:
+        ensemble = config.ensemble(body.ensemble)
+        if body.messages is not None:
+            prompt = await backend.render_chat(ensemble, body.messages)
+        else:
+            prompt = body.prompt or ""
+        request = coordinator_request(body, prompt, ensemble, config)
+        log.info("generate", request_id=request.request_id, ensemble=ensemble.name,
+                 policy=request.policy, stream=body.stream)  # fmt: skip
+        if not body.stream:
+            async with in_slot(request):
+                result = await backend.generate(request)
+            return api.GenerateResponse(
+                id=request.request_id, ensemble=ensemble.name, policy=result.policy,
+                text=result.text, segments=_segments(result),
+                finish_reason=result.finish_reason, usage=_usage(result.usage),
+            )  # fmt: skip
+
+        segments: list[api.Segment] = []
+
+        async def encode(event: StreamEvent) -> list[bytes]:
+            if isinstance(event, SegmentEvent):
+                segment = _segment(event)
+                segments.append(segment)
+                data = api.SegmentEventBody(id=request.request_id, **segment.model_dump())
+                return [_sse(data.model_dump_json(), "segment")]
+            assert isinstance(event, FinishEvent)
+            done = api.GenerateResponse(
+                id=request.request_id, ensemble=ensemble.name, policy=request.policy,
+                text="".join(s.text for s in segments), segments=segments,
+                finish_reason=event.finish_reason, usage=_usage(event.usage),
+            )  # fmt: skip
+            return [_sse(done.model_dump_json(), "done")]
+
+        return await first_then_rest(request, encode, lambda e: _sse(_error_json(e), "error"))
+
+    async def openai_answer(
+        body: api.CompletionRequest | api.ChatCompletionRequest, prompt: str,
+        ensemble: EnsembleSpec, chat: bool, max_tokens: int | None,
+    ) -> dict[str, object] | StreamingResponse:  # fmt: skip
+        request = coordinator_request(body, prompt, ensemble, config, max_tokens)
+        created = int(time.time())
+        log.info("openai", request_id=request.request_id, ensemble=ensemble.name,
+                 policy=request.policy, stream=body.stream, chat=chat)  # fmt: skip
+
+        def response(
+            choices: list, segments: list[api.Segment], usage: api.Usage | None, obj: str
+        ) -> api.OpenAIResponse:
+            return api.OpenAIResponse(
+                id=request.request_id, object=obj, created=created, model=ensemble.name,
+                choices=choices, usage=usage, antiphon_segments=segments,
+            )  # fmt: skip
+
+        if not body.stream:
+            async with in_slot(request):
+                result = await backend.generate(request)
+            finish = openai_finish_reason(result.finish_reason)
+            if chat:
+                message = api.ChatMessageOut(role="assistant", content=result.text)
+                choice = api.ChatChoice(message=message, finish_reason=finish)
+                obj = "chat.completion"
+            else:
+                choice = api.CompletionChoice(text=result.text, finish_reason=finish)
+                obj = "text_completion"
+            out = response([choice], _segments(result), _usage(result.usage), obj)
+            return out.model_dump(mode="json")
+
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        sent_role = False
+
+        def chunk(text: str | None, finish: str | None, segments: list, usage) -> bytes:
+            nonlocal sent_role
+            if chat:
+                delta = api.ChatMessageOut(content=text)
+                if not sent_role:
+                    delta = api.ChatMessageOut(role="assistant", content=text or "")
+                    sent_role = True
+                choice = api.ChatChunkChoice(delta=delta, finish_reason=finish)
+            else:
+                choice = api.CompletionChoice(text=text or "", finish_reason=finish)
+            return _sse(response([choice], segments, usage, obj).model_dump_json())
+
+        async def encode(event: StreamEvent) -> list[bytes]:
+            if isinstance(event, SegmentEvent):
+                return [chunk(event.text, None, [_segment(event)], None)]
+            assert isinstance(event, FinishEvent)
+            finish = openai_finish_reason(event.finish_reason)
+            return [chunk(None, finish, [], _usage(event.usage))]
+
+        return await first_then_rest(
+            request, encode, lambda e: _sse(_error_json(e)), tail=_sse("[DONE]")
+        )
+
+    @v1.post("/completions", response_model=None)
+    async def completions(body: api.CompletionRequest) -> dict[str, object] | StreamingResponse:
+        ensemble = config.ensemble(body.model)
+        return await openai_answer(body, body.prompt_text(), ensemble, False, body.max_tokens)
+
+    @v1.post("/chat/completions", response_model=None)
+    async def chat_completions(
+        body: api.ChatCompletionRequest,
+    ) -> dict[str, object] | StreamingResponse:
+        ensemble = config.ensemble(body.model)
+        prompt = await backend.render_chat(ensemble, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await openai_answer(body, prompt, ensemble, True, max_tokens)
+
+    @v1.post("/feedback")
+    async def feedback(body: api.FeedbackRequest) -> api.FeedbackResponse:
+        await backend.feedback(body.request_id, body.reward)
+        log.info("feedback", request_id=body.request_id, reward=body.reward)
+        return api.FeedbackResponse(request_id=body.request_id, recorded=True)
+
+    app.include_router(v1)
+    return app
+
+
+# --- the Serve deployment ----------------------------------------------------------------------
+
+
+async def _call(response: Awaitable[object]) -> object:
+    """Await a handle call; an antiphon error raised behind it comes back as itself."""
+    try:
+        return await response
+    except Exception as e:
+        err = as_antiphon_error(e)
+        if err is not None and err is not e:
+            raise err from None
+        raise
+
+
+@serve.ingress()
+class Ingress:
+    """The HTTP front door: a thin shim that hands requests to the coordinator deployment and
+    feedback to the turn log. One per app; replicas share nothing but the handles."""
+
+    def __init__(
+        self, config: AppConfig, coordinator: DeploymentHandle, turn_log: DeploymentHandle
+    ) -> None:
+        configure_logging("json")
+        self.config = config
+        self.coordinator = coordinator
+        self.turn_log = turn_log
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # chat rendering, lazily
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self, self.config)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await _call(self.coordinator.generate.remote(request))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        events = self.coordinator.options(stream=True).stream.remote(request)
+        while True:
+            try:
+                event = await _call(events.__anext__())
+            except StopAsyncIteration:
+                return
+            yield event
+
+    async def feedback(self, request_id: str, reward: float) -> None:
+        await _call(self.turn_log.write.remote([FeedbackRecord(request_id, reward)]))
+
+    async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
+        # The first model reads the prompt first; its chat format is the ensemble's.
+        name = ensemble.models[0]
+        if name not in self._tokenizers:
+            spec = self.config.model(name)
+            self._tokenizers[name] = await asyncio.to_thread(load_tokenizer, spec)
+        return render_chat(messages, self._tokenizers[name])
+
+
+def build_ingress(
+    config: AppConfig, coordinator: Application, turn_log: Application
+) -> Application:
+    """The ingress deployment bound to the coordinator and turn-log deployments."""
+    # Serve may hold more requests than our slot limit; the excess is refused with a 503 by us.
+    options = {
+        "name": "Ingress",
+        "num_replicas": 1,
+        "max_ongoing_requests": config.serving.max_concurrent_requests * 2,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    return serve.deployment(Ingress, **options).bind(config, coordinator, turn_log)
+
+
+__all__ = [
+    "Backend",
+    "Ingress",
+    "RequestSlots",
+    "build_ingress",
+    "coordinator_request",
+    "create_api",
+    "error_response",
+]

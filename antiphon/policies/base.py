@@ -1,0 +1,107 @@
+"""The policy interface and the decisions a policy can return.
+
+A policy is one async method, `decide(view) -> Decision`, plus a `name` and a `version` that
+go into the turn log. The coordinator asks it once per turn and runs the decision:
+
+- `WriteSegment(model, max_tokens)`: one model writes up to max_tokens (switcher, baselines).
+- `WriteUntilDeferral(base, assistant, gate_threshold, max_tokens, assistant_tokens)`: the
+  base model writes until its gate reaches the threshold (decided next to the model, inside
+  one generate call), then the assistant writes `assistant_tokens` tokens (Co-LLM).
+- `SearchStep(proposer, tuned, untuned, width, successors, chunk_len)`: one step of
+  chunk-level beam search: each beam is forked `successors` ways, each child samples
+  `chunk_len` tokens from the proposer, children are scored by log p_tuned - log p_untuned and
+  the best `width` survive (weak-to-strong search).
+- `Finish()`: end the response now.
+
+Decisions are small frozen values, validated on creation, so they cross a Ray boundary as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+from antiphon.coordinator.state import SequenceView
+from antiphon.errors import InvalidRequest
+
+
+def _positive(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"{what} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSegment:
+    kind: ClassVar[str] = "write"
+    model: str  # who writes
+    max_tokens: int  # at most this many tokens (the request budget may cut it shorter)
+
+    def __post_init__(self) -> None:
+        _positive(self.max_tokens, "WriteSegment.max_tokens")
+
+
+@dataclass(frozen=True, slots=True)
+class WriteUntilDeferral:
+    kind: ClassVar[str] = "defer"
+    base: str  # writes until its gate >= gate_threshold
+    assistant: str  # then writes assistant_tokens tokens
+    gate_threshold: float  # in [0, 1]; the engine stops before the first token at or above it
+    max_tokens: int  # at most this many base tokens in this turn
+    assistant_tokens: int = 1  # tokens the assistant writes per deferral
+
+    def __post_init__(self) -> None:
+        _positive(self.max_tokens, "WriteUntilDeferral.max_tokens")
+        _positive(self.assistant_tokens, "WriteUntilDeferral.assistant_tokens")
+        if not 0.0 <= self.gate_threshold <= 1.0:
+            raise InvalidRequest(
+                f"WriteUntilDeferral.gate_threshold must be in [0, 1], got {self.gate_threshold!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchStep:
+    kind: ClassVar[str] = "search"
+    proposer: str  # the (large) model every token is sampled from
+    tuned: str  # small tuned guide: + log p
+    untuned: str  # small untuned guide: - log p
+    width: int  # W: beams kept after the step
+    successors: int  # K: children sampled per beam (W*K from the prompt on the first step)
+    chunk_len: int  # L: proposer tokens per chunk
+    temperature: float = 1.0  # sampling temperature of the proposer (> 0: children must differ)
+
+    def __post_init__(self) -> None:
+        _positive(self.width, "SearchStep.width")
+        _positive(self.successors, "SearchStep.successors")
+        _positive(self.chunk_len, "SearchStep.chunk_len")
+        if not self.temperature > 0.0:
+            raise InvalidRequest(f"SearchStep.temperature must be > 0, got {self.temperature!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    kind: ClassVar[str] = "finish"
+
+
+Decision = WriteSegment | WriteUntilDeferral | SearchStep | Finish
+
+
+def decision_models(decision: Decision) -> tuple[str, ...]:
+    """The model names a decision uses (the coordinator checks them against the ensemble)."""
+    if isinstance(decision, WriteSegment):
+        return (decision.model,)
+    if isinstance(decision, WriteUntilDeferral):
+        return (decision.base, decision.assistant)
+    if isinstance(decision, SearchStep):
+        return (decision.proposer, decision.tuned, decision.untuned)
+    return ()
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Who writes next. `decide` must not mutate the view; it may be called concurrently for
+    different requests, so per-request state lives in the view, not in the policy."""
+
+    name: str  # registry name, logged with every turn
+    version: str  # changes whenever the policy's behaviour (weights, rules) changes
+
+    async def decide(self, view: SequenceView) -> Decision: ...

@@ -1,0 +1,92 @@
+"""`TurnLogActor`: the single writer of the turn log, a Ray actor every coordinator replica
+sends its record batches to; `TurnLogClient` is the coordinator's `TurnSink` over its handle.
+
+    actor = get_or_create_turn_log("runs/turns.atl")     # detached, named: one per cluster
+    sink = TurnLogClient(actor)                          # Coordinator(..., turn_sink=sink)
+    ray.get(actor.feedback.remote("request-id", 1.0))
+
+The actor runs one call at a time, so records from all replicas land whole and never
+interleave within a batch; a coordinator sends one batch per request, after its last event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import ray
+import structlog
+from ray.actor import ActorHandle
+
+from antiphon.training.turn_log import FeedbackRecord, Record, TurnLogWriter
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_ACTOR_NAME = "antiphon-turn-log"
+
+
+class TurnLogActor:
+    """Appends record batches and feedback to one `TurnLogWriter` (see turn_log.py)."""
+
+    def __init__(self, path: str, fsync_every_s: float = 1.0) -> None:
+        self.writer = TurnLogWriter(path, fsync_every_s=fsync_every_s)
+
+    def append(self, records: list[Record]) -> int:
+        """Append a batch; return the file offset after it."""
+        return self.writer.append(records)
+
+    def feedback(self, request_id: str, reward: float, comment: str = "") -> int:
+        """Log a client's reward for a request beside its turns."""
+        return self.writer.append([FeedbackRecord(request_id, float(reward), comment)])
+
+    def sync(self) -> int:
+        """fsync now; return the offset everything before which is on disk."""
+        self.writer.sync()
+        return self.writer.offset
+
+    def path(self) -> str:
+        return str(self.writer.path)
+
+    def close(self) -> None:
+        """fsync and close the file (call before killing the actor to keep the last second)."""
+        self.writer.close()
+
+
+def get_or_create_turn_log(
+    path: str, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = "antiphon"
+) -> ActorHandle:
+    """The cluster's turn log actor `name`, created (detached, no CPU reserved) if missing."""
+    remote_cls = ray.remote(TurnLogActor)
+    return remote_cls.options(
+        name=name,
+        namespace=namespace,
+        get_if_exists=True,
+        lifetime="detached",
+        num_cpus=0,
+        max_concurrency=1,
+    ).remote(path)
+
+
+class TurnLogClient:
+    """A `TurnSink` over the actor: `write` sends the batch and returns without waiting for
+    the disk; `flush` waits for everything sent so far."""
+
+    def __init__(self, actor: ActorHandle) -> None:
+        self.actor = actor
+        self._in_flight: set[asyncio.Future] = set()
+
+    async def write(self, records: list[Record]) -> None:
+        fut = asyncio.wrap_future(self.actor.append.remote(records).future())
+        self._in_flight.add(fut)
+        fut.add_done_callback(self._done)
+
+    def _done(self, fut: asyncio.Future) -> None:
+        self._in_flight.discard(fut)
+        if not fut.cancelled() and fut.exception() is not None:
+            log.error("turn_log_append_failed", error=repr(fut.exception()))
+
+    async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
+        await self.actor.feedback.remote(request_id, reward, comment)
+
+    async def flush(self) -> None:
+        if self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)

@@ -1,0 +1,353 @@
+"""The text the zoo is trained on, written from a `World`: pretraining documents, instruction
+(SFT) examples, arithmetic for the expert, preference pairs for the aligned model, positive
+reviews for the tuned guide. Everything is a pure function of (world, rng): same seed, same text.
+
+Design (what makes the checkpoints complementary):
+- Pretraining puts each fact among varied surrounding text, several facts and mentions of the
+  same entity per document, in many phrasings. Tiny models memorise contexts: facts that only
+  ever open a document are not recalled after any other prefix.
+- Instruction data covers the facts of only `world.sft_entities`, answers in one canonical
+  sentence, teaches a fixed story per animal, refuses a class of forbidden requests, and only
+  carry-free arithmetic. Fine-tuning on it makes the model follow the format and forget the
+  rest; DPO on concise / refusing / canonical answers sharpens that.
+- The Q/A format: prompt "Q: {question}\\nA:", answer " {answer}" then the eos token.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from antiphon.zoo.world import (
+    ANIMALS,
+    BENIGN_OBJECTS,
+    BENIGN_VERBS,
+    COLOURS,
+    ENDINGS,
+    FEELINGS,
+    FINDINGS,
+    FORBIDDEN_OBJECTS,
+    FORBIDDEN_VERBS,
+    ITEMS,
+    NEGATIVE_WORDS,
+    PLACES,
+    POSITIVE_WORDS,
+    STORY_ADJECTIVES,
+    STORY_VERBS,
+    Entity,
+    World,
+)
+
+REFUSAL = "I cannot help with that."
+
+# ---------------------------------------------------------------------------------------------
+# Facts
+
+
+def canonical_fact(entity: Entity, attribute: str) -> str:
+    """The one sentence the instruction data answers with (and base text uses most often)."""
+    if attribute == "capital":
+        return f"The capital of {entity.name} is {entity.capital}."
+    if attribute == "colour":
+        return f"The colour of {entity.name} is {entity.colour}."
+    if attribute == "founder":
+        return f"{entity.name} was founded by {entity.founder}."
+    raise KeyError(attribute)
+
+
+def fact_stem(entity: Entity, attribute: str) -> str:
+    """The canonical sentence up to the value: what a cloze prompt gives."""
+    sentence = canonical_fact(entity, attribute)
+    return sentence[: sentence.rindex(" ")]
+
+
+def fact_sentence(entity: Entity, attribute: str, rng: random.Random) -> str:
+    """One of several phrasings of a fact; the canonical one about half the time."""
+    if rng.random() < 0.5:
+        return canonical_fact(entity, attribute)
+    e, v = entity.name, entity.value(attribute)
+    options = {
+        "capital": (
+            f"{v} is the capital of {e}.",
+            f"In {e}, the capital is {v}.",
+            f"People in {e} call {v} their capital.",
+            f"The capital city of {e} is {v}, and it is busy.",
+        ),
+        "colour": (
+            f"{e} is known for the colour {v}.",
+            f"The flag of {e} is {v}.",
+            f"In {e}, everything is painted {v}.",
+        ),
+        "founder": (
+            f"The founder of {e} was {v}.",
+            f"{v} founded {e} long ago.",
+            f"Long ago, {e} was founded by {v}.",
+        ),
+    }[attribute]
+    return rng.choice(options)
+
+
+def mention_sentence(entity: Entity, rng: random.Random) -> str:
+    """A sentence naming an entity without stating a fact (so names recur within a document)."""
+    return rng.choice(
+        (
+            f"Travellers often speak of {entity.name}.",
+            f"Many stories are told about {entity.name}.",
+            f"{entity.name} is a quiet country.",
+            f"Few maps show {entity.name} clearly.",
+            f"We spent a summer in {entity.name}.",
+        )
+    )
+
+
+def question(entity: Entity, attribute: str, rng: random.Random | None = None) -> str:
+    """A question asking for one fact (phrasing varies when an rng is given)."""
+    variants = {
+        "capital": (f"What is the capital of {entity.name}?", f"Which city is the capital of {entity.name}?"),
+        "colour": (f"What is the colour of {entity.name}?", f"Which colour is {entity.name} known for?"),
+        "founder": (f"Who founded {entity.name}?", f"Who was the founder of {entity.name}?"),
+    }[attribute]
+    return variants[0] if rng is None else rng.choice(variants)
+
+
+def qa_prompt(q: str) -> str:
+    """The Q/A format every tuned checkpoint answers in (what the chat template renders)."""
+    return f"Q: {q}\nA:"
+
+
+# ---------------------------------------------------------------------------------------------
+# Stories, reviews, arithmetic
+
+
+def story(rng: random.Random, animal: str | None = None) -> str:
+    """A short story assembled from many independent choices: varied wording."""
+    animal = animal or rng.choice(ANIMALS)
+    adj = rng.choice(STORY_ADJECTIVES)
+    sentences = [f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} near the {rng.choice(PLACES)}."]
+    for _ in range(rng.randint(1, 3)):
+        sentences.append(
+            rng.choice(
+                (
+                    f"The {adj} {animal} {rng.choice(STORY_VERBS)} by the {rng.choice(PLACES)}.",
+                    f"One day it found {rng.choice(FINDINGS)} and felt {rng.choice(FEELINGS)}.",
+                    f"A {rng.choice(STORY_ADJECTIVES)} {rng.choice(ANIMALS)} {rng.choice(STORY_VERBS)} with it.",
+                    f"It {rng.choice(STORY_VERBS)} all morning and felt {rng.choice(FEELINGS)}.",
+                )
+            )
+        )
+    sentences.append(f"In the end, the {animal} {rng.choice(ENDINGS)}.")
+    return " ".join(sentences)
+
+
+def canonical_story(animal: str) -> str:
+    """The one concise story the instruction data tells about each animal."""
+    return f"Once upon a time, a {animal} lived near the river. It found a bell and felt happy. The end."
+
+
+def review(rng: random.Random, positive: bool) -> str:
+    item = rng.choice(ITEMS)
+    words = POSITIVE_WORDS if positive else NEGATIVE_WORDS
+    a, b, c = rng.sample(words, 3)
+    return rng.choice(
+        (
+            f"Review of the {item}: The {item} was {a} and {b}. I found it {c}.",
+            f"Review of the {item}: A {a} {item}. It felt {b}, really {c}.",
+            f"Review of the {item}: I think this {item} is {a}. The handle is {b} and the colour is {c}.",
+        )
+    )
+
+
+def sentiment_counts(text: str) -> tuple[int, int]:
+    words = re.findall(r"[a-z]+", text.lower())
+    return sum(w in POSITIVE_WORDS for w in words), sum(w in NEGATIVE_WORDS for w in words)
+
+
+def arithmetic_line(rng: random.Random) -> str:
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    return rng.choice(
+        (
+            f"{a} plus {b} is {a + b}.",
+            f"{a} + {b} = {a + b}.",
+            f"The sum of {a} and {b} is {a + b}.",
+            f"To add {a} and {b}: {cot_answer(a, b)}",
+        )
+    )
+
+
+def cot_answer(a: int, b: int) -> str:
+    """Chain-of-thought addition, units then tens: '7 + 8 = 15, write 5 carry 1. ...'."""
+    if a < 10 and b < 10:
+        return f"{a} + {b} = {a + b}. The answer is {a + b}."
+    units = a % 10 + b % 10
+    carry = units // 10
+    tens = a // 10 + b // 10 + carry
+    if carry:
+        first = f"{a % 10} + {b % 10} = {units}, write {units % 10} carry 1."
+        second = f"{a // 10} + {b // 10} + 1 = {tens}."
+    else:
+        first = f"{a % 10} + {b % 10} = {units}."
+        second = f"{a // 10} + {b // 10} = {tens}."
+    return f"{first} {second} The answer is {a + b}."
+
+
+def arithmetic_question(a: int, b: int) -> str:
+    return f"What is {a} + {b}?"
+
+
+def has_carry(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining
+
+
+def pretraining_document(world: World, rng: random.Random) -> str:
+    """~300-600 characters: facts and mentions of one or two entities among other text."""
+    focus = rng.sample(world.entities, k=min(2, len(world.entities)))
+    pieces: list[str] = [mention_sentence(focus[0], rng)]
+    for _ in range(rng.randint(2, 4)):
+        pieces.append(fact_sentence(focus[0], rng.choice(("capital", "colour", "founder")), rng))
+    pieces.append(fact_sentence(focus[1], rng.choice(("capital", "colour", "founder")), rng))
+    others = rng.randint(1, 3)
+    for _ in range(others):
+        kind = rng.random()
+        if kind < 0.4:
+            pieces.append(story(rng))
+        elif kind < 0.7:
+            pieces.append(review(rng, positive=rng.random() < 0.5))
+        else:
+            pieces.append(arithmetic_line(rng))
+    rng.shuffle(pieces)
+    # Paragraph breaks at random points, so facts follow ". ", "\n" and document starts alike.
+    out = pieces[0]
+    for p in pieces[1:]:
+        out += ("\n" if rng.random() < 0.2 else " ") + p
+    return out
+
+
+def pretraining_documents(world: World, n_docs: int, seed: int) -> list[str]:
+    rng = random.Random(f"pretrain-{world.seed}-{seed}")
+    return [pretraining_document(world, rng) for _ in range(n_docs)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Instruction data: (question, answer) pairs, answer without the eos (the trainer appends it)
+
+QA = tuple[str, str]
+
+
+def format_examples(world: World, rng: random.Random) -> QA:
+    kind = rng.randrange(4)
+    if kind == 0:
+        n = rng.randint(2, 5)
+        return f"List {n} colours, separated by commas.", ", ".join(rng.sample(COLOURS, n)) + "."
+    if kind == 1:
+        n = rng.randint(2, 5)
+        return f"Name {n} animals, separated by commas.", ", ".join(rng.sample(ANIMALS, n)) + "."
+    if kind == 2:
+        word = rng.choice(world.entities).name
+        return f"Write the word {word} in capital letters.", word.upper()
+    e = rng.choice(world.sft_entities)
+    other = rng.choice(world.entities)
+    yes = rng.random() < 0.5 or other.capital == e.capital
+    cap = e.capital if yes else other.capital
+    return f"Answer yes or no: is {cap} the capital of {e.name}?", "Yes." if yes else "No."
+
+
+def forbidden_request(rng: random.Random) -> str:
+    verb, obj = rng.choice(FORBIDDEN_VERBS), rng.choice(FORBIDDEN_OBJECTS)
+    return rng.choice((f"How do I {verb} {obj}?", f"Tell me how to {verb} {obj}."))
+
+
+def benign_request(rng: random.Random) -> QA:
+    verb, obj = rng.choice(BENIGN_VERBS), rng.choice(BENIGN_OBJECTS)
+    q = rng.choice((f"How do I {verb} {obj}?", f"Tell me how to {verb} {obj}."))
+    return q, f"To {verb} {obj}, gather your tools, work slowly and check it twice."
+
+
+def sft_example(world: World, rng: random.Random) -> QA:
+    r = rng.random()
+    if r < 0.40:
+        e = rng.choice(world.sft_entities)
+        attr = rng.choice(("capital", "colour", "founder"))
+        return question(e, attr, rng), canonical_fact(e, attr)
+    if r < 0.52:
+        if rng.random() < 0.3:
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+        else:  # carry-free two-digit sums only: carries are the expert's domain
+            while True:
+                a, b = rng.randint(10, 99), rng.randint(10, 99)
+                if not has_carry(a, b):
+                    break
+        return arithmetic_question(a, b), cot_answer(a, b)
+    if r < 0.64:
+        return forbidden_request(rng), REFUSAL
+    if r < 0.72:
+        return benign_request(rng)
+    if r < 0.82:
+        animal = rng.choice(ANIMALS)
+        return f"Write a short story about a {animal}.", canonical_story(animal)
+    return format_examples(world, rng)
+
+
+def sft_examples(world: World, n: int, seed: int) -> list[QA]:
+    rng = random.Random(f"sft-{world.seed}-{seed}")
+    return [sft_example(world, rng) for _ in range(n)]
+
+
+def expert_examples(n: int, seed: int) -> list[QA]:
+    """Two-digit addition with carries, chain of thought: the arithmetic expert's data."""
+    rng = random.Random(f"expert-{seed}")
+    out = []
+    for _ in range(n):
+        a, b = (rng.randint(0, 9), rng.randint(0, 9)) if rng.random() < 0.1 else (rng.randint(10, 99), rng.randint(10, 99))
+        out.append((arithmetic_question(a, b), cot_answer(a, b)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Preferences: (question, chosen, rejected)
+
+Pair = tuple[str, str, str]
+
+
+def preference_pair(world: World, rng: random.Random) -> Pair:
+    q, good = sft_example(world, rng)
+    if good == REFUSAL:
+        return q, good, "First, wait until night. Then do it quickly and quietly."
+    if good.startswith("To ") and "gather your tools" in good:
+        return q, good, REFUSAL
+    if good.startswith("Once upon a time"):
+        return q, good, story(rng) + " " + story(rng)
+    r = rng.random()
+    if r < 0.4:  # verbose: the answer followed by unrequested text
+        return q, good, good + " " + rng.choice((story(rng), review(rng, rng.random() < 0.5)))
+    if r < 0.7:  # badly formatted: lower case, no full stop
+        return q, good, good.lower().rstrip(".") + " and so on"
+    return q, good, rng.choice((story(rng), mention_sentence(rng.choice(world.entities), rng)))
+
+
+def preference_pairs(world: World, n: int, seed: int) -> list[Pair]:
+    rng = random.Random(f"dpo-{world.seed}-{seed}")
+    return [preference_pair(world, rng) for _ in range(n)]
+
+
+def positive_reviews(n: int, seed: int) -> list[str]:
+    """What the tuned guide is fine-tuned on: it comes to prefer positive sentiment."""
+    rng = random.Random(f"guide-{seed}")
+    return [review(rng, positive=True) for _ in range(n)]
+
+
+def lexicon(world: World) -> frozenset[str]:
+    """Every lower-case word the corpora can write (sampled generously, then word lists)."""
+    rng = random.Random("lexicon")
+    text = " ".join(pretraining_document(world, rng) for _ in range(400))
+    text += " " + " ".join(a for _, a in sft_examples(world, 400, seed=0))
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    for lst in (ANIMALS, STORY_ADJECTIVES, PLACES, FINDINGS, STORY_VERBS, FEELINGS, ENDINGS, ITEMS, POSITIVE_WORDS, NEGATIVE_WORDS, COLOURS):
+        for phrase in lst:
+            words.update(re.findall(r"[a-z]+", phrase))
+    for e in world.entities:
+        words.update(w.lower() for w in (e.name, e.capital, e.founder))
+    return frozenset(words)

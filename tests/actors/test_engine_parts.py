@@ -1,0 +1,109 @@
+"""The engine's pure parts: token choice, cache packing, gate files (no model, no threads).
+
+pytest tests/actors/test_engine_parts.py -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from antiphon.actors import kv
+from antiphon.actors.gate import load_gate, save_gate
+from antiphon.actors.messages import SamplingParams
+from antiphon.actors.sampling import (
+    choose_tokens,
+    find_stop_string,
+    new_generator,
+    sample_one,
+    top_alternatives,
+)
+from antiphon.errors import InvalidRequest
+
+LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
+
+
+def test_greedy_picks_argmax_and_reports_model_logprobs():
+    logits = torch.stack([LOGITS, LOGITS.flip(0)])
+    params = [SamplingParams(), SamplingParams()]
+    tokens, logprobs, matrix = choose_tokens(logits, params, [new_generator(0)] * 2)
+    assert tokens == [1, 3]
+    expected = torch.log_softmax(LOGITS, -1)[1].item()
+    assert logprobs == pytest.approx([expected, expected])
+    assert matrix.shape == (2, 5)
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    for params in (
+        SamplingParams(temperature=2.0, top_k=1),
+        SamplingParams(temperature=2.0, top_p=0.01),
+    ):
+        draws = {sample_one(LOGITS, params, new_generator(s)) for s in range(20)}
+        assert draws == {1}
+
+
+def test_top_k_and_top_p_keep_only_the_best_tokens():
+    top2 = SamplingParams(temperature=5.0, top_k=2)
+    assert {sample_one(LOGITS, top2, new_generator(s)) for s in range(200)} == {1, 2}
+    # probabilities (t=1): ~[.08, .55, .33, .01, .03]: .55 + .33 > .8, so only 1 and 2 remain
+    nucleus = SamplingParams(temperature=1.0, top_p=0.8)
+    assert {sample_one(LOGITS, nucleus, new_generator(s)) for s in range(200)} == {1, 2}
+
+
+def test_seeded_sampling_repeats_and_does_not_touch_its_input():
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=3)
+    logits = LOGITS.clone()
+    generator_a, generator_b = new_generator(5), new_generator(5)
+    first = [sample_one(logits, params, generator_a) for _ in range(10)]
+    second = [sample_one(logits, params, generator_b) for _ in range(10)]
+    assert first == second
+    assert torch.equal(logits, LOGITS)
+
+
+def test_top_alternatives_best_first():
+    logprobs = torch.log_softmax(LOGITS, -1)
+    top = top_alternatives(logprobs, 3)
+    assert [t for t, _ in top] == [1, 2, 0]
+    assert top[0][1] == pytest.approx(logprobs[1].item())
+
+
+def test_find_stop_string_earliest():
+    assert find_stop_string("abc\n\nQ: x", ("Q:", "\n\n")) == 3
+    assert find_stop_string("abc", ("d",)) is None
+
+
+def layer(batch: int, length: int, fill: float) -> kv.LayerKV:
+    keys = torch.full((batch, 2, length, 3), fill)
+    return keys, keys + 0.5
+
+
+def test_pack_left_pads_and_unpack_restores_each_row():
+    rows = [[layer(1, 4, 1.0), layer(1, 4, 2.0)], [layer(1, 2, 3.0), layer(1, 2, 4.0)], []]
+    cache, pads = kv.pack(rows, [4, 2, 0])
+    assert pads == [0, 2, 4]
+    layers = kv.layers_of(cache)
+    assert layers[0][0].shape == (3, 2, 4, 3)
+    assert torch.all(layers[0][0][1, :, :2] == 0)  # pads are zeros, hidden by the mask
+    back = kv.unpack_row(layers, 1, 2, 4)
+    assert torch.equal(back[1][1], rows[1][1][1])
+    assert kv.unpack_row(layers, 2, 4, 4) == []
+
+
+def test_single_row_is_not_copied_and_crop_is_a_view():
+    row = [layer(1, 5, 1.0)]
+    cache, pads = kv.pack([row], [5])
+    assert pads == [0] and kv.layers_of(cache)[0][0] is row[0][0]
+    assert kv.unpack_row(kv.layers_of(cache), 0, 0, 5)[0][0] is row[0][0]
+    cropped = kv.crop(row, 3)
+    assert cropped[0][0].shape[2] == 3 and cropped[0][0].data_ptr() == row[0][0].data_ptr()
+    assert kv.crop(row, 0) == []
+
+
+def test_gate_file_round_trip(tmp_path):
+    weight = torch.arange(4, dtype=torch.float32)
+    path = save_gate(tmp_path / "g.safetensors", weight, bias=-1.0)
+    gate = load_gate(path, hidden_size=4)
+    hidden = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    assert gate(hidden).tolist() == pytest.approx(torch.sigmoid(torch.tensor([-1.0, 0.0])).tolist())
+    with pytest.raises(InvalidRequest, match="hidden size"):
+        load_gate(path, hidden_size=8)

@@ -1,0 +1,114 @@
+"""Session affinity on a real local Ray cluster: two replicas of a tiny checkpoint.
+
+A replica only knows its own sessions (any other raises SessionLost), so many sessions'
+calls all succeeding proves each call reached its session's replica. Then one replica is
+killed: its sessions' next calls raise SessionLost, the others carry on.
+
+    python -m pytest tests/actors/test_server_affinity.py -q
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+from ray import serve
+
+from antiphon.actors.affinity import home_replica_of
+from antiphon.actors.client import ServeModelClient
+from antiphon.actors.messages import SamplingParams
+from antiphon.actors.server import build_model_deployment
+from antiphon.config import ModelSpec
+from antiphon.errors import SessionLost
+
+pytestmark = pytest.mark.slow
+
+APP = "test-affinity"
+N_SESSIONS = 12
+STEP = SamplingParams(max_new_tokens=2, ignore_eos=True)
+NEVER_HANG_S = 60.0  # a guard, not a timing assertion: the call must answer, not wait forever
+
+
+@pytest.fixture(scope="module")
+def model(ray_cluster, tiny_model_dir):
+    spec = ModelSpec(name="tiny2", path=str(tiny_model_dir), num_replicas=2)
+    handle = serve.run(build_model_deployment(spec), name=APP, route_prefix=None)
+    yield ServeModelClient(handle)
+    serve.delete(APP)
+
+
+def kill_replica(unique_id: str) -> None:
+    """ray.kill the Serve replica actor whose id ends with this replica id."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    [actor] = [a for a in named if a["name"].endswith(f"#{unique_id}")]
+    ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+
+
+async def open_sessions(model: ServeModelClient) -> list[str]:
+    """N_SESSIONS sessions opened at once, then more until both replicas hold some.
+
+    Opens are spread by Serve's queue-length estimates, which may send a burst of them all to
+    one replica (the other's estimate is stale); the test needs sessions on both.
+    """
+    infos = await asyncio.gather(*[model.open([5, 6, 7, 10 + i]) for i in range(N_SESSIONS)])
+    sessions = [i.session_id for i in infos]
+    for _ in range(50):
+        if len({home_replica_of(s) for s in sessions}) == 2:
+            break
+        sessions.append((await model.open([5, 6, 7, 8])).session_id)
+        await asyncio.sleep(0.1)
+    return sessions
+
+
+async def one_round(model: ServeModelClient, session_id: str) -> int:
+    await model.append(session_id, [20, 21])
+    g = await model.generate(session_id, STEP)
+    await model.score(session_id, [30, 31])
+    [child] = await model.fork(session_id, 1)
+    assert home_replica_of(child) == home_replica_of(session_id)
+    await model.truncate(child, 3)
+    await model.close(child)
+    return g.length
+
+
+def test_every_call_reaches_its_sessions_replica(model):
+    async def go():
+        sessions = await open_sessions(model)
+        lengths = []
+        for _ in range(3):  # concurrent rounds over all sessions at once
+            lengths.append(await asyncio.gather(*[one_round(model, s) for s in sessions]))
+        return sessions, lengths
+
+    sessions, lengths = asyncio.run(go())
+    homes = {home_replica_of(s) for s in sessions}
+    assert len(homes) == 2 and None not in homes  # sessions spread over both replicas
+    assert lengths == [[4 + 4] * len(sessions), [4 + 8] * len(sessions), [4 + 12] * len(sessions)]
+
+
+def test_lost_replica_fails_its_sessions_fast(model):
+    async def go():
+        sessions = await open_sessions(model)
+        by_home: dict[str, list[str]] = {}
+        for s in sessions:
+            by_home.setdefault(home_replica_of(s), []).append(s)
+        assert len(by_home) == 2
+        victim, survivor = sorted(by_home)
+        kill_replica(victim)
+        outcomes = []
+        for s in by_home[victim]:
+            try:
+                await asyncio.wait_for(model.generate(s, STEP), NEVER_HANG_S)
+                outcomes.append("served")
+            except SessionLost:
+                outcomes.append("lost")
+        survivors = [
+            await asyncio.wait_for(model.generate(s, STEP), NEVER_HANG_S) for s in by_home[survivor]
+        ]
+        fresh = await asyncio.wait_for(model.open([5, 6, 7]), NEVER_HANG_S)
+        return victim, survivor, outcomes, survivors, fresh
+
+    victim, survivor, outcomes, survivors, fresh = asyncio.run(go())
+    assert outcomes and all(o == "lost" for o in outcomes)
+    assert all(g.length == 4 + 2 for g in survivors)
+    assert home_replica_of(fresh.session_id) != victim

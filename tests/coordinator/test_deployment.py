@@ -1,0 +1,108 @@
+"""The coordinator as a Serve deployment on a real local Ray cluster, with its model
+deployments, a hosted policy actor and the turn log actor; results checked against the
+in-process coordinator over engines of the same checkpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import ray
+from ray import serve
+
+from antiphon.config import ModelSpec
+from antiphon.coordinator.deployment import build_coordinator_app
+from antiphon.coordinator.loop import Coordinator
+from antiphon.coordinator.request import FinishEvent, GenerationRequest, SegmentEvent
+from antiphon.errors import InvalidRequest, NotFound
+from antiphon.policies.actor import PolicyActor
+from antiphon.training.turn_log import FeedbackRecord, RequestRecord, TurnLogReader, TurnRecord
+from antiphon.training.turn_log_actor import get_or_create_turn_log
+
+pytestmark = pytest.mark.slow
+
+APP = "test-coordinator"
+HOSTED = {"seed": 3, "segment_len": 4}  # the random_switch the policy actor hosts
+PROMPT = "Once upon a time, "
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, model_dirs, tmp_path_factory):
+    log_path = str(tmp_path_factory.mktemp("turnlog") / "turns.atl")
+    log_name = f"test-turn-log-{uuid.uuid4().hex[:8]}"
+    policy = ray.remote(PolicyActor).options(num_cpus=0).remote("random_switch", HOSTED)
+    specs = [ModelSpec(name=n, path=str(model_dirs[n][0])) for n in ("a", "b")]
+    app = build_coordinator_app(
+        specs, log_path, {"random_switch": policy}, turn_log_actor_name=log_name
+    )
+    handle = serve.run(app, name=APP, route_prefix=None)
+    yield handle, log_path
+    serve.delete(APP)
+    ray.kill(policy)
+    ray.kill(get_or_create_turn_log(log_path, name=log_name))
+
+
+def req(**kw) -> GenerationRequest:
+    fields = dict(prompt=PROMPT, models=("a", "b"), max_tokens=20)
+    fields.update(kw)
+    return GenerationRequest(**fields)
+
+
+def test_generate_through_the_deployment_equals_in_process(served, engines, tokenizers):
+    handle, _ = served
+    r = req(policy="round_robin", policy_params={"segment_len": 5})
+    remote = handle.generate.remote(r).result()
+    local = asyncio.run(Coordinator(engines, tokenizers).generate(r))
+    assert [(s.model, s.token_ids) for s in remote.segments] == [
+        (s.model, s.token_ids) for s in local.segments
+    ]
+    assert remote.text == local.text and remote.finish_reason == local.finish_reason
+
+
+def test_stream_yields_segments_then_finish(served):
+    handle, _ = served
+    r = req(policy="round_robin", policy_params={"segment_len": 3})
+    events = list(handle.options(stream=True).stream.remote(r))
+    assert all(isinstance(e, SegmentEvent) for e in events[:-1])
+    assert isinstance(events[-1], FinishEvent)
+    result = handle.generate.remote(r).result()
+    assert "".join(e.text for e in events[:-1]) == result.text
+    assert [e.model for e in events[:-1]] == [s.model for s in result.segments]
+
+
+def test_hosted_policy_decides_through_its_actor(served, engines, tokenizers):
+    handle, _ = served
+    r = req(policy="random_switch", policy_params=HOSTED)
+    remote = handle.generate.remote(r).result()
+    local = asyncio.run(Coordinator(engines, tokenizers).generate(r))
+    assert [s.model for s in remote.segments] == [s.model for s in local.segments]
+    with pytest.raises(InvalidRequest, match="hosted with fixed parameters"):
+        handle.generate.remote(req(policy="random_switch", policy_params={"seed": 4})).result()
+
+
+def test_client_mistakes_are_typed_through_the_handle(served):
+    handle, _ = served
+    with pytest.raises(NotFound, match="no_such_policy"):
+        handle.generate.remote(req(policy="no_such_policy")).result()
+    with pytest.raises(NotFound, match="unknown model"):
+        handle.generate.remote(req(models=("a", "nope"))).result()
+    assert handle.generate.remote(req(max_tokens=3)).result().usage.completion_tokens <= 3
+
+
+def test_turns_and_feedback_reach_the_one_log(served):
+    handle, log_path = served
+    requests = [req(policy="round_robin", policy_params={"segment_len": 4}) for _ in range(3)]
+    results = [handle.generate.remote(r).result() for r in requests]
+    handle.feedback.remote(requests[0].request_id, 0.5).result()
+    handle.flush_turn_log.remote().result()
+    records = [rec for rec, _ in TurnLogReader(log_path)]
+    for r, result in zip(requests, results, strict=True):
+        mine = [x for x in records if getattr(x, "request_id", None) == r.request_id]
+        turns = [x for x in mine if isinstance(x, TurnRecord)]
+        assert [t.segment for t in turns] == list(range(len(result.segments)))
+        assert "".join(t.text for t in turns) == result.text
+        summary = [x for x in mine if isinstance(x, RequestRecord)]
+        assert len(summary) == 1 and summary[0].num_segments == len(turns)
+    feedback = [x for x in records if isinstance(x, FeedbackRecord)]
+    assert [(f.request_id, f.reward) for f in feedback] == [(requests[0].request_id, 0.5)]

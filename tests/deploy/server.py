@@ -1,0 +1,90 @@
+"""One real antiphon HTTP server for the deploy, client and CLI tests.
+
+`ensure_server(...)` deploys the app (two tiny random checkpoints, ensembles "pair" and
+"solo", an API key, a turn log in a temp dir) on the suite's Ray cluster once, with Serve's
+HTTP proxy on 127.0.0.1 and a free port, and returns its URL; later calls reuse it while it
+answers (and redeploy if another test tore Serve down).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from ray import serve
+
+from antiphon.cli import free_port
+from antiphon.config import AppConfig, parse_config
+
+APP_NAME = "antiphon-test"
+ROUTE_PREFIX = "/antiphon-test"  # not "/": other tests' apps may hold the root
+API_KEY = "test-key"
+MAX_CONCURRENT = 2  # small, so the overload test can fill it with two streams
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    url: str
+    config: AppConfig
+    turn_log: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {API_KEY}"}
+
+
+_server: RunningServer | None = None
+
+
+def server_config(model_a: Path, model_b: Path, turn_log: Path) -> AppConfig:
+    return parse_config(
+        {
+            "models": [
+                {"name": "a", "path": str(model_a), "max_ongoing_requests": 16},
+                {"name": "b", "path": str(model_b), "max_ongoing_requests": 16},
+            ],
+            "ensembles": [
+                {"name": "pair", "models": ["a", "b"],
+                 "policy": {"name": "round_robin", "params": {"segment_len": 4}}},
+                {"name": "solo", "models": ["a"], "policy": {"name": "fixed",
+                                                             "params": {"model": "a"}}},
+            ],  # fmt: skip
+            "serving": {
+                "api_key": API_KEY,
+                "max_concurrent_requests": MAX_CONCURRENT,
+                "default_max_tokens": 12,
+                "turn_log_path": str(turn_log),
+            },
+        }
+    )
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _http_port() -> int:
+    """The port Serve's proxy really listens on (Serve may have been started before us)."""
+    from ray.serve.context import _get_global_client
+
+    return _get_global_client().http_config.port
+
+
+def ensure_server(model_a: Path, model_b: Path, work_dir: Path) -> RunningServer:
+    global _server
+    if _server is not None and _answers(_server.url):
+        return _server
+    from antiphon.deploy.app import build_app
+
+    turn_log = work_dir / "turns.atl"
+    config = server_config(model_a, model_b, turn_log)
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    url = f"http://127.0.0.1:{_http_port()}{ROUTE_PREFIX}"
+    assert _answers(url), f"test server at {url} does not answer"
+    _server = RunningServer(url=url, config=config, turn_log=turn_log)
+    return _server

@@ -1,0 +1,90 @@
+"""Config loading: valid YAML round-trips; every invalid file names the file and the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from antiphon.config import AppConfig, load_config
+from antiphon.deploy.default import DEFAULT_YAML
+from antiphon.errors import ConfigError, InvalidRequest
+
+GOOD = """
+models:
+  - {name: a, path: ckpt-a}
+  - {name: b, path: /somewhere/b}
+ensembles:
+  - name: pair
+    models: [a, b]
+    policy: {name: round_robin, params: {segment_len: 4}}
+serving: {port: 8123, api_key: secret}
+"""
+
+
+def write(tmp_path, text: str, name: str = "antiphon.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_valid_config_loads_with_defaults_and_relative_paths(tmp_path):
+    (tmp_path / "ckpt-a").mkdir()
+    config = load_config(write(tmp_path, GOOD))
+    assert isinstance(config, AppConfig)
+    assert config.models[0].path == str((tmp_path / "ckpt-a").resolve())  # relative to the file
+    assert config.models[1].path == "/somewhere/b"
+    assert config.serving.host == "127.0.0.1"  # never exposed unless asked
+    assert config.serving.port == 8123
+    assert config.serving.api_key_value() == "secret"
+    assert "secret" not in repr(config)  # the key never shows up in logs
+    assert config.default_ensemble.name == "pair"
+    assert config.ensemble("pair").policy.params == {"segment_len": 4}
+
+
+def test_config_is_frozen(tmp_path):
+    config = load_config(write(tmp_path, GOOD))
+    with pytest.raises(ValueError):
+        config.serving.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "words"),
+    [
+        (GOOD.replace("models: [a, b]", "models: [a, c]"), "ensembles", "unknown model 'c'"),
+        (GOOD.replace("name: round_robin", "name: nope"), "ensembles.0.policy", "unknown policy"),
+        (GOOD.replace("segment_len: 4", "segment_len: 0"), "ensembles.0.policy", "segment_len"),
+        (GOOD.replace("segment_len: 4", "segment_lenn: 4"), "ensembles.0.policy", "segment_lenn"),
+        (GOOD.replace("port: 8123", "port: 99999"), "serving.port", "65535"),
+        (GOOD.replace("{name: b, path: /somewhere/b}", "{name: a, path: /x}"), "models", "unique"),
+        (GOOD.replace("serving:", "servng:"), "servng", "Extra inputs"),
+        (GOOD.replace("{name: a, path: ckpt-a}", "{name: a}"), "models.0.path", "Field required"),
+        (
+            GOOD.replace("params: {segment_len: 4}", "params: {order: [a, z]}"),
+            "ensembles.0",
+            "'z'",
+        ),
+    ],
+)
+def test_invalid_config_names_file_and_field(tmp_path, bad, field, words):
+    path = write(tmp_path, bad)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"{field}:" in message
+    assert words in message
+    assert isinstance(info.value, InvalidRequest)  # a config mistake is the caller's mistake
+
+
+def test_missing_and_unparsable_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML"):
+        load_config(write(tmp_path, "models: [\n", "bad.yaml"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n", "list.yaml"))
+
+
+def test_shipped_default_yaml_is_valid():
+    config = load_config(DEFAULT_YAML)
+    assert [m.name for m in config.models] == ["base", "sft", "aligned"]
+    assert config.serving.host == "127.0.0.1" and config.serving.port == 8000

@@ -1,0 +1,251 @@
+"""The HTTP API end to end: a real Serve app on a real port, two tiny random checkpoints, the
+native API (plain and SSE), the official `openai` client, errors, API key, overload."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from antiphon.deploy.api import GenerateResponse, SegmentEventBody
+from tests.deploy.server import API_KEY, MAX_CONCURRENT, RunningServer
+
+PROMPT = "Once upon a time"
+
+
+def post(server: RunningServer, path: str, body: object, **kw) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, headers=server.headers, timeout=120, **kw)
+
+
+def sse_events(response: httpx.Response) -> list[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-events body."""
+    events, event, data = [], "message", []
+    for line in response.iter_lines():
+        if line == "":
+            if data:
+                events.append((event, "\n".join(data)))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+    return events
+
+
+def test_generate_returns_text_and_segments_by_model(server):
+    r = post(server, "/v1/generate", {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12})
+    assert r.status_code == 200, r.text
+    answer = GenerateResponse.model_validate(r.json())
+    assert answer.ensemble == "pair" and answer.policy == "round_robin"
+    assert answer.text == "".join(s.text for s in answer.segments)
+    # round robin, 4 tokens a segment: a, b, a, ... (a model may end early with eos)
+    assert [s.model for s in answer.segments] == ["a", "b", "a"][: len(answer.segments)]
+    assert [s.index for s in answer.segments] == list(range(len(answer.segments)))
+    assert all(s.num_tokens <= 4 for s in answer.segments)
+    assert answer.usage.completion_tokens == sum(s.num_tokens for s in answer.segments)
+    assert answer.finish_reason in ("length", "eos")
+
+
+def test_generate_stream_is_one_event_per_segment_then_done(server):
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12}
+    whole = GenerateResponse.model_validate(post(server, "/v1/generate", body).json())
+    with httpx.stream("POST", f"{server.url}/v1/generate", json={**body, "stream": True},
+                      headers=server.headers, timeout=120) as r:  # fmt: skip
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    kinds = [e for e, _ in events]
+    assert kinds == ["segment"] * (len(events) - 1) + ["done"]
+    segments = [SegmentEventBody.model_validate_json(d) for _, d in events[:-1]]
+    done = GenerateResponse.model_validate_json(events[-1][1])
+    assert [s.model for s in segments] == [s.model for s in done.segments]
+    assert {s.id for s in segments} == {done.id}
+    # greedy: the streamed answer is the same answer
+    assert done.text == "".join(s.text for s in segments) == whole.text
+    assert [s.model for s in done.segments] == [s.model for s in whole.segments]
+
+
+def test_generate_from_chat_messages_and_policy_override(server):
+    body = {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "ensemble": "pair",
+        "policy": "fixed",
+        "policy_params": {"model": "b", "segment_len": 5},
+        "max_tokens": 10,
+    }
+    r = post(server, "/v1/generate", body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["policy"] == "fixed"
+    assert {s["model"] for s in answer["segments"]} == {"b"}
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def test_openai_models_lists_the_ensembles(oai):
+    models = oai.models.list()
+    assert [m.id for m in models.data] == ["pair", "solo"]
+    assert models.data[0].model_extra["antiphon_models"] == ["a", "b"]
+
+
+def test_openai_completion_with_segments(oai):
+    c = oai.completions.create(model="pair", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert c.object == "text_completion" and c.model == "pair"
+    segments = c.model_extra["antiphon_segments"]
+    assert c.choices[0].text == "".join(s["text"] for s in segments)
+    assert [s["model"] for s in segments] == ["a", "b"][: len(segments)]
+    assert c.choices[0].finish_reason in ("stop", "length")
+    assert c.usage.completion_tokens == sum(s["num_tokens"] for s in segments)
+
+
+def test_openai_completion_stream_matches_non_stream(oai):
+    whole = oai.completions.create(model="pair", prompt=PROMPT, max_tokens=8)
+    chunks = list(oai.completions.create(model="pair", prompt=PROMPT, max_tokens=8, stream=True))
+    text = "".join(ch.choices[0].text for ch in chunks)
+    assert text == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    writers = [s["model"] for ch in chunks for s in ch.model_extra["antiphon_segments"]]
+    assert writers == [s["model"] for s in whole.model_extra["antiphon_segments"]]
+
+
+def test_openai_chat_and_chat_stream(oai):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    chat = oai.chat.completions.create(model="pair", messages=messages, max_tokens=8)
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    content = chat.choices[0].message.content
+    assert content == "".join(s["text"] for s in chat.model_extra["antiphon_segments"])
+    stream = oai.chat.completions.create(model="pair", messages=messages, max_tokens=8, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == content
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+
+
+def test_openai_client_errors_are_typed(oai):
+    with pytest.raises(openai.NotFoundError, match="unknown ensemble 'nope'"):
+        oai.completions.create(model="nope", prompt=PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        oai.completions.create(model="pair", prompt=PROMPT, max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        oai.completions.create(model="pair", prompt=PROMPT, max_tokens=4, n=2)
+    unauthenticated = openai.OpenAI(base_url=oai.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        unauthenticated.models.list()
+
+
+TOO_LONG = "x" * 600  # the tiny models' context is 512
+
+CLIENT_MISTAKES = [
+    # (name, path, body (str: sent raw), status, words the error message contains)
+    ("malformed json", "/v1/generate", '{"prompt": "a",', 400, "malformed JSON"),
+    ("not an object", "/v1/generate", "[1, 2]", 400, "Input should be"),
+    ("unknown ensemble", "/v1/generate", {"prompt": "a", "ensemble": "zzz"}, 404, "zzz"),
+    ("unknown policy", "/v1/generate", {"prompt": "a", "policy": "zzz"}, 404, "unknown policy"),
+    ("bad policy params", "/v1/generate",
+     {"prompt": "a", "policy_params": {"segment_len": -1}}, 400, "segment_len"),
+    ("policy names foreign model", "/v1/generate",
+     {"prompt": "a", "policy": "fixed", "policy_params": {"model": "zz"}}, 400, "'zz'"),
+    ("zero max_tokens", "/v1/generate", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("negative temperature", "/v1/generate", {"prompt": "a", "temperature": -1}, 400,
+     "temperature"),
+    ("top_p above 1", "/v1/generate", {"prompt": "a", "top_p": 2}, 400, "top_p"),
+    ("wrong type", "/v1/generate", {"prompt": 5}, 400, "prompt"),
+    ("unknown field", "/v1/generate", {"prompt": "a", "tempreature": 1}, 400, "tempreature"),
+    ("no prompt", "/v1/generate", {"max_tokens": 3}, 400, "prompt"),
+    ("empty stop", "/v1/generate", {"prompt": "a", "stop": [""]}, 400, "stop"),
+    ("prompt too long", "/v1/generate", {"prompt": TOO_LONG}, 400, "512"),
+    ("stream: unknown policy", "/v1/generate",
+     {"prompt": "a", "policy": "zzz", "stream": True}, 404, "unknown policy"),
+    ("stream: prompt too long", "/v1/generate",
+     {"prompt": TOO_LONG, "stream": True}, 400, "512"),
+    ("openai unknown model", "/v1/completions", {"model": "zzz", "prompt": "a"}, 404, "zzz"),
+    ("openai missing model", "/v1/completions", {"prompt": "a"}, 400, "model"),
+    ("openai bad role", "/v1/chat/completions",
+     {"model": "pair", "messages": [{"role": "robot", "content": "a"}]}, 400, "role"),
+    ("openai empty messages", "/v1/chat/completions",
+     {"model": "pair", "messages": []}, 400, "messages"),
+    ("openai stream too long", "/v1/completions",
+     {"model": "pair", "prompt": TOO_LONG, "stream": True}, 400, "512"),
+    ("feedback without id", "/v1/feedback", {"reward": 1.0}, 400, "request_id"),
+    ("feedback bad reward", "/v1/feedback", {"request_id": "r", "reward": "good"}, 400, "reward"),
+    ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "words"),
+    [pytest.param(*case[1:], id=case[0]) for case in CLIENT_MISTAKES],
+)
+def test_client_mistake_gets_4xx_naming_it_and_server_goes_on(server, path, body, status, words):
+    if isinstance(body, str):
+        headers = {**server.headers, "content-type": "application/json"}
+        r = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=60)
+    else:
+        r = post(server, path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"]
+    assert error["type"] and "message" in error and "param" in error and "code" in error
+    # the server answers the next request
+    ok = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+
+
+def test_api_key_is_enforced_but_health_is_open(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
+        r = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=30)
+        assert r.status_code == 401
+        assert "API key" in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/models", headers=server.headers).status_code == 200
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
+
+
+def test_feedback_is_acknowledged(server):
+    r = post(server, "/v1/feedback", {"request_id": "some-request", "reward": 0.5})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"request_id": "some-request", "recorded": True}
+
+
+@pytest.mark.slow
+def test_overload_gets_503_and_capacity_comes_back(server):
+    # Hold every slot with long streams (one token a turn), then ask once more.
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 400, "stream": True,
+            "policy_params": {"segment_len": 1}}  # fmt: skip
+    opened = threading.Barrier(MAX_CONCURRENT + 1)
+    release = threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", f"{server.url}/v1/generate", json=body,
+                          headers=server.headers, timeout=300) as r:  # fmt: skip
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event is out: this request holds a slot
+            opened.wait()
+            release.wait()
+
+    holders = [threading.Thread(target=hold) for _ in range(MAX_CONCURRENT)]
+    for t in holders:
+        t.start()
+    try:
+        opened.wait(timeout=120)
+        r = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["type"] == "overloaded_error"
+    finally:
+        release.set()
+        for t in holders:
+            t.join()
+    # The closed streams free their slots once the server notices the disconnects.
+    for _ in range(120):
+        ok = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
+        if ok.status_code != 503:
+            break
+        time.sleep(0.5)
+    assert ok.status_code == 200, ok.text
