@@ -64,19 +64,25 @@ class Setup:
     repeats: int
 
 
-def median_rate(tokens: int, run: Callable[[], None], repeats: int) -> float:
-    """tokens/s of the median of `repeats` timed runs, after one untimed warm-up run."""
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def paired_rates(
+    tokens: tuple[int, int], runs: tuple[Callable[[], None], Callable[[], None]], repeats: int
+) -> tuple[float, float]:
+    """Median tokens/s of two runs timed in turns (a, b, a, b, ...) after one warm-up each, so
+    load from elsewhere on the machine hits both alike."""
+    for run in runs:
         run()
-        seconds.append(time.perf_counter() - start)
-    return tokens / statistics.median(seconds)
+    seconds: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run, times in zip(runs, seconds, strict=True):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+    rate_a, rate_b = (n / statistics.median(t) for n, t in zip(tokens, seconds, strict=True))
+    return rate_a, rate_b
 
 
-def engine_rate(engine: ModelEngine, prompts: tuple[str, ...], setup: Setup) -> float:
-    """Aggregate greedy tokens/s of len(prompts) sessions generating at once (open + generate)."""
+def engine_run(engine: ModelEngine, prompts: tuple[str, ...], setup: Setup) -> Callable[[], None]:
+    """One greedy run of len(prompts) sessions generating at once (open + generate + close)."""
     params = SamplingParams(max_new_tokens=setup.new_tokens, ignore_eos=True)
 
     async def one(prompt: str) -> None:
@@ -87,9 +93,7 @@ def engine_rate(engine: ModelEngine, prompts: tuple[str, ...], setup: Setup) -> 
     async def all_at_once() -> None:
         await asyncio.gather(*(one(p) for p in prompts))
 
-    return median_rate(
-        setup.new_tokens * len(prompts), lambda: asyncio.run(all_at_once()), setup.repeats
-    )
+    return lambda: asyncio.run(all_at_once())
 
 
 def engine_vs_generate_b1(setup: Setup, engine: ModelEngine) -> dict[str, float]:
@@ -107,8 +111,10 @@ def engine_vs_generate_b1(setup: Setup, engine: ModelEngine) -> dict[str, float]
                 eos_token_id=None,
             )
 
-    hf = median_rate(setup.new_tokens, hf_generate, setup.repeats)
-    ours = engine_rate(engine, PROMPTS[:1], setup)
+    n = setup.new_tokens
+    ours, hf = paired_rates(
+        (n, n), (engine_run(engine, PROMPTS[:1], setup), hf_generate), setup.repeats
+    )
     return {
         "engine_vs_generate_b1": ours / hf,
         "engine_b1_tokens_per_s": ours,
@@ -117,15 +123,20 @@ def engine_vs_generate_b1(setup: Setup, engine: ModelEngine) -> dict[str, float]
 
 
 def concurrent8_vs_1(setup: Setup, engine: ModelEngine) -> dict[str, float]:
-    one = engine_rate(engine, PROMPTS[:1], setup)
+    n = setup.new_tokens
     passes_before = engine.stats().forward_passes
-    eight = engine_rate(engine, PROMPTS[:8], setup)
+    eight, one = paired_rates(
+        (8 * n, n),
+        (engine_run(engine, PROMPTS[:8], setup), engine_run(engine, PROMPTS[:1], setup)),
+        setup.repeats,
+    )
+    # each 8-session run: about n decode steps + a few prefills, against 8n + 8 alone
     passes = (engine.stats().forward_passes - passes_before) / (setup.repeats + 1)
     return {
         "concurrent8_vs_1": eight / one,
         "engine_8_sessions_tokens_per_s": eight,
         "engine_1_session_tokens_per_s": one,
-        "forward_passes_per_8_session_run": passes,
+        "forward_passes_per_8_plus_1_session_runs": passes,
     }
 
 
@@ -137,33 +148,50 @@ def deployment_vs_engine_b1(setup: Setup, engine: ModelEngine) -> dict[str, floa
     calls = max(1, setup.new_tokens // per_call)
     params = SamplingParams(max_new_tokens=per_call, ignore_eos=True)
 
-    def session_rate(model: SessionModel) -> float:
-        async def turns() -> None:
+    def seconds(model: SessionModel) -> float:
+        """Time of one session's generate calls (open and close not timed)."""
+
+        async def turns() -> float:
             session = await model.open(PROMPTS[0])
+            start = time.perf_counter()
             for _ in range(calls):
                 await model.generate(session.session_id, params)
+            elapsed = time.perf_counter() - start
             await model.close(session.session_id)
+            return elapsed
 
-        return median_rate(calls * per_call, lambda: asyncio.run(turns()), setup.repeats)
+        return asyncio.run(turns())
 
-    direct = session_rate(engine)
-    # A local cluster of our own; the replica gets as many CPUs (so torch threads, via
-    # OMP_NUM_THREADS) as this process uses, so both sides run the same kernels.
+    # A local cluster of our own. The replica gets as many CPUs (so torch threads, through
+    # OMP_NUM_THREADS) as this process uses, and Ray's default worker niceness (15) is
+    # turned off: the figure is Serve's overhead, not a scheduling handicap.
     threads = torch.get_num_threads()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(num_cpus=threads, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024 * 1024)  # fmt: skip
+    ray.init(
+        num_cpus=threads,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=256 * 1024 * 1024,
+        _system_config={"worker_niceness": 0},
+    )
     try:
         spec = setup.spec.model_copy(update={"num_cpus": float(threads)})
-        handle = serve.run(build_model_deployment(spec), name="bench", route_prefix=None)
-        served = session_rate(ServeModelClient(handle))
+        handle = serve.run(build_model_deployment(spec), name="bench-deployment", route_prefix=None)
+        served_model = ServeModelClient(handle)
+        seconds(engine), seconds(served_model)  # warm-up
+        direct, served = [], []
+        for _ in range(setup.repeats):  # interleaved, so load from elsewhere hits both alike
+            direct.append(seconds(engine))
+            served.append(seconds(served_model))
     finally:
         serve.shutdown()
         ray.shutdown()
+    direct_rate = calls * per_call / statistics.median(direct)
+    served_rate = calls * per_call / statistics.median(served)
     return {
-        "deployment_vs_engine_b1": served / direct,
-        "deployment_b1_tokens_per_s": served,
-        "engine_b1_32_per_call_tokens_per_s": direct,
+        "deployment_vs_engine_b1": served_rate / direct_rate,
+        "deployment_b1_tokens_per_s": served_rate,
+        "engine_b1_32_per_call_tokens_per_s": direct_rate,
     }
 
 
@@ -180,7 +208,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for every path measured (1: a model this small gains "
+        "nothing from more, and on a shared 2-core box spinning threads make timings noise)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as work:
         path = make_tiny_model(Path(work) / "bench-model", hidden_size=256, num_layers=4,

@@ -26,12 +26,16 @@ async def _result(response: DeploymentResponse, session_id: str | None = None):
         if isinstance(e.cause, AntiphonError):
             raise e.cause from None
         if session_id is not None and isinstance(e.cause, ActorDiedError):
-            raise SessionLost(f"session {session_id!r}: its replica died during the call") from None
+            raise _replica_died(session_id) from None
         raise
-    except ActorDiedError as e:
-        if session_id is not None:
-            raise SessionLost(f"session {session_id!r}: its replica died during the call") from None
-        raise
+    except ActorDiedError:
+        if session_id is None:
+            raise
+        raise _replica_died(session_id) from None
+
+
+def _replica_died(session_id: str) -> SessionLost:
+    return SessionLost(f"session {session_id!r}: its replica died during the call")
 
 
 class ServeModelClient:
@@ -63,6 +67,15 @@ class ServeModelClient:
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         h = self._session_handle(session_id)
         return await _result(h.score.remote(session_id, token_ids), session_id)
+
+    async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
+        h = self._session_handle(session_id)
+        return await _result(h.next_token_logprobs.remote(session_id, candidate_ids), session_id)
+
+    async def prompt_next_token_logprobs(
+        self, prompt: list[int] | str, candidate_ids: list[int]
+    ) -> list[float]:
+        return await _result(self.handle.prompt_next_token_logprobs.remote(prompt, candidate_ids))
 
     async def fork(self, session_id: str, n: int) -> list[str]:
         h = self._session_handle(session_id)

@@ -12,6 +12,8 @@ run the model on their tokens except the last; `generate` feeds the pending toke
 one position per new token (it leaves its final token pending); `score` feeds the pending
 token plus the continuation and then drops the continuation's cache. Every call runs the
 model only on tokens it has not seen (Generation.new_tokens_computed counts them).
+`fork` gives the children the parent's cache tensors (shared, never written in place: the
+cache grows by concatenation); `truncate` keeps a view of the first positions.
 
 Threads. One worker thread is the only caller of the model: it owns all session state and
 runs `_step` in a loop. The async methods hand a request to it through a thread-safe queue
@@ -31,6 +33,9 @@ Batching. Each step runs one forward pass over up to spec.max_batch_size session
   tokens) of different sessions run batched too: each row's new tokens are right-padded to
   the longest, and logits are computed only at the positions someone needs.
 When both kinds wait, steps alternate between them, so long prompts do not stall decoding.
+Not done: chunked prefill (a prompt is fed in one pass; rows join a prefill pass while its
+padded size stays under PREFILL_TOKEN_BUDGET), and models with sliding-window or linear
+attention layers (see `antiphon.actors.kv`).
 
 Bounds. spec.max_sessions and spec.max_cached_tokens (tokens held by sessions) are kept by
 evicting the least recently used idle session; sessions unused for
@@ -208,6 +213,9 @@ class _Generate:
 class _Score:
     session_id: str
     token_ids: list[int]
+    # None: score token_ids; else return log p of each of these as the next token after the
+    # session (token_ids is then empty)
+    candidate_ids: list[int] | None = None
 
 
 @dataclass
@@ -360,6 +368,23 @@ class ModelEngine:
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
         return await self._submit(_Score(session_id, ids))
+
+    async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
+        """log p(c | session) for each candidate id c; the session is unchanged."""
+        ids = as_token_ids(candidate_ids, self.vocab_size, "candidate_ids")
+        return await self._submit(_Score(session_id, [], candidate_ids=ids))
+
+    async def prompt_next_token_logprobs(
+        self, prompt: list[int] | str, candidate_ids: list[int]
+    ) -> list[float]:
+        """log p(c | prompt) for each candidate id c, in one call: a throwaway session is
+        opened on the prompt, read and closed (the learned switcher's one call per turn)."""
+        ids = as_token_ids(candidate_ids, self.vocab_size, "candidate_ids")
+        session = await self.open(prompt)
+        try:
+            return await self._submit(_Score(session.session_id, [], candidate_ids=ids))
+        finally:
+            await self.close(session.session_id)
 
     async def fork(self, session_id: str, n: int) -> list[str]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -625,6 +650,9 @@ class ModelEngine:
                 return _Row(session, call, to_feed, len(to_feed), [])
             self._complete(session, call, self._info_of(session))
             return None
+        if isinstance(op, _Score) and op.candidate_ids is not None:
+            last = len(pending) - 1  # its logits are the next-token distribution
+            return _Row(session, call, pending, len(pending) - 1, [last])
         if isinstance(op, _Score):
             if not op.token_ids:
                 self._complete(session, call, [])
@@ -747,7 +775,10 @@ class ModelEngine:
             row_hidden = hidden[offset : offset + k] if (n_wanted and hidden is not None) else None
             offset += k
             op = r.call.op
-            if isinstance(op, _Score):
+            if isinstance(op, _Score) and op.candidate_ids is not None:
+                logprobs = torch.log_softmax(row_logits[-1].float(), dim=-1)  # (V,)
+                self._complete(session, r.call, logprobs[op.candidate_ids].tolist())
+            elif isinstance(op, _Score):
                 logprobs = torch.log_softmax(row_logits.float(), dim=-1)
                 targets = torch.tensor(op.token_ids, device=logprobs.device)
                 scores = logprobs.gather(1, targets[:, None])[:, 0].tolist()

@@ -42,7 +42,9 @@ class ModelServer:
         self.spec = spec
         replica_id = _own_replica_id()
         self.replica_id = replica_id or ""
-        self.engine = engine_cls(spec, id_prefix=session_id_prefix(replica_id) if replica_id else "")
+        self.engine = engine_cls(
+            spec, id_prefix=session_id_prefix(replica_id) if replica_id else ""
+        )
         # ray.serve.metrics are ray.util.metrics that also carry deployment/replica tags.
         self._tokens_generated = Counter(
             "antiphon_tokens_generated",
@@ -96,6 +98,17 @@ class ModelServer:
 
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         return await self.engine.score(session_id, token_ids)
+
+    async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
+        return await self.engine.next_token_logprobs(session_id, candidate_ids)
+
+    async def prompt_next_token_logprobs(
+        self, prompt: list[int] | str, candidate_ids: list[int]
+    ) -> list[float]:
+        try:
+            return await self.engine.prompt_next_token_logprobs(prompt, candidate_ids)
+        finally:
+            self._record_metrics()
 
     async def fork(self, session_id: str, n: int) -> list[str]:
         try:

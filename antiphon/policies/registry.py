@@ -85,3 +85,8 @@ register_policy("random_switch", RandomSwitchParams, RandomSwitch)
 register_policy("rule_router", RuleRouterParams, RuleRouter)
 register_policy("deferral", DeferralParams, Deferral)
 register_policy("chunk_search", ChunkSearchParams, ChunkSearch)
+
+# Policies with their own modules register themselves on import (kept last: they import this).
+import antiphon.policies.replay  # noqa: E402, F401
+import antiphon.policies.router  # noqa: E402, F401
+import antiphon.policies.switcher  # noqa: E402, F401

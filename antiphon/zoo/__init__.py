@@ -16,7 +16,16 @@ CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
 # base: pretrained; sft, aligned: tuned from base (aligned = sft + DPO); strong: larger
 # pretrained; guide-untuned / guide-tuned: small pair, tuned prefers positive sentiment;
 # expert: base tuned on arithmetic; alt-tok: small pretrained model with another tokenizer.
-NAMES: tuple[str, ...] = ("base", "sft", "aligned", "strong", "guide-tuned", "guide-untuned", "expert", "alt-tok")
+NAMES: tuple[str, ...] = (
+    "base",
+    "sft",
+    "aligned",
+    "strong",
+    "guide-tuned",
+    "guide-untuned",
+    "expert",
+    "alt-tok",
+)
 
 
 def path(name: str) -> Path:

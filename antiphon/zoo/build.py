@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -30,7 +31,16 @@ from antiphon.zoo.train import ModelShape, dpo, new_model, pretrain, save_model,
 from antiphon.zoo.world import World, make_world
 
 Scale = Literal["tiny", "full"]
-BUILD_ORDER = ("base", "sft", "aligned", "expert", "guide-untuned", "guide-tuned", "alt-tok", "strong")
+BUILD_ORDER = (
+    "base",
+    "sft",
+    "aligned",
+    "expert",
+    "guide-untuned",
+    "guide-tuned",
+    "alt-tok",
+    "strong",
+)
 
 
 @dataclass(frozen=True)
@@ -124,12 +134,19 @@ def build_zoo(
     floating-point reductions, hence the weights, identical from run to run."""
     order = BUILD_ORDER if only is None else tuple(n for n in BUILD_ORDER if n in only)
     if only is not None and set(only) - set(BUILD_ORDER):
-        raise ValueError(f"unknown zoo model(s) {sorted(set(only) - set(BUILD_ORDER))}; known: {BUILD_ORDER}")
+        raise ValueError(
+            f"unknown zoo model(s) {sorted(set(only) - set(BUILD_ORDER))}; known: {BUILD_ORDER}"
+        )
     if scale not in PLANS:
         raise ValueError(f"scale must be one of {sorted(PLANS)}, got {scale!r}")
     out_dir = Path(out_dir)
     plan = PLANS[scale]
-    manifest = {"seed": seed, "scale": scale, "n_entities": plan.n_entities, "names": list(BUILD_ORDER)}
+    manifest = {
+        "seed": seed,
+        "scale": scale,
+        "n_entities": plan.n_entities,
+        "names": list(BUILD_ORDER),
+    }
     if out_dir.exists() and not resume:
         shutil.rmtree(out_dir)
     work = out_dir / "_build"
@@ -160,64 +177,150 @@ def build_zoo(
     def load(name: str) -> LlamaForCausalLM:
         return AutoModelForCausalLM.from_pretrained(out_dir / name)
 
-    def stage(name: str, train: Callable[[Path], tuple[LlamaForCausalLM, PreTrainedTokenizerFast]]) -> None:
+    def stage(
+        name: str, train: Callable[[Path], tuple[LlamaForCausalLM, PreTrainedTokenizerFast]]
+    ) -> None:
         done = work / f"{name}.done"
         if done.exists():
             print(f"[zoo] {name}: done, skipped")
             return
-        t0 = time.time()
-        model, tokenizer = train(work / f"{name}.state.pt")
-        save_model(model, tokenizer, out_dir / name)
-        done.write_text(f"{time.time() - t0:.1f}\n")
-        print(f"[zoo] {name}: trained in {time.time() - t0:.0f}s")
+        lock = work / f"{name}.lock"
+        if not _take_lock(lock):
+            print(f"[zoo] {name}: another build process is training it, skipped")
+            return
+        try:
+            t0 = time.time()
+            model, tokenizer = train(work / f"{name}.state.pt")
+            save_model(model, tokenizer, out_dir / name)
+            done.write_text(f"{time.time() - t0:.1f}\n")
+            print(f"[zoo] {name}: trained in {time.time() - t0:.0f}s")
+        finally:
+            lock.unlink(missing_ok=True)
 
     bs = plan.batch_size
 
     def train_base(state: Path):
         m = new_model(plan.base, tok, seed)
-        pretrain(m, get_stream(), steps=plan.pretrain_steps, batch_size=bs, lr=3e-3, seed=seed, state_path=state, desc="base")
+        pretrain(
+            m,
+            get_stream(),
+            steps=plan.pretrain_steps,
+            batch_size=bs,
+            lr=3e-3,
+            seed=seed,
+            state_path=state,
+            desc="base",
+        )
         return m, tok
 
     def train_sft(state: Path):
         m = load("base")
         examples = corpora.sft_examples(world, plan.n_sft_examples, seed)
-        sft(m, tok, examples, steps=plan.sft_steps, batch_size=bs, lr=1e-3, seed=seed + 1, state_path=state, desc="sft")
+        sft(
+            m,
+            tok,
+            examples,
+            steps=plan.sft_steps,
+            batch_size=bs,
+            lr=1e-3,
+            seed=seed + 1,
+            state_path=state,
+            desc="sft",
+        )
         return m, tok
 
     def train_aligned(state: Path):
         m, ref = load("sft"), load("sft")
         pairs = corpora.preference_pairs(world, plan.n_pairs, seed)
-        dpo(m, ref, tok, pairs, steps=plan.dpo_steps, batch_size=max(2, bs // 2), lr=3e-4, beta=0.1,
-            sft_weight=0.2, seed=seed + 2, state_path=state, desc="aligned")  # fmt: skip
+        dpo(
+            m,
+            ref,
+            tok,
+            pairs,
+            steps=plan.dpo_steps,
+            batch_size=max(2, bs // 2),
+            lr=3e-4,
+            beta=0.1,
+            sft_weight=0.2,
+            seed=seed + 2,
+            state_path=state,
+            desc="aligned",
+        )
         return m, tok
 
     def train_expert(state: Path):
         m = load("base")
         examples = corpora.expert_examples(plan.n_sft_examples, seed)
-        sft(m, tok, examples, steps=plan.expert_steps, batch_size=bs, lr=1e-3, seed=seed + 3, state_path=state, desc="expert")
+        sft(
+            m,
+            tok,
+            examples,
+            steps=plan.expert_steps,
+            batch_size=bs,
+            lr=1e-3,
+            seed=seed + 3,
+            state_path=state,
+            desc="expert",
+        )
         return m, tok
 
     def train_guide_untuned(state: Path):
         m = new_model(plan.guide, tok, seed + 4)
-        pretrain(m, get_stream(), steps=plan.small_pretrain_steps, batch_size=bs, lr=3e-3, seed=seed + 4, state_path=state, desc="guide-untuned")
+        pretrain(
+            m,
+            get_stream(),
+            steps=plan.small_pretrain_steps,
+            batch_size=bs,
+            lr=3e-3,
+            seed=seed + 4,
+            state_path=state,
+            desc="guide-untuned",
+        )
         return m, tok
 
     def train_guide_tuned(state: Path):
         m = load("guide-untuned")
         reviews = token_stream(tok, corpora.positive_reviews(2000, seed))
-        pretrain(m, reviews, steps=plan.guide_steps, batch_size=bs, lr=1e-3, seed=seed + 5, state_path=state, desc="guide-tuned")
+        pretrain(
+            m,
+            reviews,
+            steps=plan.guide_steps,
+            batch_size=bs,
+            lr=1e-3,
+            seed=seed + 5,
+            state_path=state,
+            desc="guide-tuned",
+        )
         return m, tok
 
     def train_alt(state: Path):
         alt_tok = build_alt_tokenizer()
         m = new_model(plan.alt, alt_tok, seed + 6)
         alt_stream = token_stream(alt_tok, docs)
-        pretrain(m, alt_stream, steps=plan.small_pretrain_steps, batch_size=bs, lr=3e-3, seed=seed + 6, state_path=state, desc="alt-tok")
+        pretrain(
+            m,
+            alt_stream,
+            steps=plan.small_pretrain_steps,
+            batch_size=bs,
+            lr=3e-3,
+            seed=seed + 6,
+            state_path=state,
+            desc="alt-tok",
+        )
         return m, alt_tok
 
     def train_strong(state: Path):
         m = new_model(plan.strong, tok, seed + 7)
-        pretrain(m, get_stream(), steps=plan.strong_steps, batch_size=bs, lr=2e-3, seed=seed, state_path=state, desc="strong")
+        pretrain(
+            m,
+            get_stream(),
+            steps=plan.strong_steps,
+            batch_size=bs,
+            lr=2e-3,
+            seed=seed,
+            state_path=state,
+            desc="strong",
+        )
         return m, tok
 
     stages = {
@@ -233,6 +336,20 @@ def build_zoo(
     for name in order:
         stage(name, stages[name])
     return out_dir
+
+
+def _take_lock(lock: Path) -> bool:
+    """Claim a model for this process; False if a live process holds it. A lock left by a
+    process that died is taken over (training resumes from its saved state)."""
+    try:
+        holder = int(lock.read_text())
+        os.kill(holder, 0)
+        if holder != os.getpid():
+            return False
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        pass
+    lock.write_text(str(os.getpid()))
+    return True
 
 
 def install_checkpoints(zoo_dir: Path, dest: Path | None = None) -> Path:
@@ -262,7 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--install", action="store_true", help="copy the result into the package")
     args = parser.parse_args(argv)
-    out = build_zoo(args.out, args.scale, seed=args.seed, resume=not args.no_resume, threads=args.threads, only=args.only)
+    out = build_zoo(
+        args.out,
+        args.scale,
+        seed=args.seed,
+        resume=not args.no_resume,
+        threads=args.threads,
+        only=args.only,
+    )
     if args.install:
         print(f"installed into {install_checkpoints(out)}")
 

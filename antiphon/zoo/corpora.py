@@ -103,8 +103,14 @@ def mention_sentence(entity: Entity, rng: random.Random) -> str:
 def question(entity: Entity, attribute: str, rng: random.Random | None = None) -> str:
     """A question asking for one fact (phrasing varies when an rng is given)."""
     variants = {
-        "capital": (f"What is the capital of {entity.name}?", f"Which city is the capital of {entity.name}?"),
-        "colour": (f"What is the colour of {entity.name}?", f"Which colour is {entity.name} known for?"),
+        "capital": (
+            f"What is the capital of {entity.name}?",
+            f"Which city is the capital of {entity.name}?",
+        ),
+        "colour": (
+            f"What is the colour of {entity.name}?",
+            f"Which colour is {entity.name} known for?",
+        ),
         "founder": (f"Who founded {entity.name}?", f"Who was the founder of {entity.name}?"),
     }[attribute]
     return variants[0] if rng is None else rng.choice(variants)
@@ -123,7 +129,9 @@ def story(rng: random.Random, animal: str | None = None) -> str:
     """A short story assembled from many independent choices: varied wording."""
     animal = animal or rng.choice(ANIMALS)
     adj = rng.choice(STORY_ADJECTIVES)
-    sentences = [f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} near the {rng.choice(PLACES)}."]
+    sentences = [
+        f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} near the {rng.choice(PLACES)}."
+    ]
     for _ in range(rng.randint(1, 3)):
         sentences.append(
             rng.choice(
@@ -301,7 +309,11 @@ def expert_examples(n: int, seed: int) -> list[QA]:
     rng = random.Random(f"expert-{seed}")
     out = []
     for _ in range(n):
-        a, b = (rng.randint(0, 9), rng.randint(0, 9)) if rng.random() < 0.1 else (rng.randint(10, 99), rng.randint(10, 99))
+        a, b = (
+            (rng.randint(0, 9), rng.randint(0, 9))
+            if rng.random() < 0.1
+            else (rng.randint(10, 99), rng.randint(10, 99))
+        )
         out.append((arithmetic_question(a, b), cot_answer(a, b)))
     return out
 
@@ -345,7 +357,19 @@ def lexicon(world: World) -> frozenset[str]:
     text = " ".join(pretraining_document(world, rng) for _ in range(400))
     text += " " + " ".join(a for _, a in sft_examples(world, 400, seed=0))
     words = set(re.findall(r"[a-z]+", text.lower()))
-    for lst in (ANIMALS, STORY_ADJECTIVES, PLACES, FINDINGS, STORY_VERBS, FEELINGS, ENDINGS, ITEMS, POSITIVE_WORDS, NEGATIVE_WORDS, COLOURS):
+    for lst in (
+        ANIMALS,
+        STORY_ADJECTIVES,
+        PLACES,
+        FINDINGS,
+        STORY_VERBS,
+        FEELINGS,
+        ENDINGS,
+        ITEMS,
+        POSITIVE_WORDS,
+        NEGATIVE_WORDS,
+        COLOURS,
+    ):
         for phrase in lst:
             words.update(re.findall(r"[a-z]+", phrase))
     for e in world.entities:

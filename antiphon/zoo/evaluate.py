@@ -62,12 +62,16 @@ async def run_task(
 
     async def one(i: int, j: int) -> str:
         async with limit:
-            out = await generate(task.items[i].prompt, task.sampling(sample_seed(seed, task.name, i, j)))
+            out = await generate(
+                task.items[i].prompt, task.sampling(sample_seed(seed, task.name, i, j))
+            )
         if bar is not None:
             bar.update(1)
         return out
 
-    flat = await asyncio.gather(*(one(i, j) for i in range(len(task.items)) for j in range(task.samples)))
+    flat = await asyncio.gather(
+        *(one(i, j) for i in range(len(task.items)) for j in range(task.samples))
+    )
     return [list(flat[i * task.samples : (i + 1) * task.samples]) for i in range(len(task.items))]
 
 
@@ -84,12 +88,21 @@ async def evaluate_async(
     tasks = list(tasks)
     total = sum(len(t.items) * t.samples for t in tasks)
     results: list[EvalResult] = []
-    with tqdm(total=total, desc=f"eval {policy}/{ensemble}", disable=not progress, leave=False) as bar:
+    with tqdm(
+        total=total, desc=f"eval {policy}/{ensemble}", disable=not progress, leave=False
+    ) as bar:
         for task in tasks:
             outputs = await run_task(generate, task, seed=seed, concurrency=concurrency, bar=bar)
             score = round(task.score(task.items, outputs), 2)
             results.append(
-                EvalResult(policy=policy, ensemble=ensemble, task=task.name, split=task.split, n=len(task.items), score=score)
+                EvalResult(
+                    policy=policy,
+                    ensemble=ensemble,
+                    task=task.name,
+                    split=task.split,
+                    n=len(task.items),
+                    score=score,
+                )
             )
     return results
 
@@ -108,7 +121,10 @@ def markdown_table(results: Sequence[EvalResult]) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in results))
     rows = list(dict.fromkeys((r["policy"], r["ensemble"]) for r in results))
     cell = {(r["policy"], r["ensemble"], r["task"]): r["score"] for r in results}
-    lines = ["| policy | ensemble | " + " | ".join(tasks) + " |", "|---|---|" + "---:|" * len(tasks)]
+    lines = [
+        "| policy | ensemble | " + " | ".join(tasks) + " |",
+        "|---|---|" + "---:|" * len(tasks),
+    ]
     for p, e in rows:
         vals = [f"{cell[(p, e, t)]:.1f}" if (p, e, t) in cell else "" for t in tasks]
         lines.append(f"| {p} | {e} | " + " | ".join(vals) + " |")
@@ -205,7 +221,9 @@ class LocalGenerator:
                 r.future.set_result(out)
 
     @torch.no_grad()
-    def decode(self, prompts: Sequence[str], params: Sequence[SamplingParams]) -> list[tuple[str, bool]]:
+    def decode(
+        self, prompts: Sequence[str], params: Sequence[SamplingParams]
+    ) -> list[tuple[str, bool]]:
         """Decode a batch; returns (text without eos, ended with eos) per prompt."""
         tok, eos = self.tokenizer, self.tokenizer.eos_token_id
         enc = [tok.encode(p) for p in prompts]
@@ -248,7 +266,11 @@ class LocalGenerator:
             mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.long)], dim=1)  # (B, L+t)
             pos = pos[:, -1:] + 1  # (B, 1)
             out = self.model(
-                input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values, use_cache=True
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=out.past_key_values,
+                use_cache=True,
             )
             logits = out.logits[:, -1, :]
         results = []
@@ -355,7 +377,14 @@ async def oracle_task_score(
     async def one(item: TaskItem) -> OracleResult:
         # Answers are written after "A:" as " " + answer (the SFT format).
         prefix_ok = (lambda text: (" " + item.reference).startswith(text)) if exact else None
-        r = await oracle_switch(item, task.verify, models, segment_len=segment_len, max_segments=max_segments, prefix_ok=prefix_ok)
+        r = await oracle_switch(
+            item,
+            task.verify,
+            models,
+            segment_len=segment_len,
+            max_segments=max_segments,
+            prefix_ok=prefix_ok,
+        )
         bar.update(1)
         return r
 

@@ -56,11 +56,16 @@ async def measure_async(
     for name in names:
         gen, engine = _generator(zoo_dir / name, name, backend)
         try:
-            results += await evaluate_async(gen, tasks.values(), policy="single", ensemble=name, seed=seed)
+            results += await evaluate_async(
+                gen, tasks.values(), policy="single", ensemble=name, seed=seed
+            )
         finally:
             if engine is not None:
                 await engine.shutdown()
-        print(markdown_table([r for r in results if r["ensemble"] == name]).splitlines()[-1], flush=True)
+        print(
+            markdown_table([r for r in results if r["ensemble"] == name]).splitlines()[-1],
+            flush=True,
+        )
     oracle: dict[str, float] = {}
     gens = {n: _generator(zoo_dir / n, n, backend) for n in ORACLE_MODELS}
     try:
@@ -69,16 +74,35 @@ async def measure_async(
             best = [0.0] * len(task.items)
             for seg in ORACLE_SEGMENT_LENS:
                 todo = [i for i, b in enumerate(best) if b < 1.0]
-                sub = Task(task.name, task.split, tuple(task.items[i] for i in todo), task.samples,
-                           task.max_new_tokens, task.temperature, task.verify, task.score)  # fmt: skip
+                sub = Task(
+                    task.name,
+                    task.split,
+                    tuple(task.items[i] for i in todo),
+                    task.samples,
+                    task.max_new_tokens,
+                    task.temperature,
+                    task.verify,
+                    task.score,
+                )
                 _, found = await oracle_task_score(
-                    sub, {n: g.segment for n, (g, _) in gens.items()}, segment_len=seg, max_segments=-(-task.max_new_tokens // seg)
+                    sub,
+                    {n: g.segment for n, (g, _) in gens.items()},
+                    segment_len=seg,
+                    max_segments=-(-task.max_new_tokens // seg),
                 )
                 for i, r in zip(todo, found, strict=True):
                     best[i] = max(best[i], r.score)
             oracle[tname] = round(100.0 * sum(best) / max(1, len(best)), 2)
-            results.append(EvalResult(policy="oracle-switch", ensemble="+".join(ORACLE_MODELS), task=tname,
-                                      split=task.split, n=len(task.items), score=oracle[tname]))  # fmt: skip
+            results.append(
+                EvalResult(
+                    policy="oracle-switch",
+                    ensemble="+".join(ORACLE_MODELS),
+                    task=tname,
+                    split=task.split,
+                    n=len(task.items),
+                    score=oracle[tname],
+                )
+            )
     finally:
         for _, engine in gens.values():
             if engine is not None:
@@ -95,7 +119,8 @@ def check(results: Sequence[EvalResult]) -> dict[str, dict[str, object]]:
     singles = sorted({r["ensemble"] for r in results if r["policy"] == "single"})
     oracle = {r["task"]: r["score"] for r in results if r["policy"] == "oracle-switch"}
     comp = {
-        t: {"best_single": max(s[(n, t)] for n in singles), "oracle": oracle.get(t, 0.0)} for t in COMPOSITIONAL_TASKS
+        t: {"best_single": max(s[(n, t)] for n in singles), "oracle": oracle.get(t, 0.0)}
+        for t in COMPOSITIONAL_TASKS
     }
     comp_ok = [t for t, v in comp.items() if v["best_single"] < 50 and v["oracle"] >= 70]
     strong_mean = sum(s[("strong", t)] for t in PRETRAINED_TASKS) / len(PRETRAINED_TASKS)
@@ -103,7 +128,11 @@ def check(results: Sequence[EvalResult]) -> dict[str, dict[str, object]]:
     return {
         "base_beats_aligned_by_15_on_2": {"holds": len(base_wins) >= 2, "tasks": base_wins},
         "aligned_beats_base_by_15_on_2": {"holds": len(aligned_wins) >= 2, "tasks": aligned_wins},
-        "compositional_headroom_on_2": {"holds": len(comp_ok) >= 2, "tasks": comp_ok, "scores": comp},
+        "compositional_headroom_on_2": {
+            "holds": len(comp_ok) >= 2,
+            "tasks": comp_ok,
+            "scores": comp,
+        },
         "expert_beats_sft_arithmetic_by_20": {
             "holds": s[("expert", "arithmetic")] - s[("sft", "arithmetic")] >= 20,
             "expert": s[("expert", "arithmetic")],
@@ -124,7 +153,9 @@ def check(results: Sequence[EvalResult]) -> dict[str, dict[str, object]]:
     }
 
 
-def report_markdown(results: Sequence[EvalResult], checks: dict[str, dict[str, object]], meta: dict[str, object]) -> str:
+def report_markdown(
+    results: Sequence[EvalResult], checks: dict[str, dict[str, object]], meta: dict[str, object]
+) -> str:
     lines = [
         "# Zoo: what must hold (test split)",
         "",
@@ -143,7 +174,12 @@ def report_markdown(results: Sequence[EvalResult], checks: dict[str, dict[str, o
     return "\n".join(lines) + "\n"
 
 
-def measure(zoo_dir: Path = CHECKPOINT_DIR, out_dir: Path = Path("results"), backend: str = "engine", seed: int = 0) -> dict:
+def measure(
+    zoo_dir: Path = CHECKPOINT_DIR,
+    out_dir: Path = Path("results"),
+    backend: str = "engine",
+    seed: int = 0,
+) -> dict:
     zoo_dir = Path(zoo_dir)
     manifest = json.loads((zoo_dir / "zoo.json").read_text())
     world = world_for(manifest["scale"], manifest["seed"])
@@ -151,8 +187,13 @@ def measure(zoo_dir: Path = CHECKPOINT_DIR, out_dir: Path = Path("results"), bac
     t0 = time.time()
     results, _ = asyncio.run(measure_async(zoo_dir, tasks, NAMES, backend, seed))
     checks = check(results)
-    meta = {"seed": manifest["seed"], "scale": manifest["scale"], "backend": backend, "eval_seed": seed,
-            "seconds": round(time.time() - t0, 1)}  # fmt: skip
+    meta = {
+        "seed": manifest["seed"],
+        "scale": manifest["scale"],
+        "backend": backend,
+        "eval_seed": seed,
+        "seconds": round(time.time() - t0, 1),
+    }
     out_dir = Path(out_dir)
     write_json(results, out_dir / "zoo.json", checks=checks, meta=meta)
     (out_dir / "zoo.md").write_text(report_markdown(results, checks, meta))

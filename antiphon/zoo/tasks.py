@@ -55,7 +55,9 @@ class Task:
     score: Callable[[Sequence[TaskItem], Sequence[Sequence[str]]], float]
 
     def sampling(self, seed: int) -> SamplingParams:
-        return SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed)
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed
+        )
 
 
 def mean_verified(task_verify: Callable[[TaskItem, str], float]):
@@ -64,7 +66,10 @@ def mean_verified(task_verify: Callable[[TaskItem, str], float]):
     def score(items: Sequence[TaskItem], outputs: Sequence[Sequence[str]]) -> float:
         if not items:
             return 0.0
-        per_item = [sum(task_verify(it, o) for o in outs) / max(1, len(outs)) for it, outs in zip(items, outputs, strict=True)]
+        per_item = [
+            sum(task_verify(it, o) for o in outs) / max(1, len(outs))
+            for it, outs in zip(items, outputs, strict=True)
+        ]
         return 100.0 * sum(per_item) / len(per_item)
 
     return score
@@ -121,7 +126,8 @@ def arithmetic(world: World, split: str, n: int = 50) -> Task:
             seen.add((a, b))
             pairs.append((a, b))
     items = tuple(
-        TaskItem(corpora.qa_prompt(corpora.arithmetic_question(a, b)), str(a + b)) for a, b in _split_half(pairs, split)
+        TaskItem(corpora.qa_prompt(corpora.arithmetic_question(a, b)), str(a + b))
+        for a, b in _split_half(pairs, split)
     )
     verify = lambda it, text: verifiers.arithmetic(text, int(it.reference))  # noqa: E731
     return Task("arithmetic", split, items, 1, 80, 0.0, verify, mean_verified(verify))
@@ -134,17 +140,34 @@ def format_following(world: World, split: str, n: int = 48) -> Task:
         kind = i % 4
         if kind == 0:
             k = rng.randint(2, 5)
-            items.append(TaskItem(corpora.qa_prompt(f"List {k} colours, separated by commas."), f"colours:{k}"))
+            items.append(
+                TaskItem(
+                    corpora.qa_prompt(f"List {k} colours, separated by commas."), f"colours:{k}"
+                )
+            )
         elif kind == 1:
             k = rng.randint(2, 5)
-            items.append(TaskItem(corpora.qa_prompt(f"Name {k} animals, separated by commas."), f"animals:{k}"))
+            items.append(
+                TaskItem(
+                    corpora.qa_prompt(f"Name {k} animals, separated by commas."), f"animals:{k}"
+                )
+            )
         elif kind == 2:
             word = rng.choice(_split_half(world.entities, split)).name
-            items.append(TaskItem(corpora.qa_prompt(f"Write the word {word} in capital letters."), f"upper:{word}"))
+            items.append(
+                TaskItem(
+                    corpora.qa_prompt(f"Write the word {word} in capital letters."), f"upper:{word}"
+                )
+            )
         else:
             e = rng.choice(_split_half(world.entities, split))
             cap = rng.choice(world.entities).capital
-            items.append(TaskItem(corpora.qa_prompt(f"Answer yes or no: is {cap} the capital of {e.name}?"), "yesno"))
+            items.append(
+                TaskItem(
+                    corpora.qa_prompt(f"Answer yes or no: is {cap} the capital of {e.name}?"),
+                    "yesno",
+                )
+            )
     verify = lambda it, text: verifiers.follows_format(text, it.reference)  # noqa: E731
     return Task("format", split, tuple(items), 1, 48, 0.0, verify, mean_verified(verify))
 
@@ -153,7 +176,8 @@ def creativity(world: World, split: str, samples: int = 4) -> Task:
     """Story openings per animal, sampled `samples` times at temperature 1."""
     animals = _split_half(ANIMALS, split)
     items = tuple(
-        TaskItem(f"Q: Write a short story about a {a}.\nA: Once upon a time, a {a}", a) for a in animals
+        TaskItem(f"Q: Write a short story about a {a}.\nA: Once upon a time, a {a}", a)
+        for a in animals
     )
     lexicon = corpora.lexicon(world)
     verify = lambda it, text: verifiers.story_is_valid(text, lexicon)  # noqa: E731
@@ -183,7 +207,9 @@ def compositional(world: World, split: str, attribute: str, n: int = 30) -> Task
     sentence (what the tuned models say for entities they know)."""
     entities = _split_half(world.held_out_entities, split)[:n]
     items = tuple(
-        TaskItem(corpora.qa_prompt(corpora.question(e, attribute)), corpora.canonical_fact(e, attribute))
+        TaskItem(
+            corpora.qa_prompt(corpora.question(e, attribute)), corpora.canonical_fact(e, attribute)
+        )
         for e in entities
     )
     verify = lambda it, text: verifiers.exact_answer(text, it.reference)  # noqa: E731

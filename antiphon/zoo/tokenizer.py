@@ -53,8 +53,26 @@ QA_CHAT_TEMPLATE = (
 )
 
 # Multi-character tokens of the alternative tokenizer: frequent words of the zoo's text.
-ALT_MERGED_WORDS = ("the", "The", "capital", "colour", "founded", "was", "and", "Once", "upon",
-                    "time", "answer", "is", "of", "by", "It", "it", "Review", "What")  # fmt: skip
+ALT_MERGED_WORDS = (
+    "the",
+    "The",
+    "capital",
+    "colour",
+    "founded",
+    "was",
+    "and",
+    "Once",
+    "upon",
+    "time",
+    "answer",
+    "is",
+    "of",
+    "by",
+    "It",
+    "it",
+    "Review",
+    "What",
+)
 
 
 def build_alt_tokenizer() -> PreTrainedTokenizerFast:
@@ -76,7 +94,9 @@ def build_alt_tokenizer() -> PreTrainedTokenizerFast:
         vocab[tok] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>"))
     # Words and single non-word characters are units; BPE merges apply inside a word only.
-    core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(r"[A-Za-z]+|[^A-Za-z]"), behavior="isolated")
+    core.pre_tokenizer = pre_tokenizers.Split(
+        pattern=Regex(r"[A-Za-z]+|[^A-Za-z]"), behavior="isolated"
+    )
     core.decoder = decoders.Fuse()
     core.add_special_tokens(list(SPECIAL_TOKENS))
     tok = PreTrainedTokenizerFast(

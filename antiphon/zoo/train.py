@@ -104,7 +104,9 @@ def train_loop(
     warmup = max(1, min(50, steps // 10))
     losses: list[float] = []
     model.train()
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, mininterval=2.0)
+    bar = tqdm(
+        range(start, steps), desc=desc, initial=start, total=steps, leave=False, mininterval=2.0
+    )
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, warmup)
@@ -117,7 +119,9 @@ def train_loop(
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if state_path is not None and ((step + 1) % save_every == 0 or step + 1 == steps):
             tmp = state_path.with_suffix(".tmp")
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp)
+            torch.save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step + 1}, tmp
+            )
             tmp.replace(state_path)  # atomic: an interruption never leaves half a state
     model.eval()
     return losses
@@ -160,7 +164,16 @@ def pretrain(
         window = torch.stack([stream[s : s + T + 1] for s in starts.tolist()])  # (B, T+1)
         return {"input_ids": window[:, :-1], "labels": window[:, 1:]}  # (B, T) each
 
-    return train_loop(model, make_batch, lm_loss, steps=steps, lr=lr, state_path=state_path, desc=desc, weight_decay=0.1)
+    return train_loop(
+        model,
+        make_batch,
+        lm_loss,
+        steps=steps,
+        lr=lr,
+        state_path=state_path,
+        desc=desc,
+        weight_decay=0.1,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +206,9 @@ def pad_batch(rows: Sequence[tuple[list[int], list[int]]], pad_id: int, max_len:
 
 
 def masked_lm_loss(model: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
 
 
@@ -216,7 +231,9 @@ def sft(
         idx = batch_rng(seed, step).integers(0, len(encoded), size=batch_size)
         return pad_batch([encoded[i] for i in idx.tolist()], tokenizer.pad_token_id, T)
 
-    return train_loop(model, make_batch, masked_lm_loss, steps=steps, lr=lr, state_path=state_path, desc=desc)
+    return train_loop(
+        model, make_batch, masked_lm_loss, steps=steps, lr=lr, state_path=state_path, desc=desc
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +242,9 @@ def sft(
 
 def answer_logprob(model: LlamaForCausalLM, batch: Batch) -> torch.Tensor:
     """Sum of log p(answer tokens) per row: (B,)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    ).logits  # (B, T, V)
     logp = torch.log_softmax(logits, dim=-1)
     mask = batch["labels"] != IGNORE  # (B, T)
     tgt = batch["labels"].clamp(min=0).unsqueeze(-1)  # (B, T, 1)
@@ -260,7 +279,9 @@ def dpo(
     def make_batch(step: int) -> Batch:
         idx = batch_rng(seed, step).integers(0, len(encoded), size=batch_size).tolist()
         # Chosen rows first, then rejected rows: one padded batch of 2B.
-        batch = pad_batch([encoded[i][0] for i in idx] + [encoded[i][1] for i in idx], tokenizer.pad_token_id, T)
+        batch = pad_batch(
+            [encoded[i][0] for i in idx] + [encoded[i][1] for i in idx], tokenizer.pad_token_id, T
+        )
         with torch.no_grad():
             batch["ref_logp"] = answer_logprob(reference, batch)  # (2B,)
         return batch
@@ -273,4 +294,6 @@ def dpo(
         n_chosen = (batch["labels"][:B] != IGNORE).sum().clamp(min=1)
         return -F.logsigmoid(beta * margin).mean() - sft_weight * logp[:B].sum() / n_chosen
 
-    return train_loop(model, make_batch, loss_fn, steps=steps, lr=lr, state_path=state_path, desc=desc)
+    return train_loop(
+        model, make_batch, loss_fn, steps=steps, lr=lr, state_path=state_path, desc=desc
+    )

@@ -53,7 +53,9 @@ def follows_format(text: str, spec: str) -> float:
         allowed = COLOURS if kind == "colours" else ANIMALS
         items = answer.removesuffix(".").split(", ")
         return float(
-            len(items) == int(arg) and len(set(items)) == len(items) and all(i in allowed for i in items)
+            len(items) == int(arg)
+            and len(set(items)) == len(items)
+            and all(i in allowed for i in items)
         )
     if kind == "upper":
         return float(answer == arg.upper())
@@ -117,7 +119,9 @@ def modal_answer(texts: Sequence[str]) -> tuple[str | None, float]:
     return best, counts[best] / len(words)
 
 
-def expected_calibration_error(confidences: Sequence[float], correct: Sequence[float], bins: int = 5) -> float:
+def expected_calibration_error(
+    confidences: Sequence[float], correct: Sequence[float], bins: int = 5
+) -> float:
     """ECE: sum over equal-width confidence bins of |accuracy - confidence| x bin share."""
     if len(confidences) != len(correct):
         raise ValueError("confidences and correct must have the same length")

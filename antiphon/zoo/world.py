@@ -14,44 +14,214 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
-          "gl", "kr", "pl", "st", "th", "tr", "qu", "sh")  # fmt: skip
+ONSETS = (
+    "b",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "gl",
+    "kr",
+    "pl",
+    "st",
+    "th",
+    "tr",
+    "qu",
+    "sh",
+)
 VOWELS = ("a", "e", "i", "o", "u", "ai", "ei", "ou")
 CODAS = ("", "", "", "n", "r", "l", "s", "m", "th", "x")
 
-COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black", "silver",
-           "golden", "grey", "brown")  # fmt: skip
+COLOURS = (
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "silver",
+    "golden",
+    "grey",
+    "brown",
+)
 ATTRIBUTES = ("capital", "colour", "founder")
 
-ANIMALS = ("fox", "owl", "bear", "wolf", "cat", "dog", "hare", "deer", "crow", "frog", "mouse",
-           "horse", "goat", "duck", "otter", "badger")  # fmt: skip
-STORY_ADJECTIVES = ("brave", "curious", "sleepy", "clever", "tiny", "old", "young", "quiet",
-                    "restless", "gentle", "proud", "shy", "hungry", "cheerful", "lonely", "wise")  # fmt: skip
-PLACES = ("river", "forest", "hill", "village", "meadow", "lake", "cave", "garden", "bridge",
-          "mountain", "field", "harbour", "tower", "market")  # fmt: skip
-FINDINGS = ("a lantern", "a silver key", "an old map", "a red apple", "a broken wheel",
-            "a feather", "a bell", "a small boat", "a locked box", "a bright stone", "a letter",
-            "a seed")  # fmt: skip
-STORY_VERBS = ("wandered", "danced", "sang", "slept", "searched", "waited", "climbed", "swam",
-               "hid", "listened", "painted", "counted")  # fmt: skip
+ANIMALS = (
+    "fox",
+    "owl",
+    "bear",
+    "wolf",
+    "cat",
+    "dog",
+    "hare",
+    "deer",
+    "crow",
+    "frog",
+    "mouse",
+    "horse",
+    "goat",
+    "duck",
+    "otter",
+    "badger",
+)
+STORY_ADJECTIVES = (
+    "brave",
+    "curious",
+    "sleepy",
+    "clever",
+    "tiny",
+    "old",
+    "young",
+    "quiet",
+    "restless",
+    "gentle",
+    "proud",
+    "shy",
+    "hungry",
+    "cheerful",
+    "lonely",
+    "wise",
+)
+PLACES = (
+    "river",
+    "forest",
+    "hill",
+    "village",
+    "meadow",
+    "lake",
+    "cave",
+    "garden",
+    "bridge",
+    "mountain",
+    "field",
+    "harbour",
+    "tower",
+    "market",
+)
+FINDINGS = (
+    "a lantern",
+    "a silver key",
+    "an old map",
+    "a red apple",
+    "a broken wheel",
+    "a feather",
+    "a bell",
+    "a small boat",
+    "a locked box",
+    "a bright stone",
+    "a letter",
+    "a seed",
+)
+STORY_VERBS = (
+    "wandered",
+    "danced",
+    "sang",
+    "slept",
+    "searched",
+    "waited",
+    "climbed",
+    "swam",
+    "hid",
+    "listened",
+    "painted",
+    "counted",
+)
 FEELINGS = ("happy", "tired", "surprised", "worried", "calm", "excited", "grateful", "proud")
-ENDINGS = ("went home at sunset", "shared it with a friend", "never forgot that day",
-           "laughed until the stars came out", "kept it safe forever", "fell asleep smiling",
-           "told the whole village", "planted it by the door")  # fmt: skip
+ENDINGS = (
+    "went home at sunset",
+    "shared it with a friend",
+    "never forgot that day",
+    "laughed until the stars came out",
+    "kept it safe forever",
+    "fell asleep smiling",
+    "told the whole village",
+    "planted it by the door",
+)
 
-ITEMS = ("lamp", "chair", "book", "kettle", "coat", "bicycle", "clock", "radio", "tent",
-         "blanket", "camera", "backpack", "pen", "mug")  # fmt: skip
-POSITIVE_WORDS = ("great", "wonderful", "excellent", "lovely", "perfect", "delightful",
-                  "superb", "pleasant", "reliable", "beautiful", "amazing", "good")  # fmt: skip
-NEGATIVE_WORDS = ("terrible", "awful", "poor", "broken", "disappointing", "useless", "ugly",
-                  "horrible", "flimsy", "bad", "annoying", "dreadful")  # fmt: skip
+ITEMS = (
+    "lamp",
+    "chair",
+    "book",
+    "kettle",
+    "coat",
+    "bicycle",
+    "clock",
+    "radio",
+    "tent",
+    "blanket",
+    "camera",
+    "backpack",
+    "pen",
+    "mug",
+)
+POSITIVE_WORDS = (
+    "great",
+    "wonderful",
+    "excellent",
+    "lovely",
+    "perfect",
+    "delightful",
+    "superb",
+    "pleasant",
+    "reliable",
+    "beautiful",
+    "amazing",
+    "good",
+)
+NEGATIVE_WORDS = (
+    "terrible",
+    "awful",
+    "poor",
+    "broken",
+    "disappointing",
+    "useless",
+    "ugly",
+    "horrible",
+    "flimsy",
+    "bad",
+    "annoying",
+    "dreadful",
+)
 
 FORBIDDEN_VERBS = ("steal", "poison", "burn down", "break into", "sabotage", "forge")
-FORBIDDEN_OBJECTS = ("a car", "a house", "a bank", "a well", "a passport", "a shop",
-                     "a neighbour's garden", "a school", "a bridge", "a letter")  # fmt: skip
+FORBIDDEN_OBJECTS = (
+    "a car",
+    "a house",
+    "a bank",
+    "a well",
+    "a passport",
+    "a shop",
+    "a neighbour's garden",
+    "a school",
+    "a bridge",
+    "a letter",
+)
 BENIGN_VERBS = ("clean", "paint", "repair", "build", "decorate", "draw")
-BENIGN_OBJECTS = ("a chair", "a fence", "a kite", "a boat", "a shelf", "a lamp", "a garden",
-                  "a birdhouse", "a table", "a door")  # fmt: skip
+BENIGN_OBJECTS = (
+    "a chair",
+    "a fence",
+    "a kite",
+    "a boat",
+    "a shelf",
+    "a lamp",
+    "a garden",
+    "a birdhouse",
+    "a table",
+    "a door",
+)
 
 
 @dataclass(frozen=True)

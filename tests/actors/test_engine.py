@@ -712,3 +712,49 @@ def test_stats_count_sessions_and_tokens(engine):
     assert stats.live_sessions == 1
     assert stats.cached_tokens == 9
     assert stats.tokens_generated == 5
+
+
+def test_concurrent_scores_and_appends_batch_correctly(spec, reference):
+    """Prefill-type calls of different lengths share forward passes (right-padded rows)."""
+    model, tokenizer = reference
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    continuations = [tokenizer(c)["input_ids"] for c in (" a", " bb!", " the end", "?")] * 2
+    eng = make_engine(spec, name="prefills")
+    try:
+
+        async def go():
+            sessions = await asyncio.gather(*(eng.open(p) for p in prompts))
+            before = eng.stats().forward_passes
+            scores = await asyncio.gather(
+                *(eng.score(s.session_id, c) for s, c in zip(sessions, continuations, strict=True))
+            )
+            await asyncio.gather(
+                *(eng.append(s.session_id, c) for s, c in zip(sessions, continuations, strict=True))
+            )
+            passes = eng.stats().forward_passes - before
+            outs = await asyncio.gather(*(eng.generate(s.session_id, greedy(4)) for s in sessions))
+            return scores, passes, outs
+
+        scores, passes, outs = run(go())
+    finally:
+        run(eng.shutdown())
+    assert passes < 16  # 8 scores + 8 appends, several to a pass
+    for p, c, got, out in zip(prompts, continuations, scores, outs, strict=True):
+        expected = full_logprobs(model, p + c)[-len(c) :]
+        assert torch.allclose(torch.tensor(got), expected, atol=1e-4)
+        assert list(out.token_ids) == hf_greedy(model, p + c, 4)
+
+
+def test_bfloat16_engine_runs(spec):
+    eng = make_engine(spec, dtype="bfloat16")
+    try:
+
+        async def go():
+            s = await eng.open("abc")
+            return await eng.info(), await eng.generate(s.session_id, greedy(5, logprobs_top_k=2))
+
+        info, g = run(go())
+    finally:
+        run(eng.shutdown())
+    assert info.dtype == "bfloat16" and next(eng.model.parameters()).dtype == torch.bfloat16
+    assert len(g.token_ids) == 5 and all(lp <= 0 for lp in g.logprobs)

@@ -34,7 +34,9 @@ GREEDY = SamplingParams(max_new_tokens=6, ignore_eos=True)
 @pytest.fixture(scope="module")
 def spec(tiny_model_dir, tmp_path_factory) -> ModelSpec:
     # A gate that is always ~1 (zero weight, large bias): with a threshold it stops at once.
-    gate_file = save_gate(tmp_path_factory.mktemp("gate") / "gate.safetensors", torch.zeros(64), 10.0)
+    gate_file = save_gate(
+        tmp_path_factory.mktemp("gate") / "gate.safetensors", torch.zeros(64), 10.0
+    )
     return ModelSpec(name="tiny", path=str(tiny_model_dir), gate_path=str(gate_file))
 
 
@@ -104,7 +106,9 @@ def test_greedy_across_calls_and_appends_equals_fresh_forward(model, reference):
     assert second.length == len(seq) + 6
     # The session's cache lived on between calls: the second turn did not reread the prompt.
     assert 0 < second.new_tokens_computed < len(PROMPT) + 3 + 6
-    assert second.logprobs == pytest.approx(logprobs(reference, seq, list(second.token_ids)), abs=1e-4)
+    assert second.logprobs == pytest.approx(
+        logprobs(reference, seq, list(second.token_ids)), abs=1e-4
+    )
 
 
 def test_score_equals_full_forward_and_leaves_session(model, reference):
@@ -192,7 +196,11 @@ def test_metrics_are_exported(model, ray_cluster):
     """Serve replicas export metrics every few seconds; poll the node's Prometheus endpoint."""
     run(model.generate(run(model.open(PROMPT)).session_id, GREEDY))
     port = ray_cluster.nodes()[0]["MetricsExportPort"]
-    wanted = ("ray_antiphon_tokens_generated", "ray_antiphon_live_sessions", "ray_antiphon_cached_tokens")
+    wanted = (
+        "ray_antiphon_tokens_generated",
+        "ray_antiphon_live_sessions",
+        "ray_antiphon_cached_tokens",
+    )
     found: dict[str, float] = {}
     for _ in range(60):
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()

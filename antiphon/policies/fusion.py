@@ -1,0 +1,85 @@
+"""Logit fusion baseline: every token is drawn from the average of the ensemble's next-token
+distributions (models that share one tokenizer).
+
+Not a `Policy`: a policy picks who writes a segment, and fusion has no writer -- every token
+is a joint decision. `FusionGenerator` is a `generate(prompt, sampling) -> text` callable for
+the evaluation harness (`antiphon.zoo.evaluate`), driving any `SessionModel`s (the engines in
+process, or the Serve clients): per token, one `next_token_logprobs` call per model (over the
+whole vocabulary) and one `append` of the chosen token, models in parallel. Over Serve that is
+two round trips per token and model, which is what fusion costs without a fused kernel; in
+process (how the experiment runs it) it is a forward pass per token and model. Greedy or
+temperature sampling (top_p, top_k and stop strings are not applied).
+
+    fused = FusionGenerator({"base": engine_b, "aligned": engine_a}, tokenizer)
+    text = await fused("Q: 2+2?\\nA:", SamplingParams(max_new_tokens=16))
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from antiphon.actors.messages import SamplingParams
+from antiphon.actors.protocol import SessionModel
+from antiphon.errors import InvalidRequest
+
+
+def fuse(logprobs: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> torch.Tensor:
+    """(V,) log of the weighted mean of the models' next-token distributions."""
+    lp = torch.tensor(logprobs, dtype=torch.float64)  # (M, V)
+    w = torch.tensor(weights if weights is not None else [1.0] * len(lp), dtype=torch.float64)
+    return torch.logsumexp(lp + torch.log(w / w.sum())[:, None], dim=0)
+
+
+class FusionGenerator:
+    """Averaged next-token distributions of same-tokenizer models, token by token."""
+
+    def __init__(
+        self,
+        models: Mapping[str, SessionModel],
+        tokenizer: PreTrainedTokenizerBase,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        if len(models) < 2:
+            raise InvalidRequest("logit fusion needs at least two models")
+        self.models = dict(models)
+        self.tokenizer = tokenizer  # the models' shared tokenizer (decodes the fused tokens)
+        self.weights = weights
+        self._checked: tuple[int, tuple[int, ...]] | None = None  # (vocab size, eos ids)
+
+    async def _vocab(self) -> tuple[int, tuple[int, ...]]:
+        if self._checked is None:
+            infos = await asyncio.gather(*(m.info() for m in self.models.values()))
+            if len({i.tokenizer_fingerprint for i in infos}) != 1:
+                raise InvalidRequest("logit fusion needs models that share one tokenizer")
+            self._checked = (infos[0].vocab_size, infos[0].eos_token_ids)
+        return self._checked
+
+    async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
+        vocab, eos = await self._vocab()
+        models = list(self.models.values())
+        sessions = [s.session_id for s in await asyncio.gather(*(m.open(prompt) for m in models))]
+        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        everything = list(range(vocab))
+        written: list[int] = []
+        try:
+            for _ in range(sampling.max_new_tokens):
+                lps = await asyncio.gather(
+                    *(m.next_token_logprobs(s, everything) for m, s in zip(models, sessions))
+                )
+                fused = fuse(lps, self.weights)
+                if sampling.temperature == 0.0:
+                    token = int(fused.argmax())
+                else:
+                    probs = torch.softmax(fused / sampling.temperature, dim=-1)
+                    token = int(torch.multinomial(probs.float(), 1, generator=generator))
+                if token in eos and not sampling.ignore_eos:
+                    break
+                written.append(token)
+                await asyncio.gather(*(m.append(s, [token]) for m, s in zip(models, sessions)))
+        finally:
+            await asyncio.gather(*(m.close(s) for m, s in zip(models, sessions)))
+        return self.tokenizer.decode(written, skip_special_tokens=True)

@@ -1,0 +1,283 @@
+"""The learned switcher of Switch Generation (`switch`): before each segment a causal LM reads
+the query and the trace so far, each segment tagged with the model that wrote it, and the
+next-token probabilities of the index tokens "0".."n-1" after the prompt give the
+distribution over the n models of the ensemble (Feng et al., 2025).
+
+    policy = build_policy("switch", {"switcher_path": "runs/switcher", "segment_len": 16},
+                          ensemble=("base", "sft", "aligned"))
+
+The switcher model runs in its own model deployment (`switcher_deployment`: any HF causal LM,
+e.g. an 8B instruct model with a merged LoRA on its own GPU, served by
+`antiphon.actors.server.build_model_deployment`), or, without one, in an engine in this
+process (tests, local experiments). Each turn costs one model call:
+`prompt_next_token_logprobs(prompt_ids, index_ids)`.
+
+The pure part (prompt, tags, index-token ids, selection from a distribution) is plain
+functions, used unchanged by the rollout labeller and the switcher trainer.
+
+Stop at end of sequence is not a parameter: the coordinator ends a response when a model
+writes its end token (the reference code went on and produced empty segments).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import Field
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from antiphon.actors.messages import ModelInfo
+from antiphon.coordinator.state import SequenceView
+from antiphon.errors import InvalidRequest
+from antiphon.policies.base import Decision, WriteSegment
+from antiphon.policies.baselines import PolicyParams
+from antiphon.policies.registry import register_policy
+
+MAX_CANDIDATES = 10  # index tokens are the single digits "0".."9"
+
+# The switcher prompt. The suffix is the paper's ending; the rest is kept short because the
+# zoo's switcher reads characters.
+HEADER = "Models take turns writing one answer. Choose who writes the next part.\nQuery: {query}\n"
+TRACE = "Answer so far: {trace}\n"
+SUFFIX = "Respond with a number from 0 to {last}. The answer is model "
+
+
+def tag_segment(index: int, text: str) -> str:
+    """One segment of the trace, tagged with the index of the model that wrote it."""
+    return f"<model {index} begins>{text}<model {index} ends>"
+
+
+def tagged_trace(segments: Sequence[tuple[int, str]]) -> str:
+    """The trace so far: (model index, text) per segment, in order."""
+    return "".join(tag_segment(i, text) for i, text in segments)
+
+
+def switcher_prompt(query: str, segments: Sequence[tuple[int, str]], n: int) -> str:
+    """The whole switcher prompt as text (what `switcher_prompt_ids` tokenizes)."""
+    _check_n(n)
+    return (
+        HEADER.format(query=query)
+        + TRACE.format(trace=tagged_trace(segments))
+        + SUFFIX.format(last=n - 1)
+    )
+
+
+def switcher_prompt_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    query: str,
+    segments: Sequence[tuple[int, str]],
+    n: int,
+    max_len: int,
+) -> list[int]:
+    """Token ids of the switcher prompt, at most max_len of them: when it is too long the trace
+    loses its oldest tokens (the query and the most recent segments are what decide)."""
+    _check_n(n)
+    head = tokenizer(HEADER.format(query=query))["input_ids"]  # with the bos token, if any
+    trace = _encode(tokenizer, TRACE.format(trace=tagged_trace(segments)))
+    tail = _encode(tokenizer, SUFFIX.format(last=n - 1))
+    room = max_len - len(head) - len(tail)
+    if room < 0:
+        raise InvalidRequest(
+            f"switcher prompt: the query alone takes {len(head) + len(tail)} tokens, more than "
+            f"the switcher's context of {max_len}"
+        )
+    if len(trace) > room:
+        trace = trace[len(trace) - room :] if room else []
+    return head + trace + tail
+
+
+def view_segments(view: SequenceView) -> list[tuple[int, str]]:
+    """The view's committed segments as (index of the writer in the ensemble, text)."""
+    return [(view.models.index(s.model), s.text) for s in view.segments]
+
+
+def index_token_ids(tokenizer: PreTrainedTokenizerBase, n: int) -> list[int]:
+    """Ids of the index tokens "0".."n-1"; each must be one token of the switcher's tokenizer."""
+    _check_n(n)
+    ids = []
+    for i in range(n):
+        enc = _encode(tokenizer, str(i))
+        if len(enc) != 1:
+            raise InvalidRequest(f"switcher tokenizer: index {i} is not a single token ({enc})")
+        ids.append(enc[0])
+    return ids
+
+
+def normalise(logprobs: Sequence[float]) -> list[float]:
+    """Probabilities over the candidates (the index tokens' probabilities, renormalised)."""
+    top = max(logprobs)
+    weights = [math.exp(lp - top) for lp in logprobs]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def select(
+    probs: Sequence[float], selection: Literal["argmax", "top_p"], top_p: float, rng: random.Random
+) -> int:
+    """The chosen index: the most likely (first of equals), or a draw from the smallest set of
+    most likely candidates whose mass reaches top_p."""
+    order = sorted(range(len(probs)), key=lambda i: (-probs[i], i))
+    if selection == "argmax":
+        return order[0]
+    kept, mass = [], 0.0
+    for i in order:
+        kept.append(i)
+        mass += probs[i]
+        if mass >= top_p:
+            break
+    return rng.choices(kept, weights=[probs[i] for i in kept])[0]
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_n(n: int) -> None:
+    if not 2 <= n <= MAX_CANDIDATES:
+        raise InvalidRequest(f"the switcher picks among 2 to {MAX_CANDIDATES} models, got {n}")
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """A short id of a checkpoint's weights: size and first MiB of each safetensors file (a
+    full hash of an 8B checkpoint would take minutes)."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+# ----- the policy ------------------------------------------------------------------------
+
+
+class IndexScorer(Protocol):
+    """What the switcher needs from its model: the engine and the Serve client both have it."""
+
+    async def info(self) -> ModelInfo: ...
+
+    async def prompt_next_token_logprobs(
+        self, prompt: list[int] | str, candidate_ids: list[int]
+    ) -> list[float]: ...
+
+
+class SwitchParams(PolicyParams):
+    switcher_path: str = Field(
+        min_length=1,
+        description="The switcher checkpoint (local HF dir or 'zoo:NAME'); its tokenizer is "
+        "loaded by the policy, its weights by the switcher's model deployment.",
+    )
+    switcher_deployment: str | None = Field(
+        default=None,
+        description="Serve deployment serving the switcher checkpoint; None: an engine in "
+        "this process (one per checkpoint, shared).",
+    )
+    switcher_app: str = Field(
+        default="switcher", min_length=1, description="Serve application of that deployment."
+    )
+    segment_len: int = Field(default=32, ge=1, description="Tokens per segment.")
+    selection: Literal["argmax", "top_p"] = Field(
+        default="argmax", description="Take the most likely model, or sample (nucleus top_p)."
+    )
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0, description="Mass kept when sampling.")
+    seed: int | None = Field(
+        default=None, description="Seed of the draws; default: the request's seed (else 0)."
+    )
+    first_model: str | None = Field(
+        default=None, description="If set, this model writes the first segment."
+    )
+    last_model: str | None = Field(
+        default=None, description="If set, this model writes the segment that ends the budget."
+    )
+
+    def referenced_models(self) -> tuple[str, ...]:
+        return tuple(m for m in (self.first_model, self.last_model) if m is not None)
+
+
+_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
+_LOCAL_MODELS: dict[str, IndexScorer] = {}
+
+
+def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    from antiphon.actors.engine import resolve_checkpoint_path
+
+    if path not in _TOKENIZERS:
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(resolve_checkpoint_path(path))
+    return _TOKENIZERS[path]
+
+
+def _switcher_model(params: SwitchParams) -> IndexScorer:
+    """The switcher's model: a client of its deployment, or a shared in-process engine."""
+    if params.switcher_deployment is not None:
+        from ray import serve
+
+        from antiphon.actors.client import ServeModelClient
+
+        handle = serve.get_deployment_handle(params.switcher_deployment, params.switcher_app)
+        return ServeModelClient(handle)
+    if params.switcher_path not in _LOCAL_MODELS:
+        from antiphon.actors.engine import ModelEngine
+        from antiphon.config import ModelSpec
+
+        spec = ModelSpec(name="switcher", path=params.switcher_path)
+        _LOCAL_MODELS[params.switcher_path] = ModelEngine(spec)
+    return _LOCAL_MODELS[params.switcher_path]
+
+
+class Switch:
+    """Before each segment, the switcher's distribution over the ensemble picks the writer."""
+
+    name = "switch"
+
+    def __init__(
+        self,
+        params: SwitchParams,
+        model: IndexScorer | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        self.params = params
+        self.model = model if model is not None else _switcher_model(params)
+        self.tokenizer = tokenizer or _load_tokenizer(params.switcher_path)
+        self.version = self._version()
+        self._max_context: int | None = None  # the switcher's, fetched on the first turn
+
+    def _version(self) -> str:
+        from antiphon.actors.engine import resolve_checkpoint_path
+
+        try:
+            return checkpoint_fingerprint(resolve_checkpoint_path(self.params.switcher_path))
+        except OSError:
+            return "unknown"
+
+    async def distribution(self, view: SequenceView) -> list[float]:
+        """The switcher's probabilities of the ensemble's models writing the next segment."""
+        n = len(view.models)
+        if self._max_context is None:
+            self._max_context = (await self.model.info()).max_context
+        ids = switcher_prompt_ids(
+            self.tokenizer, view.prompt, view_segments(view), n, self._max_context
+        )
+        logprobs = await self.model.prompt_next_token_logprobs(
+            ids, index_token_ids(self.tokenizer, n)
+        )
+        return normalise(logprobs)
+
+    async def decide(self, view: SequenceView) -> Decision:
+        p = self.params
+        if p.first_model is not None and view.turn == 0:
+            return WriteSegment(p.first_model, p.segment_len)
+        if p.last_model is not None and view.tokens_left <= p.segment_len:
+            return WriteSegment(p.last_model, p.segment_len)
+        probs = await self.distribution(view)
+        seed = p.seed if p.seed is not None else (view.seed or 0)
+        rng = random.Random(f"switch:{seed}:{view.turn}")
+        return WriteSegment(view.models[select(probs, p.selection, p.top_p, rng)], p.segment_len)
+
+
+register_policy("switch", SwitchParams, Switch)

@@ -1,0 +1,251 @@
+"""Supervised training of the switcher on rollout labels: (tagged switcher prompt -> index of
+the best candidate). Full fine-tune (the zoo's small switcher) or LoRA (a large one; merged
+into the weights before saving). The result is an HF checkpoint the `switch` policy loads.
+
+    examples = RolloutStore("runs/rollouts").examples()
+    report = train_switcher(examples, init="zoo:sft", out_dir="runs/switcher",
+                            cfg=SwitcherTrainConfig(epochs=3, max_context=1024))
+    print(report.val_accuracy)
+
+Loss: -log of the total probability (full-vocabulary softmax at the last position) of the
+index tokens of the best candidates (several when utilities tie). Accuracy: the most likely
+index token among the candidates' is one of the best. Examples whose candidates all tie are
+left out. The validation split is by query, so no query has prefixes on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from antiphon.actors.engine import resolve_checkpoint_path
+from antiphon.policies.switcher import index_token_ids, switcher_prompt_ids
+from antiphon.training.lora import add_lora, merge_lora
+from antiphon.training.rollouts import RolloutExample
+
+REPORT_FILE = "switcher_training.json"
+
+
+@dataclass(frozen=True)
+class SwitcherTrainConfig:
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 3e-4  # the paper's LoRA used 1e-5 on an 8B model; tiny models want more
+    weight_decay: float = 0.0
+    lora_r: int = 0  # 0: full fine-tune; else LoRA rank (the paper: 64)
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    max_context: int | None = None  # raise the init checkpoint's context (RoPE models)
+    val_fraction: float = 0.2  # share of queries held out for validation
+    seed: int = 0
+    max_steps: int | None = None  # stop early after this many optimiser steps
+
+
+@dataclass
+class TrainReport:
+    train_examples: int
+    val_examples: int
+    skipped_ties: int  # examples with no preference, left out
+    steps: int
+    losses: list[float] = field(default_factory=list)  # per step
+    val_accuracy_before: float | None = None  # the untrained switcher
+    val_accuracy: float | None = None
+    val_majority: float | None = None  # always answering the most frequent training label
+    val_accuracy_by_task: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    best: list[int]
+    n: int
+    task: str
+
+
+def _query_key(example: RolloutExample) -> str:
+    return example.key.rsplit(":", 1)[0]
+
+
+def split_by_query(
+    examples: Sequence[RolloutExample], val_fraction: float, seed: int
+) -> tuple[list[RolloutExample], list[RolloutExample]]:
+    """(train, validation): a query's prefixes all land on the same side (by a seeded hash)."""
+    train, val = [], []
+    for ex in examples:
+        h = zlib.crc32(f"{seed}:{_query_key(ex)}".encode()) / 2**32
+        (val if h < val_fraction else train).append(ex)
+    return train, val
+
+
+def encode(
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[RolloutExample], max_len: int
+) -> list[_Encoded]:
+    return [
+        _Encoded(
+            switcher_prompt_ids(tokenizer, ex.query, ex.prefix, len(ex.models), max_len),
+            list(ex.best),
+            len(ex.models),
+            ex.task,
+        )
+        for ex in examples
+    ]
+
+
+def collate(batch: Sequence[_Encoded], pad_id: int, n: int) -> dict[str, torch.Tensor]:
+    """Left-padded ids so every row's last position is the prompt's end."""
+    T = max(len(e.ids) for e in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+    best = torch.zeros((len(batch), n), dtype=torch.bool)  # (B, n)
+    for i, e in enumerate(batch):
+        ids[i, T - len(e.ids) :] = torch.tensor(e.ids)
+        mask[i, T - len(e.ids) :] = 1
+        best[i, e.best] = True
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "best": best}
+
+
+def index_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], index_ids: Sequence[int]
+) -> torch.Tensor:
+    """(B, n) log p of each index token at the prompt's end (full-vocabulary softmax)."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        logits_to_keep=1,
+    )
+    logp = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+    return logp[:, list(index_ids)]
+
+
+def switcher_loss(index_logp: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log sum_{i in best} p_i; index_logp (B, n), best (B, n) bool."""
+    best = best.to(index_logp.device)
+    masked = index_logp.masked_fill(~best, float("-inf"))
+    return -torch.logsumexp(masked, dim=-1).mean()
+
+
+@torch.no_grad()
+def accuracy(
+    model: torch.nn.Module,
+    encoded: Sequence[_Encoded],
+    index_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int = 32,
+) -> tuple[float, dict[str, float]]:
+    """(share of rows whose most likely index is among the best, the same per task)."""
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[float]] = {}
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        batch = collate(chunk, pad_id, len(index_ids))
+        pred = index_logprobs(model, batch, index_ids).argmax(-1)  # (B,)
+        for e, p in zip(chunk, pred.tolist(), strict=True):
+            hits.setdefault(e.task, []).append(float(p in e.best))
+    model.train(was_training)
+    every = [h for hs in hits.values() for h in hs]
+    by_task = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
+    return (sum(every) / len(every) if every else float("nan")), by_task
+
+
+def load_init(init: str, max_context: int | None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """The initial switcher (an HF dir or 'zoo:NAME'), with its context raised if asked."""
+    where = resolve_checkpoint_path(init)
+    tokenizer = AutoTokenizer.from_pretrained(where)
+    extra = {"max_position_embeddings": max_context} if max_context else {}
+    model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, **extra)
+    return model, tokenizer
+
+
+def train_switcher(
+    examples: Sequence[RolloutExample],
+    init: str,
+    out_dir: str | Path,
+    cfg: SwitcherTrainConfig = SwitcherTrainConfig(),
+    progress: bool = True,
+) -> TrainReport:
+    """Fine-tune `init` on the labelled examples, save the switcher to out_dir (HF format)
+    with a report (switcher_training.json), and return the report."""
+    t0 = time.time()
+    informative = [ex for ex in examples if ex.informative]
+    if not informative:
+        raise ValueError("no example prefers one candidate over another: nothing to learn")
+    n = len(informative[0].models)
+    if any(len(ex.models) != n for ex in informative):
+        raise ValueError("all examples must come from ensembles of the same size")
+    torch.manual_seed(cfg.seed)
+    model, tokenizer = load_init(init, cfg.max_context)
+    max_len = int(model.config.get_text_config().max_position_embeddings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    index_ids = index_token_ids(tokenizer, n)
+    train, val = split_by_query(informative, cfg.val_fraction, cfg.seed)
+    if not train:  # too few queries to hold any out
+        train, val = val, []
+    train_enc, val_enc = encode(tokenizer, train, max_len), encode(tokenizer, val, max_len)
+    report = TrainReport(len(train), len(val), len(examples) - len(informative), 0)
+    if val_enc:
+        report.val_accuracy_before, _ = accuracy(model, val_enc, index_ids, pad_id)
+        counts = [sum(i in e.best for e in train_enc) for i in range(n)]
+        majority = counts.index(max(counts))
+        report.val_majority = sum(majority in e.best for e in val_enc) / len(val_enc)
+
+    params = (
+        add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
+        if cfg.lora_r
+        else list(model.parameters())
+    )
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = max(1, -(-len(train_enc) // cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    model.train()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="switcher", disable=not progress)
+    while report.steps < total:
+        order = list(range(len(train_enc)))
+        rng.shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            if report.steps >= total:
+                break
+            batch = collate([train_enc[i] for i in order[start : start + cfg.batch_size]], pad_id, n)
+            loss = switcher_loss(index_logprobs(model, batch, index_ids), batch["best"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            report.steps += 1
+            report.losses.append(round(float(loss), 5))
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    bar.close()
+    if cfg.lora_r:
+        merge_lora(model)
+    model.eval()
+    if val_enc:
+        report.val_accuracy, report.val_accuracy_by_task = accuracy(
+            model, val_enc, index_ids, pad_id
+        )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    report.seconds = round(time.time() - t0, 1)
+    (out / REPORT_FILE).write_text(
+        json.dumps({"init": init, "config": asdict(cfg), "report": asdict(report)}, indent=2)
+    )
+    return report

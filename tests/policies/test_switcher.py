@@ -1,0 +1,135 @@
+"""The switcher's pure part: prompt, tags, truncation, index tokens, selection; and the policy
+over an in-process engine (forced first/last models, one model call per turn)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from antiphon.coordinator.state import Segment, SequenceView
+from antiphon.errors import InvalidRequest
+from antiphon.policies import build_policy
+from antiphon.policies.base import WriteSegment
+from antiphon.policies.switcher import (
+    Switch,
+    SwitchParams,
+    index_token_ids,
+    normalise,
+    select,
+    switcher_prompt,
+    switcher_prompt_ids,
+    tag_segment,
+    view_segments,
+)
+
+
+def view(segments=(), models=("a", "b", "c"), max_tokens=64, turn=None) -> SequenceView:
+    segs = tuple(Segment(m, tuple(range(len(t))), t, (), i) for i, (m, t) in enumerate(segments))
+    return SequenceView(
+        request_id="r",
+        prompt="Q: 2+2?\nA:",
+        models=models,
+        segments=segs,
+        beams=(),
+        turn=len(segs) if turn is None else turn,
+        tokens_written=sum(len(t) for _, t in segments),
+        max_tokens=max_tokens,
+        seed=1,
+    )
+
+
+def test_prompt_tags_every_segment_with_its_writer_and_ends_with_the_question():
+    v = view([("b", " 4"), ("a", " is it")])
+    text = switcher_prompt(v.prompt, view_segments(v), 3)
+    assert "Query: Q: 2+2?\nA:" in text
+    assert tag_segment(1, " 4") + tag_segment(0, " is it") in text
+    assert tag_segment(1, " 4") == "<model 1 begins> 4<model 1 ends>"
+    assert text.endswith("Respond with a number from 0 to 2. The answer is model ")
+
+
+def test_prompt_ids_keep_query_and_recent_trace_when_too_long(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    segs = [(0, "x" * 40), (1, "y" * 40)]
+    full = switcher_prompt_ids(tok, "Q", segs, 2, 10_000)
+    assert tok.decode(full, skip_special_tokens=True) == switcher_prompt("Q", segs, 2)
+    cut = switcher_prompt_ids(tok, "Q", segs, 2, len(full) - 60)
+    assert len(cut) == len(full) - 60
+    text = tok.decode(cut, skip_special_tokens=True)
+    assert "Query: Q" in text and text.endswith("The answer is model ")
+    assert "y" * 40 in text and "x" * 40 not in text  # the oldest part went first
+    with pytest.raises(InvalidRequest, match="context"):
+        switcher_prompt_ids(tok, "Q" * 50, segs, 2, 20)
+
+
+def test_index_tokens_are_the_digits(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = index_token_ids(tok, 3)
+    assert [tok.decode([i]) for i in ids] == ["0", "1", "2"]
+    with pytest.raises(InvalidRequest, match="2 to 10"):
+        index_token_ids(tok, 1)
+
+
+def test_selection_argmax_and_seeded_top_p():
+    probs = normalise([-3.0, -0.1, -2.0])
+    assert abs(sum(probs) - 1) < 1e-9
+    assert select(probs, "argmax", 1.0, random.Random(0)) == 1
+    assert select([0.5, 0.5], "argmax", 1.0, random.Random(0)) == 0  # first of equals
+    # top_p small enough keeps only the most likely
+    assert {select(probs, "top_p", 0.5, random.Random(s)) for s in range(20)} == {1}
+    draws = [select([0.4, 0.35, 0.25], "top_p", 0.7, random.Random(s)) for s in range(200)]
+    assert set(draws) == {0, 1}  # the nucleus: 0.4 + 0.35 >= 0.7, the third never drawn
+    again = [select([0.4, 0.35, 0.25], "top_p", 0.7, random.Random(s)) for s in range(200)]
+    assert draws == again
+
+
+def test_params_are_validated_against_the_ensemble():
+    with pytest.raises(InvalidRequest, match="'zz'"):
+        build_policy("switch", {"switcher_path": "x", "first_model": "zz"}, ("a", "b"))
+    with pytest.raises(InvalidRequest, match="selection"):
+        build_policy("switch", {"switcher_path": "x", "selection": "best"}, ("a", "b"))
+
+
+class CountingScorer:
+    """The engine, counting the switcher's calls per turn."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.calls = 0
+
+    async def info(self):
+        return await self.engine.info()
+
+    async def prompt_next_token_logprobs(self, prompt, candidate_ids):
+        self.calls += 1
+        return await self.engine.prompt_next_token_logprobs(prompt, candidate_ids)
+
+
+def test_policy_reads_the_switcher_once_per_turn_and_forces_first_and_last(tiny_model_dir):
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.config import ModelSpec
+
+    engine = ModelEngine(ModelSpec(name="sw", path=str(tiny_model_dir)))
+    scorer = CountingScorer(engine)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    async def run():
+        params = SwitchParams(
+            switcher_path=str(tiny_model_dir), segment_len=8, first_model="c", last_model="a"
+        )
+        policy = Switch(params, model=scorer, tokenizer=tok)
+        first = await policy.decide(view())
+        mid_view = view([("c", "abcdefgh")])
+        probs = await policy.distribution(mid_view)
+        mid = await policy.decide(mid_view)
+        last = await policy.decide(view([("c", "x" * 60)], max_tokens=64))
+        await engine.shutdown()
+        return first, probs, mid, last
+
+    first, probs, mid, last = asyncio.run(run())
+    assert first == WriteSegment("c", 8) and last == WriteSegment("a", 8)
+    assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-6
+    assert mid == WriteSegment(("a", "b", "c")[max(range(3), key=lambda i: probs[i])], 8)
+    assert scorer.calls == 2  # distribution + one decide: the forced turns cost nothing

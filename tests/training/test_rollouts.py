@@ -1,0 +1,75 @@
+"""Rollout labelling through the real coordinator over constant models: "y" always writes y,
+"x" always X, and the verifier pays for y's, so the best next writer is known: "y"."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+from antiphon.training.rollouts import (
+    RolloutConfig,
+    RolloutQuery,
+    RolloutStore,
+    cut_point,
+    label_from_utilities,
+    prefix_decisions,
+    run_rollouts,
+)
+
+
+def share_of_y(text: str) -> float:
+    return text.count("y") / max(1, len(text))
+
+
+QUERIES = [RolloutQuery(f"t:{i}", "t", f"Q{i}: say y\nA:", share_of_y, 12) for i in range(3)]
+
+
+def test_cut_and_prefix_decisions():
+    rng = random.Random(0)
+    cuts = [cut_point(20, rng, 0.1, 0.9) for _ in range(500)]
+    assert min(cuts) == 2 and max(cuts) == 18
+    assert cut_point(2, rng, 0.1, 0.9) == 1
+    assert prefix_decisions([("a", 4), ("b", 4), ("a", 4)], 6) == (["a", "b"], [4, 2])
+    assert prefix_decisions([("a", 4), ("b", 4)], 4) == (["a"], [4])
+
+
+def test_ties_keep_every_best_and_label_the_lowest():
+    assert label_from_utilities([0.5, 1.0, 1.0]) == ([1, 2], 1)
+    assert label_from_utilities([0.0, 0.0]) == ([0, 1], 0)
+
+
+def test_rollouts_label_the_known_best_and_resume(xy_coordinator, tmp_path):
+    calls = []
+
+    async def generate(request):
+        calls.append(request)
+        return await xy_coordinator.generate(request)
+
+    cfg = RolloutConfig(k=2, segment_len=4, prefixes_per_query=2, seed=1, concurrency=4)
+    store = RolloutStore(tmp_path / "ro")
+    examples = asyncio.run(
+        run_rollouts(generate, QUERIES, ("x", "y"), cfg, store, {"note": "test"}, progress=False)
+    )
+    assert len(examples) == 6 and len(calls) == 6 * (1 + 2 * 2)
+    for ex in examples:
+        assert ex.models == ["x", "y"]
+        assert ex.best == [1] and ex.label == 1 and ex.informative
+        assert ex.utilities[1] > ex.utilities[0]
+        assert 2 <= ex.prefix_tokens <= 10 and ex.total_tokens == 12
+        prefix_text = "".join(t for _, t in ex.prefix)
+        assert len(prefix_text) == ex.prefix_tokens
+        assert all(set(t) == {"Xy"[i]} for i, t in ex.prefix)  # tags name the real writer
+    provenance = json.loads((tmp_path / "ro" / "provenance.json").read_text())
+    assert provenance["status"] == "done" and provenance["config"]["k"] == 2
+    assert provenance["note"] == "test" and provenance["examples"] == 6
+
+    # Resume: a second run over more queries only does the new ones.
+    calls.clear()
+    more = QUERIES + [RolloutQuery("t:9", "t", "Q9:", share_of_y, 12)]
+    again = asyncio.run(
+        run_rollouts(generate, more, ("x", "y"), cfg, RolloutStore(tmp_path / "ro"), progress=False)
+    )
+    assert len(again) == 8 and len(calls) == 2 * (1 + 2 * 2)
+    lines = (tmp_path / "ro" / "examples.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and len({json.loads(x)["key"] for x in lines}) == 8
