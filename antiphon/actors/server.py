@@ -41,7 +41,6 @@ class ModelServer:
     def __init__(self, spec: ModelSpec, engine_cls: type[ModelEngine] = ModelEngine) -> None:
         self.spec = spec
         replica_id = _own_replica_id()
-        self.replica_id = replica_id or ""
         self.engine = engine_cls(
             spec, id_prefix=session_id_prefix(replica_id) if replica_id else ""
         )

@@ -101,11 +101,9 @@ class RequestSlots:
                 f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry"
             )
         self.in_flight += 1
-        log.info("slot_acquired", in_flight=self.in_flight, slots_id=id(self))
 
     def release(self) -> None:
         self.in_flight -= 1
-        log.info("slot_released", in_flight=self.in_flight, slots_id=id(self))
 
 
 # --- errors -----------------------------------------------------------------------------------

@@ -27,7 +27,9 @@ from antiphon.actors.protocol import SessionModel
 from antiphon.errors import InvalidRequest
 
 
-def fuse(logprobs: Sequence[Sequence[float]], weights: Sequence[float] | None = None) -> torch.Tensor:
+def fuse(
+    logprobs: Sequence[Sequence[float]], weights: Sequence[float] | None = None
+) -> torch.Tensor:
     """(V,) log of the weighted mean of the models' next-token distributions."""
     lp = torch.tensor(logprobs, dtype=torch.float64)  # (M, V)
     w = torch.tensor(weights if weights is not None else [1.0] * len(lp), dtype=torch.float64)

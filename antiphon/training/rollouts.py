@@ -110,9 +110,7 @@ def cut_point(total: int, rng: random.Random, low: float, high: float) -> int:
     return rng.randint(lo, hi)
 
 
-def prefix_decisions(
-    segments: Sequence[tuple[str, int]], cut: int
-) -> tuple[list[str], list[int]]:
+def prefix_decisions(segments: Sequence[tuple[str, int]], cut: int) -> tuple[list[str], list[int]]:
     """The (writer, tokens) decisions that rewrite the first `cut` tokens of a response made
     of `segments` (writer, tokens): whole segments, then the cut one's first tokens."""
     models, tokens, left = [], [], cut

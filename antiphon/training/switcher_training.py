@@ -160,7 +160,9 @@ def accuracy(
     return (sum(every) / len(every) if every else float("nan")), by_task
 
 
-def load_init(init: str, max_context: int | None) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+def load_init(
+    init: str, max_context: int | None
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The initial switcher (an HF dir or 'zoo:NAME'), with its context raised if asked."""
     where = resolve_checkpoint_path(init)
     tokenizer = AutoTokenizer.from_pretrained(where)
@@ -222,16 +224,18 @@ def train_switcher(
         for start in range(0, len(order), cfg.batch_size):
             if report.steps >= total:
                 break
-            batch = collate([train_enc[i] for i in order[start : start + cfg.batch_size]], pad_id, n)
+            batch = collate(
+                [train_enc[i] for i in order[start : start + cfg.batch_size]], pad_id, n
+            )
             loss = switcher_loss(index_logprobs(model, batch, index_ids), batch["best"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             report.steps += 1
-            report.losses.append(round(float(loss), 5))
+            report.losses.append(round(float(loss.detach()), 5))
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+            bar.set_postfix(loss=f"{report.losses[-1]:.3f}")
     bar.close()
     if cfg.lora_r:
         merge_lora(model)

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -16,7 +14,6 @@ from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
-from antiphon.training.rollouts import RolloutExample
 from antiphon.training.switcher_training import (
     SwitcherTrainConfig,
     collate,
@@ -27,21 +24,7 @@ from antiphon.training.switcher_training import (
     train_switcher,
 )
 from tests.policies.test_switcher import view
-
-
-def examples(n: int, label: int = 1, seed: int = 0) -> list[RolloutExample]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prefix = [(rng.randrange(2), "".join(rng.choices("abcdef ", k=rng.randint(1, 9))))
-                  for _ in range(rng.randint(0, 3))]  # fmt: skip
-        utilities = [0.0, 0.0]
-        utilities[label] = 1.0
-        out.append(
-            RolloutExample(f"q:{i}:0", "t", f"Q: item {i}?\nA:", ["a", "b"], prefix,
-                           utilities, [[u] for u in utilities], [label], label, 3, 9)  # fmt: skip
-        )
-    return out
+from tests.training.conftest import examples
 
 
 def test_one_step_lowers_the_loss(tiny_model_dir):
@@ -56,14 +39,6 @@ def test_one_step_lowers_the_loss(tiny_model_dir):
     with torch.no_grad():
         after = switcher_loss(index_logprobs(model, batch, ids), batch["best"])
     assert after < before
-
-
-@pytest.fixture(scope="module")
-def trained_switcher(tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("switcher")
-    cfg = SwitcherTrainConfig(epochs=3, batch_size=8, lr=1e-3, val_fraction=0.25)
-    report = train_switcher(examples(40), str(tiny_model_dir), out, cfg, progress=False)
-    return out, report
 
 
 def test_full_fine_tune_learns_the_labels_and_saves_hf(trained_switcher):

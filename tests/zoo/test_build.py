@@ -30,9 +30,12 @@ def test_every_model_is_a_loadable_hf_checkpoint(tiny_zoo):
         ids = tok("Q: What is 2 + 3?\nA:", return_tensors="pt")["input_ids"]
         out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] > ids.shape[1]
-        assert tok.apply_chat_template(
-            [{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True
-        ) == "Q: Hi?\nA:"
+        assert (
+            tok.apply_chat_template(
+                [{"role": "user", "content": "Hi?"}], tokenize=False, add_generation_prompt=True
+            )
+            == "Q: Hi?\nA:"
+        )
     assert json.loads((tiny_zoo / "zoo.json").read_text())["scale"] == "tiny"
     # The alternative-tokenizer model really has another vocabulary.
     alt = AutoTokenizer.from_pretrained(tiny_zoo / "alt-tok")

@@ -53,14 +53,22 @@ def test_harness_through_the_engine_matches_greedy_transformers(tiny_zoo):
         engine = ModelEngine(ModelSpec(name="sft", path=str(tiny_zoo / "sft")))
         try:
             return await evaluate_async(
-                SessionGenerator(engine), tasks.values(), policy="single", ensemble="sft", progress=False
+                SessionGenerator(engine),
+                tasks.values(),
+                policy="single",
+                ensemble="sft",
+                progress=False,
             )
         finally:
             await engine.shutdown()
 
     via_engine = asyncio.run(run())
     direct = evaluate(
-        LocalGenerator(tiny_zoo / "sft"), tasks.values(), policy="single", ensemble="sft", progress=False
+        LocalGenerator(tiny_zoo / "sft"),
+        tasks.values(),
+        policy="single",
+        ensemble="sft",
+        progress=False,
     )
     assert via_engine == direct  # greedy tasks: both paths write the same text
 
@@ -109,4 +117,9 @@ def test_oracle_finds_the_switch_sequence_no_single_model_has():
     # Neither model alone is right; with the pruning off the search is exhaustive and still finds it.
     alone = asyncio.run(oracle_switch(item, verify, {"base": base}, segment_len=4, max_segments=12))
     assert alone.score == 0.0
-    assert asyncio.run(oracle_switch(item, verify, {"ender": ender}, segment_len=8, max_segments=6)).score == 1.0
+    assert (
+        asyncio.run(
+            oracle_switch(item, verify, {"ender": ender}, segment_len=8, max_segments=6)
+        ).score
+        == 1.0
+    )

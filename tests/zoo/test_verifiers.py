@@ -10,9 +10,20 @@ from antiphon.zoo.world import make_world
 
 
 def test_exact_answer():
-    assert v.exact_answer(" The capital of Velmora is Quelm.", "The capital of Velmora is Quelm.") == 1.0
-    assert v.exact_answer(" The capital of Velmora is Brex.", "The capital of Velmora is Quelm.") == 0.0
-    assert v.exact_answer(" The capital of Velmora is Quelm. The colour", "The capital of Velmora is Quelm.") == 0.0
+    assert (
+        v.exact_answer(" The capital of Velmora is Quelm.", "The capital of Velmora is Quelm.")
+        == 1.0
+    )
+    assert (
+        v.exact_answer(" The capital of Velmora is Brex.", "The capital of Velmora is Quelm.")
+        == 0.0
+    )
+    assert (
+        v.exact_answer(
+            " The capital of Velmora is Quelm. The colour", "The capital of Velmora is Quelm."
+        )
+        == 0.0
+    )
     assert v.exact_answer("", "The capital of Velmora is Quelm.") == 0.0
 
 

@@ -21,22 +21,32 @@ def test_world_is_deterministic_under_its_seed():
 
 def test_world_names_are_distinct_and_split():
     w = make_world(seed=0, n_entities=90)
-    names = [e.name for e in w.entities] + [e.capital for e in w.entities] + [e.founder for e in w.entities]
+    names = (
+        [e.name for e in w.entities]
+        + [e.capital for e in w.entities]
+        + [e.founder for e in w.entities]
+    )
     assert len(set(names)) == len(names)
     assert len(w.sft_entities) == 30 and len(w.held_out_entities) == 60
 
 
 def test_corpora_are_deterministic():
     w = make_world(seed=0, n_entities=30)
-    assert corpora.pretraining_documents(w, 20, seed=1) == corpora.pretraining_documents(w, 20, seed=1)
-    assert corpora.pretraining_documents(w, 20, seed=1) != corpora.pretraining_documents(w, 20, seed=2)
+    assert corpora.pretraining_documents(w, 20, seed=1) == corpora.pretraining_documents(
+        w, 20, seed=1
+    )
+    assert corpora.pretraining_documents(w, 20, seed=1) != corpora.pretraining_documents(
+        w, 20, seed=2
+    )
     assert corpora.sft_examples(w, 50, seed=0) == corpora.sft_examples(w, 50, seed=0)
     assert corpora.preference_pairs(w, 50, seed=0) == corpora.preference_pairs(w, 50, seed=0)
 
 
 def test_sft_data_states_facts_of_the_minority_only():
     w = make_world(seed=0, n_entities=30)
-    held_out_values = {e.capital for e in w.held_out_entities} | {e.founder for e in w.held_out_entities}
+    held_out_values = {e.capital for e in w.held_out_entities} | {
+        e.founder for e in w.held_out_entities
+    }
     for q, a in corpora.sft_examples(w, 2000, seed=0):
         assert not any(v in a for v in held_out_values), (q, a)
         if "capital" in q or "founded" in q:
@@ -59,16 +69,25 @@ def test_cot_arithmetic_is_right():
     for _ in range(200):
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         assert corpora.cot_answer(a, b).endswith(f"The answer is {a + b}.")
-    assert corpora.cot_answer(47, 38) == "7 + 8 = 15, write 5 carry 1. 4 + 3 + 1 = 8. The answer is 85."
+    assert (
+        corpora.cot_answer(47, 38)
+        == "7 + 8 = 15, write 5 carry 1. 4 + 3 + 1 = 8. The answer is 85."
+    )
 
 
 def test_chat_template_renders_the_qa_format():
     tok = build_char_tokenizer()
     tok.chat_template = QA_CHAT_TEMPLATE
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
-    assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == "Q: What is 2 + 3?\nA:"
+    assert (
+        tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        == "Q: What is 2 + 3?\nA:"
+    )
     msgs += [{"role": "assistant", "content": "The answer is 5."}]
-    assert tok.apply_chat_template(msgs, tokenize=False) == "Q: What is 2 + 3?\nA: The answer is 5.<eos>"
+    assert (
+        tok.apply_chat_template(msgs, tokenize=False)
+        == "Q: What is 2 + 3?\nA: The answer is 5.<eos>"
+    )
 
 
 def test_alt_tokenizer_round_trips_and_differs():
