@@ -31,7 +31,9 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise InvalidRequest(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise InvalidRequest(
+                f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
+            )
         if not self.temperature >= 0.0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0.0 < self.top_p <= 1.0:
@@ -62,7 +64,9 @@ class Generation:
     token_ids: tuple[int, ...]  # the new tokens, in order
     text: str  # the new tokens decoded (cut at a stop string if one matched)
     logprobs: tuple[float, ...]  # log p(token_i | prefix) under the sampling model, per token
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()  # per token: (id, logprob) best first
+    top_logprobs: tuple[
+        tuple[tuple[int, float], ...], ...
+    ] = ()  # per token: (id, logprob) best first
     gates: tuple[float, ...] = ()  # gate value before each token; one more if finish_reason=="gate"
     finish_reason: FinishReason = "length"
     length: int = 0  # session length after the call
@@ -84,7 +88,7 @@ class ModelInfo:
 
 
 def as_token_ids(ids: object, vocab_size: int, what: str = "token ids") -> list[int]:
-    """Validate a list of token ids against a vocabulary; raise InvalidRequest naming the problem."""
+    """Check token ids against a vocabulary; raise InvalidRequest naming the bad one."""
     if not isinstance(ids, (list, tuple)):
         raise InvalidRequest(f"{what} must be a list of integers, got {type(ids).__name__}")
     out = []

@@ -7,9 +7,9 @@
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(load_config("antiphon.yaml")), name="antiphon", route_prefix="/")
 
-The application is: one model deployment per `ModelSpec`, the turn-log deployment (the one
-writer of the log file), the coordinator (the turn loop, consulting the policies in-process
-or through their actors), and the HTTP ingress in front. Everything is validated once, here,
+The application is: one model deployment per `ModelSpec`, the coordinator (the turn loop;
+rule policies run in it, and it starts the turn-log actor, the one writer of the log file),
+and the HTTP ingress in front. Everything is validated once, here,
 before any actor starts (like Ray Serve LLM's `build_openai_app`).
 
 `serve run antiphon.deploy.app:app_builder config=antiphon.yaml` works too (Serve's builder
@@ -18,6 +18,7 @@ convention), as does a Serve config file naming `import_path: antiphon.deploy.ap
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -25,6 +26,7 @@ from ray.serve.deployment import Application
 
 from antiphon.actors.server import build_model_deployment
 from antiphon.config import AppConfig, load_config, parse_config
+from antiphon.coordinator.deployment import build_coordinator_deployment
 from antiphon.deploy.ingress import build_ingress
 
 
@@ -38,23 +40,16 @@ def build_app(config: AppConfig | dict) -> Application:
     config = config.model_copy(update={"serving": serving})
 
     models = {spec.name: build_model_deployment(spec) for spec in config.models}
-    turn_log = _turn_log(log_path)
-    coordinator = _coordinator(config, models, turn_log)
-    return build_ingress(config, coordinator, turn_log)
+    coordinator = build_coordinator_deployment(
+        config.models, models, log_path, turn_log_actor_name=turn_log_actor_name(log_path)
+    )
+    return build_ingress(config, coordinator)
 
 
-def _turn_log(path: str) -> Application:
-    from antiphon.training.turn_log_deployment import build_turn_log_deployment
-
-    return build_turn_log_deployment(path)
-
-
-def _coordinator(
-    config: AppConfig, models: dict[str, Application], turn_log: Application
-) -> Application:
-    from antiphon.coordinator.deployment import build_coordinator_deployment
-
-    return build_coordinator_deployment(config.models, models, turn_log)
+def turn_log_actor_name(path: str) -> str:
+    """One turn-log actor per log file: apps writing the same file share its one writer, apps
+    writing different files never share an actor (the actor is named and cluster-wide)."""
+    return f"antiphon-turn-log-{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 
 class AppArgs(BaseModel):

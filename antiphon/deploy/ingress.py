@@ -52,7 +52,6 @@ from antiphon.deploy import api
 from antiphon.deploy.chat import load_tokenizer, render_chat
 from antiphon.errors import AntiphonError, Overloaded, Unauthorized
 from antiphon.logging import configure_logging, get_logger, log_context
-from antiphon.training.turn_log import FeedbackRecord
 
 log = get_logger(__name__)
 
@@ -295,11 +294,12 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         """Stream `encode(event)` per event; the first event is awaited before answering, so
         an invalid request still gets its 4xx instead of a broken 200 stream."""
         slots.acquire()
+        events = backend.stream(request)
         try:
-            events = backend.stream(request)
             first = await anext(events)
         except BaseException:
             slots.release()
+            await events.aclose()
             raise
 
         async def body() -> AsyncIterator[bytes]:
@@ -317,6 +317,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                 yield on_error(exc)
             finally:
                 slots.release()
+                await events.aclose()  # a client that left early stops the turn loop
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -473,16 +474,13 @@ async def _call(response: Awaitable[object]) -> object:
 
 @serve.ingress()
 class Ingress:
-    """The HTTP front door: a thin shim that hands requests to the coordinator deployment and
-    feedback to the turn log. One per app; replicas share nothing but the handles."""
+    """The HTTP front door: a thin shim that hands requests and feedback to the coordinator
+    deployment. Replicas share nothing but the handle."""
 
-    def __init__(
-        self, config: AppConfig, coordinator: DeploymentHandle, turn_log: DeploymentHandle
-    ) -> None:
+    def __init__(self, config: AppConfig, coordinator: DeploymentHandle) -> None:
         configure_logging("json")
         self.config = config
         self.coordinator = coordinator
-        self.turn_log = turn_log
         self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # chat rendering, lazily
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -493,15 +491,21 @@ class Ingress:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         events = self.coordinator.options(stream=True).stream.remote(request)
-        while True:
-            try:
-                event = await _call(events.__anext__())
-            except StopAsyncIteration:
-                return
-            yield event
+        finished = False
+        try:
+            while True:
+                try:
+                    event = await _call(events.__anext__())
+                except StopAsyncIteration:
+                    finished = True
+                    return
+                yield event
+        finally:
+            if not finished:
+                events.cancel()  # the client left (or failed): stop the turn loop too
 
     async def feedback(self, request_id: str, reward: float) -> None:
-        await _call(self.turn_log.write.remote([FeedbackRecord(request_id, reward)]))
+        await _call(self.coordinator.feedback.remote(request_id, reward))
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         # The first model reads the prompt first; its chat format is the ensemble's.
@@ -512,10 +516,8 @@ class Ingress:
         return render_chat(messages, self._tokenizers[name])
 
 
-def build_ingress(
-    config: AppConfig, coordinator: Application, turn_log: Application
-) -> Application:
-    """The ingress deployment bound to the coordinator and turn-log deployments."""
+def build_ingress(config: AppConfig, coordinator: Application) -> Application:
+    """The ingress deployment bound to the coordinator deployment."""
     # Serve may hold more requests than our slot limit; the excess is refused with a 503 by us.
     options = {
         "name": "Ingress",
@@ -523,7 +525,7 @@ def build_ingress(
         "max_ongoing_requests": config.serving.max_concurrent_requests * 2,
         "ray_actor_options": {"num_cpus": 0},
     }
-    return serve.deployment(Ingress, **options).bind(config, coordinator, turn_log)
+    return serve.deployment(Ingress, **options).bind(config, coordinator)
 
 
 __all__ = [
