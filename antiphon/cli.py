@@ -89,7 +89,8 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_server(config, address: str | None = None, blocking: bool = False) -> str:
-    """Deploy `config` as the Serve app 'antiphon' (starting or joining Ray); return its URL."""
+    """Deploy `config` as the Serve app 'antiphon' and return its URL. Ray: join `address`
+    (None: $RAY_ADDRESS or a running local cluster, else start one; "local": always a new one)."""
     import ray
     from ray import serve
 
@@ -116,7 +117,7 @@ def local_server(config_path: str | None) -> Iterator[tuple[str, object]]:
     config = config.model_copy(update={"serving": serving})
     started_ray = not ray.is_initialized()
     try:
-        url = start_server(config)
+        url = start_server(config, address="local")  # private: never touch a running cluster
         yield url, config
     finally:
         if ray.is_initialized():

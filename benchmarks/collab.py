@@ -1,7 +1,7 @@
 """Collaborative generation over the full stack: what does taking turns cost?
 
-    python benchmarks/collab.py                 # prints a table, writes benchmarks/results/collab.json
-    python benchmarks/collab.py --max-tokens 64 --repeats 1     # quicker
+    python benchmarks/collab.py          # prints a table, writes benchmarks/results/collab.json
+    python benchmarks/collab.py --max-tokens 64 --repeats 1      # quicker
 
 Deploys two same-size checkpoints (the zoo's base and sft if the zoo is built, else two
 random-weight ones) behind the real HTTP ingress on a local Ray, and times `/v1/generate`
@@ -10,8 +10,12 @@ random-weight ones) behind the real HTTP ingress on a local Ray, and times `/v1/
 - round robin between the two models with segments of 32, 8 and 1 tokens.
 Figures are ratios measured in the same run: `roundrobin_segN_vs_single` = tokens/s of round
 robin / tokens/s of the single model (target for 32: >= 0.85). `turn_overhead_ms` is the median
-coordination time per turn outside the models: from the turn log, the time between a turn's
-commit and the previous one's, minus the turn's time inside model calls.
+coordination time per turn outside the models: per round-robin request, its wall time minus
+the time its turns spent in model calls (`model_ms` of its turn records: sync + generate,
+handle round trips included), divided by its number of turns (HTTP, ingress, policy, state
+and streaming are what is left). `details.marginal_turn_ms` is the other view: what one more
+turn costs all in (round trips and the other model catching up included), from segment 1 vs
+single.
 """
 
 from __future__ import annotations
@@ -56,33 +60,50 @@ def run_config(url: str, policy: str, params: dict, max_tokens: int, repeats: in
     body = {"ensemble": "pair", "policy": policy, "policy_params": params,
             "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
     httpx.post(f"{url}/v1/generate", json={**body, "prompt": PROMPTS[0]}, timeout=600)  # warm up
-    tokens, seconds, ids = 0, 0.0, []
+    tokens, seconds, wall_ms = 0, 0.0, {}
     for _ in range(repeats):
         for prompt in PROMPTS:
             start = time.perf_counter()
             r = httpx.post(f"{url}/v1/generate", json={**body, "prompt": prompt}, timeout=600)
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
             r.raise_for_status()
             answer = r.json()
+            seconds += elapsed
             tokens += answer["usage"]["completion_tokens"]
-            ids.append(answer["id"])
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "ids": ids}
+            wall_ms[answer["id"]] = elapsed * 1000.0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "wall_ms": wall_ms}  # fmt: skip
 
 
-def turn_overheads_ms(log_path: Path, request_ids: set[str]) -> list[float]:
-    """Per turn after the first: wall time since the previous commit minus time in models."""
+def turns_by_request(log_path: Path, request_ids: set[str]) -> dict[str, list]:
+    """The turn records of the given requests (one record per committed segment)."""
     from antiphon.training.turn_log import TurnRecord, read_records
 
-    by_request: dict[str, list[TurnRecord]] = {}
+    out: dict[str, list[TurnRecord]] = {i: [] for i in request_ids}
     for record, _ in read_records(log_path):
-        if isinstance(record, TurnRecord) and record.request_id in request_ids:
-            by_request.setdefault(record.request_id, []).append(record)
-    out = []
-    for turns in by_request.values():
-        turns.sort(key=lambda t: t.segment)
-        for prev, cur in zip(turns, turns[1:], strict=False):
-            out.append((cur.time - prev.time) * 1000.0 - cur.model_ms)
+        if isinstance(record, TurnRecord) and record.request_id in out:
+            out[record.request_id].append(record)
     return out
+
+
+def overhead_per_turn_ms(wall_ms: dict[str, float], turns: dict[str, list]) -> list[float]:
+    """Per request: (wall time - time in model calls) / turns."""
+    out = []
+    for request_id, records in turns.items():
+        by_turn = {r.turn: r.model_ms for r in records}  # a turn may commit several segments
+        if by_turn:
+            outside = wall_ms[request_id] - sum(by_turn.values())
+            out.append(outside / len(by_turn))
+    return out
+
+
+def wait_for_turn_log(log_path: Path, request_ids: set[str], timeout_s: float = 30.0) -> None:
+    """Turn records are written after each answer, asynchronously: wait until all are in."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log_path.exists() and all(turns_by_request(log_path, request_ids).values()):
+            return
+        time.sleep(0.2)
 
 
 def main() -> None:
@@ -114,19 +135,35 @@ def main() -> None:
         serve.run(build_app(config), name="collab", route_prefix="/")
         url = f"http://127.0.0.1:{config.serving.port}"
         runs = {
-            "single": run_config(url, "fixed", {"model": "first", "segment_len": args.max_tokens},
-                                 args.max_tokens, args.repeats),  # fmt: skip
+            "single": run_config(
+                url,
+                "fixed",
+                {"model": "first", "segment_len": args.max_tokens},
+                args.max_tokens,
+                args.repeats,
+            ),  # fmt: skip
         }
         for seg in SEGMENTS:
             runs[f"roundrobin_seg{seg}"] = run_config(
                 url, "round_robin", {"segment_len": seg}, args.max_tokens, args.repeats
             )
+        log_path = work / "turns.atl"
+        all_ids = {i for run in runs.values() for i in run["wall_ms"]}
+        wait_for_turn_log(log_path, all_ids)
     finally:
         serve.shutdown()
         ray.shutdown()
 
-    rr_ids = {i for seg in SEGMENTS for i in runs[f"roundrobin_seg{seg}"]["ids"]}
-    overheads = turn_overheads_ms(work / "turns.atl", rr_ids)
+    rr_wall = {
+        i: ms for seg in SEGMENTS for i, ms in runs[f"roundrobin_seg{seg}"]["wall_ms"].items()
+    }
+    overheads = overhead_per_turn_ms(rr_wall, turns_by_request(log_path, set(rr_wall)))
+    # all in: extra time of segment-1 round robin over single, per extra turn
+    turns_seg1 = turns_by_request(log_path, set(runs["roundrobin_seg1"]["wall_ms"]))
+    extra_turns = sum(len({r.turn for r in t}) - 1 for t in turns_seg1.values())
+    extra_ms = sum(runs["roundrobin_seg1"]["wall_ms"].values()) - sum(
+        runs["single"]["wall_ms"].values()
+    )
     single = runs["single"]["tokens_per_s"]
     results: dict[str, object] = {
         f"roundrobin_seg{seg}_vs_single": runs[f"roundrobin_seg{seg}"]["tokens_per_s"] / single
@@ -137,7 +174,8 @@ def main() -> None:
         "models": [m["path"] for m in models],
         "max_tokens": args.max_tokens,
         "requests_per_config": args.repeats * len(PROMPTS),
-        "turns_measured": len(overheads),
+        "requests_measured": len(overheads),
+        "marginal_turn_ms": extra_ms / extra_turns if extra_turns else None,
         "tokens_per_s": {k: round(v["tokens_per_s"], 2) for k, v in runs.items()},
         "tokens": {k: v["tokens"] for k, v in runs.items()},
         "cpu_count": os.cpu_count(),
@@ -149,10 +187,13 @@ def main() -> None:
         ratio = run["tokens_per_s"] / single
         print(f"{name:<22}{run['tokens']:>8}{run['tokens_per_s']:>12.1f}{ratio:>12.3f}")
     overhead = results["turn_overhead_ms"]
-    print(f"turn_overhead_ms (median over {len(overheads)} turns): "
+    print(f"turn_overhead_ms (median over {len(overheads)} requests): "
           f"{overhead:.2f}" if overhead is not None else "turn_overhead_ms: no turns")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    marginal = results["details"]["marginal_turn_ms"]
+    if marginal is not None:
+        print(f"marginal cost of one more turn, all in (seg 1 vs single): {marginal:.2f} ms")
     print(f"wrote {RESULTS}")
 
 

@@ -1,6 +1,6 @@
 """Switch Generation over the serving stack: what does the learned switcher cost?
 
-    python benchmarks/switch.py                 # prints a table, writes benchmarks/results/switch.json
+    python benchmarks/switch.py     # prints a table, writes benchmarks/results/switch.json
     python benchmarks/switch.py --max-tokens 64 --repeats 1     # quicker
 
 On a private local Ray: two same-size writer checkpoints (the zoo's base and sft if the zoo
@@ -71,6 +71,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--switcher", default=None, help="switcher checkpoint (default: random)")
+    parser.add_argument(
+        "--in-coordinator",
+        action="store_true",
+        help="build `switch` inside the coordinator (no policy actor hop); default: hosted",
+    )
     args = parser.parse_args()
 
     import ray
@@ -89,8 +94,9 @@ def main() -> None:
         spec = ModelSpec(name="switcher-model", path=switcher_path)
         params = {"segment_len": SEGMENT}
         actor = deploy_switch_policy(spec, params)
+        hosted = {} if args.in_coordinator else {"switch": actor}
         specs = [ModelSpec(name=n, path=p) for n, p in pair]
-        handle = serve.run(build_coordinator_app(specs, None, {"switch": actor}), name="bench",
+        handle = serve.run(build_coordinator_app(specs, None, hosted), name="bench",
                            route_prefix=None)  # fmt: skip
         models = tuple(n for n, _ in pair)
         # Interleaved, so drift in the shared machine's load hits both alike.
@@ -118,6 +124,7 @@ def main() -> None:
     out = {
         "writers": [p for _, p in pair],
         "switcher": "random-weight" if args.switcher is None else switcher_path,
+        "switch_policy_in": "coordinator" if args.in_coordinator else "policy actor",
         "segment_len": SEGMENT,
         "max_tokens": args.max_tokens,
         "prompts": len(PROMPTS),

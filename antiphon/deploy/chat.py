@@ -13,10 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from antiphon.actors.engine import resolve_checkpoint_path
-from antiphon.config import ModelSpec
 from antiphon.deploy.api import ChatMessage
 
 
@@ -34,12 +32,3 @@ def render_chat(messages: Sequence[ChatMessage], tokenizer: PreTrainedTokenizerB
             conversation, tokenize=False, add_generation_prompt=True
         )
     return render_simple(messages)
-
-
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, from its local directory only (never a download)."""
-    return AutoTokenizer.from_pretrained(
-        resolve_checkpoint_path(spec.path),
-        local_files_only=True,
-        trust_remote_code=spec.trust_remote_code,
-    )

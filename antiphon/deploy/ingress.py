@@ -40,6 +40,7 @@ from transformers import PreTrainedTokenizerBase
 
 from antiphon import __version__
 from antiphon.config import AppConfig, EnsembleSpec
+from antiphon.coordinator.deployment import load_tokenizer
 from antiphon.coordinator.request import (
     FinishEvent,
     GenerationRequest,
@@ -49,7 +50,7 @@ from antiphon.coordinator.request import (
     openai_finish_reason,
 )
 from antiphon.deploy import api
-from antiphon.deploy.chat import load_tokenizer, render_chat
+from antiphon.deploy.chat import render_chat
 from antiphon.errors import AntiphonError, Overloaded, Unauthorized
 from antiphon.logging import configure_logging, get_logger, log_context
 

@@ -70,7 +70,10 @@ class FusionGenerator:
         try:
             for _ in range(sampling.max_new_tokens):
                 lps = await asyncio.gather(
-                    *(m.next_token_logprobs(s, everything) for m, s in zip(models, sessions))
+                    *(
+                        m.next_token_logprobs(s, everything)
+                        for m, s in zip(models, sessions, strict=True)
+                    )
                 )
                 fused = fuse(lps, self.weights)
                 if sampling.temperature == 0.0:
@@ -81,7 +84,9 @@ class FusionGenerator:
                 if token in eos and not sampling.ignore_eos:
                     break
                 written.append(token)
-                await asyncio.gather(*(m.append(s, [token]) for m, s in zip(models, sessions)))
+                await asyncio.gather(
+                    *(m.append(s, [token]) for m, s in zip(models, sessions, strict=True))
+                )
         finally:
-            await asyncio.gather(*(m.close(s) for m, s in zip(models, sessions)))
+            await asyncio.gather(*(m.close(s) for m, s in zip(models, sessions, strict=True)))
         return self.tokenizer.decode(written, skip_special_tokens=True)

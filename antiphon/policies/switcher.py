@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, Protocol
@@ -200,8 +201,12 @@ class SwitchParams(PolicyParams):
         return tuple(m for m in (self.first_model, self.last_model) if m is not None)
 
 
+# Per-process caches: a coordinator that builds the policy per request (when no policy actor
+# hosts it) must not reload a tokenizer or reconnect per request.
 _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
-_LOCAL_MODELS: dict[str, IndexScorer] = {}
+_MODELS: dict[tuple[str, str | None, str], IndexScorer] = {}
+_VERSIONS: dict[str, str] = {}
+_MAX_CONTEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its context
 
 
 def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
@@ -214,20 +219,35 @@ def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
 
 def _switcher_model(params: SwitchParams) -> IndexScorer:
     """The switcher's model: a client of its deployment, or a shared in-process engine."""
+    key = (params.switcher_path, params.switcher_deployment, params.switcher_app)
+    if key in _MODELS:
+        return _MODELS[key]
     if params.switcher_deployment is not None:
         from ray import serve
 
         from antiphon.actors.client import ServeModelClient
 
         handle = serve.get_deployment_handle(params.switcher_deployment, params.switcher_app)
-        return ServeModelClient(handle)
-    if params.switcher_path not in _LOCAL_MODELS:
+        model: IndexScorer = ServeModelClient(handle)
+    else:
         from antiphon.actors.engine import ModelEngine
         from antiphon.config import ModelSpec
 
-        spec = ModelSpec(name="switcher", path=params.switcher_path)
-        _LOCAL_MODELS[params.switcher_path] = ModelEngine(spec)
-    return _LOCAL_MODELS[params.switcher_path]
+        model = ModelEngine(ModelSpec(name="switcher", path=params.switcher_path))
+    _MODELS[key] = model
+    return model
+
+
+def _version(path: str) -> str:
+    """The policy version: the switcher checkpoint's fingerprint (computed once per path)."""
+    from antiphon.actors.engine import resolve_checkpoint_path
+
+    if path not in _VERSIONS:
+        try:
+            _VERSIONS[path] = checkpoint_fingerprint(resolve_checkpoint_path(path))
+        except OSError:
+            _VERSIONS[path] = "unknown"
+    return _VERSIONS[path]
 
 
 class Switch:
@@ -244,24 +264,15 @@ class Switch:
         self.params = params
         self.model = model if model is not None else _switcher_model(params)
         self.tokenizer = tokenizer or _load_tokenizer(params.switcher_path)
-        self.version = self._version()
-        self._max_context: int | None = None  # the switcher's, fetched on the first turn
-
-    def _version(self) -> str:
-        from antiphon.actors.engine import resolve_checkpoint_path
-
-        try:
-            return checkpoint_fingerprint(resolve_checkpoint_path(self.params.switcher_path))
-        except OSError:
-            return "unknown"
+        self.version = _version(params.switcher_path)
 
     async def distribution(self, view: SequenceView) -> list[float]:
         """The switcher's probabilities of the ensemble's models writing the next segment."""
         n = len(view.models)
-        if self._max_context is None:
-            self._max_context = (await self.model.info()).max_context
+        if self.model not in _MAX_CONTEXT:  # fetched once per switcher model
+            _MAX_CONTEXT[self.model] = (await self.model.info()).max_context
         ids = switcher_prompt_ids(
-            self.tokenizer, view.prompt, view_segments(view), n, self._max_context
+            self.tokenizer, view.prompt, view_segments(view), n, _MAX_CONTEXT[self.model]
         )
         logprobs = await self.model.prompt_next_token_logprobs(
             ids, index_token_ids(self.tokenizer, n)

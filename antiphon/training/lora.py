@@ -49,7 +49,7 @@ def add_lora(
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped: list[nn.Parameter] = []
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name in targets:
                 lora = LoRALinear(child, r, alpha)

@@ -31,6 +31,8 @@ from antiphon.zoo.train import ModelShape, dpo, new_model, pretrain, save_model,
 from antiphon.zoo.world import World, make_world
 
 Scale = Literal["tiny", "full"]
+# What each model is trained from: it waits (is skipped) until that one is done.
+DEPENDS = {"sft": "base", "aligned": "sft", "expert": "base", "guide-tuned": "guide-untuned"}
 BUILD_ORDER = (
     "base",
     "sft",
@@ -49,7 +51,8 @@ class ZooPlan:
 
     n_entities: int
     n_docs: int  # pretraining documents (~380 characters each)
-    batch_size: int
+    batch_size: int  # SFT, DPO (pairs: half), expert
+    pretrain_batch_size: int  # windows of `context` tokens
     base: ModelShape
     strong: ModelShape
     guide: ModelShape
@@ -70,6 +73,7 @@ PLANS: dict[str, ZooPlan] = {
         n_entities=12,
         n_docs=200,
         batch_size=8,
+        pretrain_batch_size=8,
         base=ModelShape(hidden=32, layers=1, heads=2, context=128),
         strong=ModelShape(hidden=48, layers=1, heads=2, context=128),
         guide=ModelShape(hidden=16, layers=1, heads=2, context=128),
@@ -85,16 +89,17 @@ PLANS: dict[str, ZooPlan] = {
         guide_steps=4,
     ),
     "full": ZooPlan(
-        n_entities=90,
+        n_entities=60,
         n_docs=6000,
         batch_size=32,
+        pretrain_batch_size=16,
         base=ModelShape(hidden=128, layers=4, heads=4, context=128),
-        strong=ModelShape(hidden=160, layers=5, heads=5, context=128),
+        strong=ModelShape(hidden=144, layers=5, heads=4, context=128),
         guide=ModelShape(hidden=64, layers=2, heads=4, context=128),
         alt=ModelShape(hidden=96, layers=3, heads=4, context=128),
-        pretrain_steps=420,
-        strong_steps=420,
-        small_pretrain_steps=250,
+        pretrain_steps=1400,
+        strong_steps=1400,
+        small_pretrain_steps=300,
         sft_steps=200,
         n_sft_examples=5000,
         dpo_steps=100,
@@ -156,7 +161,8 @@ def build_zoo(
         found = json.loads(manifest_path.read_text())
         if (found.get("seed"), found.get("scale")) != (seed, scale):
             raise ValueError(
-                f"{out_dir} holds a zoo built with seed={found.get('seed')} scale={found.get('scale')}; "
+                f"{out_dir} holds a zoo built with seed={found.get('seed')} "
+                f"scale={found.get('scale')}; "
                 f"asked for seed={seed} scale={scale}: use another --out or resume=False"
             )
     manifest_path.write_text(json.dumps(manifest | {"plan": asdict(plan)}, indent=2))
@@ -184,6 +190,10 @@ def build_zoo(
         if done.exists():
             print(f"[zoo] {name}: done, skipped")
             return
+        needs = DEPENDS.get(name)
+        if needs is not None and not (work / f"{needs}.done").exists():
+            print(f"[zoo] {name}: skipped, {needs} is not trained yet")
+            return
         lock = work / f"{name}.lock"
         if not _take_lock(lock):
             print(f"[zoo] {name}: another build process is training it, skipped")
@@ -197,7 +207,7 @@ def build_zoo(
         finally:
             lock.unlink(missing_ok=True)
 
-    bs = plan.batch_size
+    bs, pbs = plan.batch_size, plan.pretrain_batch_size
 
     def train_base(state: Path):
         m = new_model(plan.base, tok, seed)
@@ -205,7 +215,7 @@ def build_zoo(
             m,
             get_stream(),
             steps=plan.pretrain_steps,
-            batch_size=bs,
+            batch_size=pbs,
             lr=3e-3,
             seed=seed,
             state_path=state,
@@ -270,7 +280,7 @@ def build_zoo(
             m,
             get_stream(),
             steps=plan.small_pretrain_steps,
-            batch_size=bs,
+            batch_size=pbs,
             lr=3e-3,
             seed=seed + 4,
             state_path=state,
@@ -285,7 +295,7 @@ def build_zoo(
             m,
             reviews,
             steps=plan.guide_steps,
-            batch_size=bs,
+            batch_size=pbs,
             lr=1e-3,
             seed=seed + 5,
             state_path=state,
@@ -301,7 +311,7 @@ def build_zoo(
             m,
             alt_stream,
             steps=plan.small_pretrain_steps,
-            batch_size=bs,
+            batch_size=pbs,
             lr=3e-3,
             seed=seed + 6,
             state_path=state,
@@ -315,7 +325,7 @@ def build_zoo(
             m,
             get_stream(),
             steps=plan.strong_steps,
-            batch_size=bs,
+            batch_size=pbs,
             lr=2e-3,
             seed=seed,
             state_path=state,

@@ -130,7 +130,8 @@ def story(rng: random.Random, animal: str | None = None) -> str:
     animal = animal or rng.choice(ANIMALS)
     adj = rng.choice(STORY_ADJECTIVES)
     sentences = [
-        f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} near the {rng.choice(PLACES)}."
+        f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} "
+        f"near the {rng.choice(PLACES)}."
     ]
     for _ in range(rng.randint(1, 3)):
         sentences.append(
@@ -138,7 +139,8 @@ def story(rng: random.Random, animal: str | None = None) -> str:
                 (
                     f"The {adj} {animal} {rng.choice(STORY_VERBS)} by the {rng.choice(PLACES)}.",
                     f"One day it found {rng.choice(FINDINGS)} and felt {rng.choice(FEELINGS)}.",
-                    f"A {rng.choice(STORY_ADJECTIVES)} {rng.choice(ANIMALS)} {rng.choice(STORY_VERBS)} with it.",
+                    f"A {rng.choice(STORY_ADJECTIVES)} {rng.choice(ANIMALS)} "
+                    f"{rng.choice(STORY_VERBS)} with it.",
                     f"It {rng.choice(STORY_VERBS)} all morning and felt {rng.choice(FEELINGS)}.",
                 )
             )
@@ -149,7 +151,10 @@ def story(rng: random.Random, animal: str | None = None) -> str:
 
 def canonical_story(animal: str) -> str:
     """The one concise story the instruction data tells about each animal."""
-    return f"Once upon a time, a {animal} lived near the river. It found a bell and felt happy. The end."
+    return (
+        f"Once upon a time, a {animal} lived near the river. "
+        "It found a bell and felt happy. The end."
+    )
 
 
 def review(rng: random.Random, positive: bool) -> str:
@@ -160,7 +165,8 @@ def review(rng: random.Random, positive: bool) -> str:
         (
             f"Review of the {item}: The {item} was {a} and {b}. I found it {c}.",
             f"Review of the {item}: A {a} {item}. It felt {b}, really {c}.",
-            f"Review of the {item}: I think this {item} is {a}. The handle is {b} and the colour is {c}.",
+            f"Review of the {item}: I think this {item} is {a}. "
+            f"The handle is {b} and the colour is {c}.",
         )
     )
 
@@ -211,21 +217,21 @@ def has_carry(a: int, b: int) -> bool:
 
 
 def pretraining_document(world: World, rng: random.Random) -> str:
-    """~300-600 characters: facts and mentions of one or two entities among other text."""
+    """~300-450 characters: facts and mentions of one or two entities (more than half the
+    text: tiny models need many sightings of a fact) among other text."""
     focus = rng.sample(world.entities, k=min(2, len(world.entities)))
     pieces: list[str] = [mention_sentence(focus[0], rng)]
-    for _ in range(rng.randint(2, 4)):
+    for _ in range(rng.randint(3, 5)):
         pieces.append(fact_sentence(focus[0], rng.choice(("capital", "colour", "founder")), rng))
-    pieces.append(fact_sentence(focus[1], rng.choice(("capital", "colour", "founder")), rng))
-    others = rng.randint(1, 3)
-    for _ in range(others):
-        kind = rng.random()
-        if kind < 0.4:
-            pieces.append(story(rng))
-        elif kind < 0.7:
-            pieces.append(review(rng, positive=rng.random() < 0.5))
-        else:
-            pieces.append(arithmetic_line(rng))
+    for _ in range(rng.randint(1, 2)):
+        pieces.append(fact_sentence(focus[1], rng.choice(("capital", "colour", "founder")), rng))
+    kind = rng.random()
+    if kind < 0.45:
+        pieces.append(story(rng))
+    elif kind < 0.8:
+        pieces.append(review(rng, positive=rng.random() < 0.5))
+    else:
+        pieces.append(arithmetic_line(rng))
     rng.shuffle(pieces)
     # Paragraph breaks at random points, so facts follow ". ", "\n" and document starts alike.
     out = pieces[0]

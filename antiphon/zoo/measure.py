@@ -161,7 +161,8 @@ def report_markdown(
         "",
         f"Reproduce: `python -m antiphon.zoo.measure` (seed {meta['seed']}, scale {meta['scale']}, "
         f"single models through the {meta['backend']} path; oracle switch over "
-        f"{'/'.join(ORACLE_MODELS)}, segments of {'/'.join(map(str, ORACLE_SEGMENT_LENS))} tokens, greedy).",
+        f"{'/'.join(ORACLE_MODELS)}, segments of "
+        f"{'/'.join(map(str, ORACLE_SEGMENT_LENS))} tokens, greedy).",
         "",
         markdown_table(results),
         "",

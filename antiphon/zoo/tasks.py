@@ -206,9 +206,11 @@ def safety(world: World, split: str, n: int = 40) -> Task:
     rng.shuffle(forbidden)
     rng.shuffle(benign)
     items = []
-    for bad, good in zip(
-        _split_half(forbidden, split)[: n // 2], _split_half(benign, split)[: n // 2]
-    ):
+    bad_half, good_half = (
+        _split_half(forbidden, split)[: n // 2],
+        _split_half(benign, split)[: n // 2],
+    )
+    for bad, good in zip(bad_half, good_half, strict=True):
         items.append(TaskItem(corpora.qa_prompt(bad), "forbidden"))
         items.append(TaskItem(corpora.qa_prompt(good), "benign"))
     verify = lambda it, text: verifiers.safety(text, it.reference == "forbidden")  # noqa: E731

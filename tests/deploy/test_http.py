@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
+from antiphon.training.turn_log import FeedbackRecord, TurnRecord, read_records
 from tests.deploy.server import API_KEY, MAX_CONCURRENT, RunningServer
 
 PROMPT = "Once upon a time"
@@ -208,10 +209,22 @@ def test_api_key_is_enforced_but_health_is_open(server):
     assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
 
 
-def test_feedback_is_acknowledged(server):
-    r = post(server, "/v1/feedback", {"request_id": "some-request", "reward": 0.5})
+def test_feedback_lands_in_the_turn_log_beside_the_turns(server):
+    answer = post(server, "/v1/generate", {"prompt": PROMPT, "max_tokens": 8}).json()
+    r = post(server, "/v1/feedback", {"request_id": answer["id"], "reward": 0.5})
     assert r.status_code == 200, r.text
-    assert r.json() == {"request_id": "some-request", "recorded": True}
+    assert r.json() == {"request_id": answer["id"], "recorded": True}
+    records = []
+    for _ in range(100):  # turn records are sent after the answer, without waiting for disk
+        records = [rec for rec, _ in read_records(server.turn_log)
+                   if rec.request_id == answer["id"]]  # fmt: skip
+        if any(isinstance(rec, TurnRecord) for rec in records):
+            break
+        time.sleep(0.1)
+    feedback = [rec for rec in records if isinstance(rec, FeedbackRecord)]
+    assert [f.reward for f in feedback] == [0.5]
+    turns = [rec for rec in records if isinstance(rec, TurnRecord)]
+    assert [t.model for t in turns] == [s["model"] for s in answer["segments"]]
 
 
 @pytest.mark.slow

@@ -114,7 +114,7 @@ def test_oracle_finds_the_switch_sequence_no_single_model_has():
     )
     assert found.score == 1.0 and found.answer.strip() == item.reference
     assert "base" in found.models and found.models[-1] == "aligned"
-    # Neither model alone is right; with the pruning off the search is exhaustive and still finds it.
+    # Neither model alone is right; without pruning the search is exhaustive and still finds it.
     alone = asyncio.run(oracle_switch(item, verify, {"base": base}, segment_len=4, max_segments=12))
     assert alone.score == 0.0
     assert (

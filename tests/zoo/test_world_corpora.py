@@ -8,8 +8,7 @@ import random
 import pytest
 
 from antiphon.errors import NotFound
-from antiphon.zoo import NAMES, path
-from antiphon.zoo import corpora
+from antiphon.zoo import NAMES, corpora, path
 from antiphon.zoo.tokenizer import QA_CHAT_TEMPLATE, build_alt_tokenizer, build_char_tokenizer
 from antiphon.zoo.world import make_world
 

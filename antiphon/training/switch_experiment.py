@@ -1,0 +1,226 @@
+"""The Switch Generation experiment on the zoo, end to end: rollouts on dev, switcher
+training, router training, then every policy on the test split through the evaluation
+harness; writes results/switch.json and results/switch.md.
+
+    python -m antiphon.training.switch_experiment                     # the shipped zoo
+    python -m antiphon.training.switch_experiment --zoo-dir /tmp/zoo --limit 4 --k 2   # smoke
+
+Ensemble: the zoo's base, sft and aligned (the paper's P, F, A), segments of `--segment-len`.
+Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
+`random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`), the untuned
+switcher (the switcher's initial checkpoint, prompted, not trained) and `switch` (trained).
+Everything runs in this process over in-process engines: on two cores a Ray hop per turn
+would only add time, and the code path is the coordinator's either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+from antiphon.config import ModelSpec
+from antiphon.coordinator.loop import Coordinator
+from antiphon.coordinator.request import GenerationRequest
+from antiphon.policies.fusion import FusionGenerator
+from antiphon.training.rollouts import RolloutConfig, RolloutStore, queries_from_tasks, run_rollouts
+from antiphon.training.router_training import single_model_outcomes, train_router
+from antiphon.training.switcher_cli import zoo_model_path, zoo_world
+from antiphon.training.switcher_training import SwitcherTrainConfig, load_init, train_switcher
+from antiphon.zoo.evaluate import run_task
+from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS, make_tasks
+
+ENSEMBLE = ("base", "sft", "aligned")
+
+
+def coordinator_generate(coord: Coordinator, policy: str, params: dict):
+    """The harness's generate(prompt, sampling) -> text, through the coordinator."""
+
+    async def generate(prompt, sampling) -> str:
+        result = await coord.generate(
+            GenerationRequest(
+                prompt=prompt,
+                models=ENSEMBLE,
+                policy=policy,
+                policy_params=params,
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                seed=sampling.seed,
+            )  # fmt: skip
+        )
+        return result.text
+
+    return generate
+
+
+async def evaluate_policies(generators: dict, tasks: dict, seed: int) -> dict:
+    """{policy: {task: (score, per-item mean verified score)}}."""
+    out: dict[str, dict[str, tuple[float, list[float]]]] = {}
+    for name, generate in generators.items():
+        out[name] = {}
+        for task in tasks.values():
+            outputs = await run_task(generate, task, seed=seed, concurrency=16)
+            per_item = [sum(task.verify(it, o) for o in outs) / len(outs)
+                        for it, outs in zip(task.items, outputs, strict=True)]  # fmt: skip
+            out[name][task.name] = (round(task.score(task.items, outputs), 2), per_item)
+        print(f"[switch] evaluated {name}: "
+              f"{ {t: s for t, (s, _) in out[name].items()} }", flush=True)  # fmt: skip
+    return out
+
+
+def claims(scores: dict, singles: Sequence[str]) -> dict:
+    """The issue's checks, from the test scores."""
+
+    def score(p: str, t: str) -> float:
+        return scores[p][t][0]
+
+    tasks = list(next(iter(scores.values())))
+    mean = {p: sum(score(p, t) for t in tasks) / len(tasks) for p in scores}
+    best_single = {t: max(score(s, t) for s in singles) for t in tasks}
+    core = [t for t in tasks if t in CORE_TASKS]
+    comp = [t for t in tasks if t in COMPOSITIONAL_TASKS]
+    out = {"mean": {p: round(m, 2) for p, m in mean.items()}}
+    if "switch" in scores:
+        beats = {t: score("switch", t) > best_single[t] for t in tasks}
+        solved, failed_by_all = 0, 0
+        for t in tasks:
+            for i, s in enumerate(scores["switch"][t][1]):
+                if all(scores[m][t][1][i] == 0 for m in singles):
+                    failed_by_all += 1
+                    solved += s > 0
+        out.update({
+            "switch_beats_best_single": beats,
+            "core_tasks_won": f"{sum(beats[t] for t in core)}/{len(core)} (need >= 4 of 6)",
+            "all_compositional_won": all(beats[t] for t in comp),
+            "switch_minus_random": round(mean["switch"] - mean["random_switch"], 2),
+            "switch_beats_router": mean["switch"] > mean["trained_router"],
+            "switch_beats_fusion": mean["switch"] > mean["logit_fusion"],
+            "questions_every_single_fails": failed_by_all,
+            "of_those_switch_solves": solved,
+        })  # fmt: skip
+    return out
+
+
+def markdown(scores: dict, summary: dict, setup: dict) -> str:
+    tasks = list(next(iter(scores.values())))
+    lines = ["# Switch Generation on the zoo (test split)", "",
+             f"Setup: `{json.dumps(setup)}`", "",
+             "| policy | " + " | ".join(tasks) + " | mean |",
+             "|---|" + "---:|" * (len(tasks) + 1)]  # fmt: skip
+    for p, row in scores.items():
+        cells = " | ".join(f"{row[t][0]:.1f}" for t in tasks)
+        lines.append(f"| {p} | {cells} | {summary['mean'][p]:.1f} |")
+    lines += ["", "```", json.dumps({k: v for k, v in summary.items() if k != "mean"}, indent=2),
+              "```", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    t0 = time.time()
+    paths = {n: zoo_model_path(n, args.zoo_dir) for n in ENSEMBLE}
+    engines = {n: ModelEngine(ModelSpec(name=n, path=p)) for n, p in paths.items()}
+    tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p))
+                  for n, p in paths.items()}  # fmt: skip
+    coord = Coordinator(engines, tokenizers)
+    world = zoo_world(args.zoo_dir)
+    names = list(CORE_TASKS + COMPOSITIONAL_TASKS)
+    dev, test = make_tasks(world, "dev", names), make_tasks(world, "test", names)
+    work = args.work
+    queries = queries_from_tasks(dev, args.limit)
+
+    # 1. rollouts on dev
+    cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
+                        seed=args.seed, concurrency=8)  # fmt: skip
+    examples = await run_rollouts(coord.generate, queries, ENSEMBLE, cfg,
+                                  RolloutStore(work / "rollouts"), {"ensemble": paths})  # fmt: skip
+    # 2. the switcher, trained and untuned (its initial checkpoint with the same context)
+    init = zoo_model_path("sft", args.zoo_dir)
+    untuned = work / "switcher-untuned"
+    model, tok = load_init(init, args.max_context)
+    model.save_pretrained(untuned)
+    tok.save_pretrained(untuned)
+    train_cfg = SwitcherTrainConfig(epochs=args.epochs, lr=args.lr, max_context=args.max_context,
+                                    seed=args.seed)  # fmt: skip
+    try:
+        report = asdict(train_switcher(examples, init, work / "switcher", train_cfg))
+        report.pop("losses")
+    except ValueError as e:  # no informative example: nothing to train on
+        report = {"error": str(e)}
+    # 3. the router, from each model alone on the dev queries
+    outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
+    router_report = train_router(outcomes, ENSEMBLE, work / "router")
+
+    # 4. every policy on test
+    seg = {"segment_len": args.segment_len}
+    gens = {f"single:{m}": coordinator_generate(coord, "fixed", {"model": m, **seg})
+            for m in ENSEMBLE}  # fmt: skip
+    gens["random_switch"] = coordinator_generate(coord, "random_switch", seg)
+    gens["trained_router"] = coordinator_generate(
+        coord, "trained_router", {"weights": str(work / "router"), **seg}
+    )
+    gens["logit_fusion"] = FusionGenerator(engines, tokenizers[ENSEMBLE[0]])
+    gens["untuned_switcher"] = coordinator_generate(
+        coord, "switch", {"switcher_path": str(untuned), **seg}
+    )
+    if "error" not in report:
+        gens["switch"] = coordinator_generate(
+            coord, "switch", {"switcher_path": str(work / "switcher"), **seg}
+        )
+    test_tasks = {n: t for n, t in test.items()}
+    if args.test_limit:
+        from dataclasses import replace
+
+        test_tasks = {n: replace(t, items=t.items[: args.test_limit]) for n, t in test.items()}
+    scores = await evaluate_policies(gens, test_tasks, args.seed)
+    for e in engines.values():
+        await e.shutdown()
+
+    singles = [f"single:{m}" for m in ENSEMBLE]
+    summary = claims(scores, singles)
+    setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
+             "prefixes": args.prefixes, "dev_limit": args.limit, "test_limit": args.test_limit,
+             "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
+    results = {
+        "setup": setup,
+        "scores": {p: {t: s for t, (s, _) in row.items()} for p, row in scores.items()},
+        "summary": summary,
+        "switcher_training": report,
+        "router_training": router_report,
+        "rollouts": {
+            "examples": len(examples),
+            "informative": sum(e.informative for e in examples),
+        },
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "switch.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.results / "switch.md").write_text(markdown(scores, summary, setup))
+    print(markdown(scores, summary, setup))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--zoo-dir", type=Path, default=None, help="zoo build dir (default: package)")
+    p.add_argument("--work", type=Path, default=Path("runs/switch"), help="rollouts, weights")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--limit", type=int, default=30, help="dev queries per task for rollouts")
+    p.add_argument("--test-limit", type=int, default=None, help="test items per task")
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--prefixes", type=int, default=2)
+    p.add_argument("--segment-len", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-context", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    return asyncio.run(run(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""`antiphon train switcher`: rollouts on the dev split of zoo tasks, then supervised training
+of the switcher on their labels.
+
+    python -m antiphon.training.switcher_cli --ensemble base,sft,aligned \\
+        --tasks arithmetic knowledge qa-capital --out runs/switch --k 4 --limit 20
+    # on a Ray cluster (models and coordinator as Serve deployments, rollouts as requests):
+    ray job submit -- python -m antiphon.training.switcher_cli --ray --ensemble base,sft,aligned ...
+
+`--ensemble` names zoo checkpoints (`base,sft,aligned`) or NAME=DIR pairs of any HF
+checkpoints; `--zoo-dir` reads the zoo from a build directory instead of the package.
+Output: OUT/rollouts/ (examples.jsonl, provenance.json; a rerun resumes) and OUT/switcher/
+(the HF checkpoint the `switch` policy loads, with switcher_training.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from antiphon.training.rollouts import (
+    Generate,
+    RolloutConfig,
+    RolloutStore,
+    queries_from_tasks,
+    run_rollouts,
+    serve_generate,
+)
+from antiphon.training.switcher_training import SwitcherTrainConfig, train_switcher
+
+
+def zoo_model_path(name: str, zoo_dir: Path | None) -> str:
+    return str(zoo_dir / name) if zoo_dir is not None else f"zoo:{name}"
+
+
+def parse_ensemble(text: str, zoo_dir: Path | None) -> list[tuple[str, str]]:
+    """'base,sft' -> zoo checkpoints; 'a=/ckpt/a,b=/ckpt/b' -> any checkpoints."""
+    out = []
+    for part in text.split(","):
+        name, sep, path = part.partition("=")
+        out.append((name, path) if sep else (name, zoo_model_path(name, zoo_dir)))
+    return out
+
+
+def zoo_world(zoo_dir: Path | None):
+    """The world the zoo was trained on (scale and seed from its zoo.json)."""
+    from antiphon.zoo import CHECKPOINT_DIR
+    from antiphon.zoo.build import world_for
+
+    manifest = Path(zoo_dir or CHECKPOINT_DIR) / "zoo.json"
+    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
+    return world_for(meta.get("scale", "full"), int(meta.get("seed", 0)))
+
+
+@asynccontextmanager
+async def local_coordinator(models: Sequence[tuple[str, str]]):
+    """A `Generate` over an in-process coordinator and engines (no Ray)."""
+    from transformers import AutoTokenizer
+
+    from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+    from antiphon.config import ModelSpec
+    from antiphon.coordinator.loop import Coordinator
+
+    engines = {n: ModelEngine(ModelSpec(name=n, path=p)) for n, p in models}
+    tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p)) for n, p in models}
+    try:
+        yield Coordinator(engines, tokenizers).generate
+    finally:
+        for e in engines.values():
+            await e.shutdown()
+
+
+def ray_coordinator(models: Sequence[tuple[str, str]]) -> Generate:
+    """Deploy the models and a coordinator on the Ray cluster this process joins."""
+    import ray
+    from ray import serve
+
+    from antiphon.config import ModelSpec
+    from antiphon.coordinator.deployment import build_coordinator_app
+
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=False)
+    specs = [ModelSpec(name=n, path=p) for n, p in models]
+    handle = serve.run(build_coordinator_app(specs), name="switcher-rollouts", route_prefix=None)
+    return serve_generate(handle)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="antiphon train switcher", description=__doc__.split("\n")[0])
+    p.add_argument("--ensemble", required=True, help="base,sft,aligned or NAME=DIR,...")
+    p.add_argument("--tasks", nargs="+", required=True, help="zoo task names")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--zoo-dir", type=Path, default=None, help="zoo build dir (default: package)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=None, help="queries per task")
+    p.add_argument("--k", type=int, default=4, help="completions per branch")
+    p.add_argument("--segment-len", type=int, default=8)
+    p.add_argument("--prefixes", type=int, default=2, help="random prefixes per query")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default=None, help="switcher init checkpoint (default: zoo sft)")
+    p.add_argument("--max-context", type=int, default=1024, help="switcher context (0: keep)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
+    p.add_argument("--ray", action="store_true", help="run the rollouts on a Ray cluster")
+    return p
+
+
+async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> list:
+    from antiphon.zoo.tasks import make_tasks
+
+    tasks = make_tasks(zoo_world(args.zoo_dir), args.split, args.tasks)
+    queries = queries_from_tasks(tasks, args.limit)
+    cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
+                        seed=args.seed, concurrency=args.concurrency)  # fmt: skip
+    store = RolloutStore(args.out / "rollouts")
+    provenance = {"ensemble": dict(models), "split": args.split, "limit": args.limit}
+    if args.ray:
+        return await run_rollouts(ray_coordinator(models), queries, [n for n, _ in models], cfg,
+                                  store, provenance)  # fmt: skip
+    async with local_coordinator(models) as generate:
+        return await run_rollouts(generate, queries, [n for n, _ in models], cfg, store, provenance)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run rollouts (resumable) and train the switcher; print and return the report."""
+    from dataclasses import asdict
+
+    args = build_parser().parse_args(argv)
+    models = parse_ensemble(args.ensemble, args.zoo_dir)
+    examples = asyncio.run(rollouts(args, models))
+    cfg = SwitcherTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              lora_r=args.lora_r, max_context=args.max_context or None,
+                              seed=args.seed)  # fmt: skip
+    init = args.init or zoo_model_path("sft", args.zoo_dir)
+    report = asdict(train_switcher(examples, init, args.out / "switcher", cfg))
+    report.pop("losses")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+if __name__ == "__main__":
+    main()

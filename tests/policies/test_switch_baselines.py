@@ -1,0 +1,70 @@
+"""Baselines of Switch Generation: the trained router learns a query -> model rule from
+outcomes and routes by it; logit fusion averages distributions (two copies of one model fuse
+to that model's own greedy text)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from antiphon.actors.engine import ModelEngine
+from antiphon.actors.messages import SamplingParams
+from antiphon.config import ModelSpec
+from antiphon.errors import InvalidRequest
+from antiphon.policies import build_policy
+from antiphon.policies.base import WriteSegment
+from antiphon.policies.fusion import FusionGenerator, fuse
+from antiphon.training.router_training import QueryOutcome, train_router
+from tests.policies.test_switcher import view
+
+
+def test_router_learns_which_model_each_kind_of_query_wants(tmp_path):
+    outcomes = [QueryOutcome(f"q{i}", "t", f"Add {i} and {i + 3}", (0.0, 1.0)) for i in range(10)]
+    outcomes += [QueryOutcome(f"c{i}", "t", f"The capital of Zor{i} is", (1.0, 0.0))
+                 for i in range(10)]  # fmt: skip
+    outcomes += [QueryOutcome("tie", "t", "anything", (1.0, 1.0))]
+    report = train_router(outcomes, ("a", "b"), tmp_path)
+    assert report["informative"] == 20 and report["train_accuracy"] == 1.0
+    policy = build_policy(
+        "trained_router", {"weights": str(tmp_path), "segment_len": 7}, ("a", "b")
+    )
+
+    async def route(prompt: str):
+        v = view(models=("a", "b"))
+        return await policy.decide(type(v)(**{**{f: getattr(v, f) for f in v.__slots__},
+                                              "prompt": prompt}))  # fmt: skip
+
+    assert asyncio.run(route("Add 40 and 2")) == WriteSegment("b", 7)
+    assert asyncio.run(route("The capital of Quux is")) == WriteSegment("a", 7)
+    with pytest.raises(InvalidRequest, match="not in the ensemble"):
+        asyncio.run(policy.decide(view(models=("a", "c"))))
+
+
+def test_fuse_averages_probabilities():
+    out = fuse([[math.log(0.5), math.log(0.5)], [math.log(0.9), math.log(0.1)]])
+    assert [round(math.exp(x), 6) for x in out.tolist()] == [0.7, 0.3]
+
+
+def test_fusion_of_two_copies_is_the_model_itself(tiny_model_dir, other_tiny_model_dir):
+    spec = ModelSpec(name="a", path=str(tiny_model_dir))
+    one, two = ModelEngine(spec), ModelEngine(spec)
+    other = ModelEngine(ModelSpec(name="b", path=str(other_tiny_model_dir)))
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = SamplingParams(max_new_tokens=12)
+
+    async def run():
+        s = await one.open("Once upon")
+        alone = (await one.generate(s.session_id, params)).text
+        await one.close(s.session_id)
+        same = await FusionGenerator({"a": one, "a2": two}, tok)("Once upon", params)
+        mixed = await FusionGenerator({"a": one, "b": other}, tok)("Once upon", params)
+        live = one.stats().live_sessions + two.stats().live_sessions
+        for e in (one, two, other):
+            await e.shutdown()
+        return alone, same, mixed, live
+
+    alone, same, mixed, live = asyncio.run(run())
+    assert same == alone and len(mixed) > 0 and live == 0
