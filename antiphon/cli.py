@@ -5,6 +5,7 @@
     antiphon generate "Once upon"       # ask a running server (or --local: a throwaway one)
     antiphon status                     # is the server up, which ensembles does it serve
     antiphon zoo build --scale tiny     # train the zoo's checkpoints
+    antiphon train switcher --ensemble base,sft,aligned --tasks knowledge --out runs/switch
     antiphon eval --ensemble default --policy round_robin --split test
 
 Logs go to stderr (console format; JSON inside the server's actors); answers to stdout.
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from antiphon.deploy.api import GenerateResponse, Segment
+from antiphon.training import switcher_cli
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 APP_NAME = "antiphon"
@@ -155,8 +157,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        import signal
+
         from ray import serve
 
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut shutdown
+        get_logger("antiphon.cli").info("shutting_down")
         serve.shutdown()
     return 0
 
@@ -302,6 +308,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def cmd_train_switcher(args: argparse.Namespace) -> int:
+    switcher_cli.run(args)
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", help="ensemble name (default: the server's first)")
     p.add_argument("--policy", help="policy name (default: the ensemble's)")
@@ -360,6 +371,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install", action="store_true", help="copy the result into the package")
     p.set_defaults(run=cmd_zoo_build)
 
+    train = sub.add_parser("train", help="train a policy from rollouts or logged turns")
+    train_sub = train.add_subparsers(dest="train_command", required=True, metavar="WHAT")
+    p = train_sub.add_parser("switcher", help="rollouts on zoo tasks, then train the switcher")
+    switcher_cli.add_arguments(p)
+    p.set_defaults(run=cmd_train_switcher)
+
     p = sub.add_parser("eval", help="score an ensemble and policy on the zoo's tasks")
     p.add_argument("--url", help="a running server to ask (default: a throwaway local one)")
     p.add_argument("--api-key", default=os.environ.get("ANTIPHON_API_KEY"), help="API key")
@@ -377,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `antiphon` console script."""
+    import httpx
+
     from antiphon.errors import AntiphonError
     from antiphon.logging import configure_logging
 
@@ -386,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except AntiphonError as e:
         print(f"antiphon: error: {type(e).__name__}: {e.message}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as e:
+        print(f"antiphon: error: cannot reach the server: {e}", file=sys.stderr)
         return 1
 
 

@@ -10,12 +10,13 @@ random-weight ones) behind the real HTTP ingress on a local Ray, and times `/v1/
 - round robin between the two models with segments of 32, 8 and 1 tokens.
 Figures are ratios measured in the same run: `roundrobin_segN_vs_single` = tokens/s of round
 robin / tokens/s of the single model (target for 32: >= 0.85). `turn_overhead_ms` is the median
-coordination time per turn outside the models: per round-robin request, its wall time minus
-the time its turns spent in model calls (`model_ms` of its turn records: sync + generate,
-handle round trips included), divided by its number of turns (HTTP, ingress, policy, state
-and streaming are what is left). `details.marginal_turn_ms` is the other view: what one more
-turn costs all in (round trips and the other model catching up included), from segment 1 vs
-single.
+coordination time per turn outside the models: per request, its wall time minus the time its
+turns spent in model calls (`model_ms` of its turn records: sync + generate, handle round
+trips included) is the time outside the models; a round-robin request's excess of it over a
+single-model request (one turn), per extra turn, is one turn's coordination (policy, state,
+streaming; HTTP and ingress cost the same in both). `details.marginal_turn_ms` is the other
+view: what one more turn costs all in (round trips and the other model catching up
+included), from segment 1 vs single.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,24 +57,30 @@ def two_models(work: Path) -> list[dict[str, str]]:
     ]
 
 
-def run_config(url: str, policy: str, params: dict, max_tokens: int, repeats: int) -> dict:
-    """Time every prompt `repeats` times; return tokens/s over all and the request ids."""
-    body = {"ensemble": "pair", "policy": policy, "policy_params": params,
-            "max_tokens": max_tokens, "temperature": 0}  # fmt: skip
-    httpx.post(f"{url}/v1/generate", json={**body, "prompt": PROMPTS[0]}, timeout=600)  # warm up
-    tokens, seconds, wall_ms = 0, 0.0, {}
+def run_configs(url: str, configs: dict[str, dict], max_tokens: int, repeats: int) -> dict:
+    """Time every prompt `repeats` times under every config, interleaved (config after config
+    for each prompt) so a change in machine load hits all configs alike. Returns, per config,
+    tokens, seconds, tokens/s and the wall time of each request by id."""
+    runs = {name: {"tokens": 0, "seconds": 0.0, "wall_ms": {}} for name in configs}
+    for config in configs.values():  # warm up: first sessions, first policy build
+        body = {**config, "ensemble": "pair", "max_tokens": max_tokens, "prompt": PROMPTS[0]}
+        httpx.post(f"{url}/v1/generate", json=body, timeout=600).raise_for_status()
     for _ in range(repeats):
         for prompt in PROMPTS:
-            start = time.perf_counter()
-            r = httpx.post(f"{url}/v1/generate", json={**body, "prompt": prompt}, timeout=600)
-            elapsed = time.perf_counter() - start
-            r.raise_for_status()
-            answer = r.json()
-            seconds += elapsed
-            tokens += answer["usage"]["completion_tokens"]
-            wall_ms[answer["id"]] = elapsed * 1000.0
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "wall_ms": wall_ms}  # fmt: skip
+            for name, body in configs.items():
+                body = {**body, "ensemble": "pair", "max_tokens": max_tokens, "prompt": prompt,
+                        "temperature": 0}  # fmt: skip
+                start = time.perf_counter()
+                r = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
+                elapsed = time.perf_counter() - start
+                r.raise_for_status()
+                answer, run = r.json(), runs[name]
+                run["seconds"] += elapsed
+                run["tokens"] += answer["usage"]["completion_tokens"]
+                run["wall_ms"][answer["id"]] = elapsed * 1000.0
+    for run in runs.values():
+        run["tokens_per_s"] = run["tokens"] / run["seconds"]
+    return runs
 
 
 def turns_by_request(log_path: Path, request_ids: set[str]) -> dict[str, list]:
@@ -86,14 +94,12 @@ def turns_by_request(log_path: Path, request_ids: set[str]) -> dict[str, list]:
     return out
 
 
-def overhead_per_turn_ms(wall_ms: dict[str, float], turns: dict[str, list]) -> list[float]:
-    """Per request: (wall time - time in model calls) / turns."""
-    out = []
+def outside_models_ms(wall_ms: dict[str, float], turns: dict[str, list]) -> dict[str, tuple]:
+    """Per request: (wall time - time in model calls, number of turns)."""
+    out = {}
     for request_id, records in turns.items():
         by_turn = {r.turn: r.model_ms for r in records}  # a turn may commit several segments
-        if by_turn:
-            outside = wall_ms[request_id] - sum(by_turn.values())
-            out.append(outside / len(by_turn))
+        out[request_id] = (wall_ms[request_id] - sum(by_turn.values()), len(by_turn))
     return out
 
 
@@ -109,7 +115,7 @@ def wait_for_turn_log(log_path: Path, request_ids: set[str], timeout_s: float = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
 
     import ray
@@ -134,19 +140,18 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
         serve.run(build_app(config), name="collab", route_prefix="/")
         url = f"http://127.0.0.1:{config.serving.port}"
-        runs = {
-            "single": run_config(
-                url,
-                "fixed",
-                {"model": "first", "segment_len": args.max_tokens},
-                args.max_tokens,
-                args.repeats,
-            ),  # fmt: skip
+        configs = {
+            "single": {
+                "policy": "fixed",
+                "policy_params": {"model": "first", "segment_len": args.max_tokens},
+            }
         }
         for seg in SEGMENTS:
-            runs[f"roundrobin_seg{seg}"] = run_config(
-                url, "round_robin", {"segment_len": seg}, args.max_tokens, args.repeats
-            )
+            configs[f"roundrobin_seg{seg}"] = {
+                "policy": "round_robin",
+                "policy_params": {"segment_len": seg},
+            }
+        runs = run_configs(url, configs, args.max_tokens, args.repeats)  # fmt: skip
         log_path = work / "turns.atl"
         all_ids = {i for run in runs.values() for i in run["wall_ms"]}
         wait_for_turn_log(log_path, all_ids)
@@ -154,10 +159,19 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    rr_wall = {
-        i: ms for seg in SEGMENTS for i, ms in runs[f"roundrobin_seg{seg}"]["wall_ms"].items()
-    }
-    overheads = overhead_per_turn_ms(rr_wall, turns_by_request(log_path, set(rr_wall)))
+    # Outside the models, a request costs a fixed part (HTTP, ingress, opening sessions) plus a
+    # part per turn; the single run (one turn a request) gives the fixed part plus one turn.
+    def outside(name: str) -> dict[str, tuple]:
+        wall = runs[name]["wall_ms"]
+        return outside_models_ms(wall, turns_by_request(log_path, set(wall)))
+
+    single_outside = statistics.median(ms for ms, _ in outside("single").values())
+    overheads = [
+        (ms - single_outside) / (turns - 1)
+        for seg in SEGMENTS
+        for ms, turns in outside(f"roundrobin_seg{seg}").values()
+        if turns > 1
+    ]
     # all in: extra time of segment-1 round robin over single, per extra turn
     turns_seg1 = turns_by_request(log_path, set(runs["roundrobin_seg1"]["wall_ms"]))
     extra_turns = sum(len({r.turn for r in t}) - 1 for t in turns_seg1.values())
@@ -171,10 +185,11 @@ def main() -> None:
     }
     results["turn_overhead_ms"] = statistics.median(overheads) if overheads else None
     results["details"] = {
-        "models": [m["path"] for m in models],
+        "models": [m["path"] if m["path"].startswith("zoo:") else "random weights" for m in models],
         "max_tokens": args.max_tokens,
         "requests_per_config": args.repeats * len(PROMPTS),
         "requests_measured": len(overheads),
+        "single_request_outside_models_ms": single_outside,
         "marginal_turn_ms": extra_ms / extra_turns if extra_turns else None,
         "tokens_per_s": {k: round(v["tokens_per_s"], 2) for k, v in runs.items()},
         "tokens": {k: v["tokens"] for k, v in runs.items()},
@@ -191,6 +206,7 @@ def main() -> None:
           f"{overhead:.2f}" if overhead is not None else "turn_overhead_ms: no turns")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)  # the checkpoints and turn log of this run
     marginal = results["details"]["marginal_turn_ms"]
     if marginal is not None:
         print(f"marginal cost of one more turn, all in (seg 1 vs single): {marginal:.2f} ms")

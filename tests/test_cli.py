@@ -27,7 +27,7 @@ def server(ray_cluster, tiny_model_dir, other_tiny_model_dir, tmp_path_factory) 
 def test_help_lists_the_commands():
     out = antiphon("--help")
     assert out.returncode == 0
-    for command in ("serve", "generate", "status", "demo", "zoo", "eval"):
+    for command in ("serve", "generate", "status", "demo", "zoo", "train", "eval"):
         assert command in out.stdout
 
 

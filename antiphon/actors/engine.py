@@ -686,8 +686,9 @@ class ModelEngine:
             return None
         if isinstance(op, _Close):
             session.calls.popleft()
-            call.resolve(None)
+            # Forget first: a caller that sees close return must see the session gone.
             self._forget(session, "closed")
+            call.resolve(None)
             return None
         raise TypeError(f"unknown operation {op!r}")
 

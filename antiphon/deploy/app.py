@@ -58,8 +58,9 @@ class AppArgs(BaseModel):
     config: str | None = Field(default=None, description="YAML config; default: the default one.")
 
 
-def app_builder(args: AppArgs) -> Application:
+def app_builder(args: dict[str, str]) -> Application:
     """Serve's builder entry point: `serve run antiphon.deploy.app:app_builder config=FILE`."""
     from antiphon.deploy.default import default_config
 
-    return build_app(load_config(args.config) if args.config else default_config())
+    parsed = AppArgs.model_validate(args)
+    return build_app(load_config(parsed.config) if parsed.config else default_config())

@@ -47,6 +47,7 @@ from antiphon.coordinator.request import (
     GenerationResult,
     SegmentEvent,
     StreamEvent,
+    Usage,
     openai_finish_reason,
 )
 from antiphon.deploy import api
@@ -138,12 +139,17 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
             problems.append(f"malformed JSON body: {ctx.get('error', err.get('msg'))}")
             continue
         field = ".".join(loc)
+        if not field and err.get("type") == "model_attributes_type":
+            problems.append(
+                "the request body must be a JSON object (send Content-Type: application/json)"
+            )
+            continue
         params.append(field)
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         problems.append(f"{field}: {msg}" if field else msg)
     return error_response(
         400, "; ".join(problems) or "invalid request", code="InvalidRequest",
-        param=params[0] if params else None,
+        param=params[0] if params and params[0] else None,
     )  # fmt: skip
 
 
@@ -217,11 +223,11 @@ def coordinator_request(
     )
 
 
-def _usage(usage: object) -> api.Usage:
+def _usage(usage: Usage) -> api.Usage:
     return api.Usage(
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
-        total_tokens=usage.prompt_tokens + usage.completion_tokens,
+        total_tokens=usage.total_tokens,
     )
 
 
@@ -388,7 +394,10 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                  policy=request.policy, stream=body.stream, chat=chat)  # fmt: skip
 
         def response(
-            choices: list, segments: list[api.Segment], usage: api.Usage | None, obj: str
+            choices: list[api.CompletionChoice] | list[api.ChatChoice] | list[api.ChatChunkChoice],
+            segments: list[api.Segment],
+            usage: api.Usage | None,
+            obj: str,
         ) -> api.OpenAIResponse:
             return api.OpenAIResponse(
                 id=request.request_id, object=obj, created=created, model=ensemble.name,
@@ -412,7 +421,12 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         obj = "chat.completion.chunk" if chat else "text_completion"
         sent_role = False
 
-        def chunk(text: str | None, finish: str | None, segments: list, usage) -> bytes:
+        def chunk(
+            text: str | None,
+            finish: str | None,
+            segments: list[api.Segment],
+            usage: api.Usage | None,
+        ) -> bytes:
             nonlocal sent_role
             if chat:
                 delta = api.ChatMessageOut(content=text)

@@ -20,16 +20,12 @@ import json
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from antiphon.training.rollouts import (
-    Generate,
-    RolloutConfig,
-    RolloutStore,
-    queries_from_tasks,
-    run_rollouts,
-    serve_generate,
-)
-from antiphon.training.switcher_training import SwitcherTrainConfig, train_switcher
+# The heavy modules (torch, transformers) are imported where used, so `antiphon --help` and
+# argument errors stay fast: the `antiphon` command builds its parser from `add_arguments`.
+if TYPE_CHECKING:
+    from antiphon.training.rollouts import Generate
 
 
 def zoo_model_path(name: str, zoo_dir: Path | None) -> str:
@@ -84,12 +80,20 @@ def ray_coordinator(models: Sequence[tuple[str, str]]) -> Generate:
     if not ray.is_initialized():
         ray.init(address="auto", log_to_driver=False)
     specs = [ModelSpec(name=n, path=p) for n, p in models]
+    from antiphon.training.rollouts import serve_generate
+
     handle = serve.run(build_coordinator_app(specs), name="switcher-rollouts", route_prefix=None)
     return serve_generate(handle)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="antiphon train switcher", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `antiphon train switcher` (shared by this module's own entry point)."""
     p.add_argument("--ensemble", required=True, help="base,sft,aligned or NAME=DIR,...")
     p.add_argument("--tasks", nargs="+", required=True, help="zoo task names")
     p.add_argument("--out", type=Path, required=True)
@@ -108,10 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
     p.add_argument("--ray", action="store_true", help="run the rollouts on a Ray cluster")
-    return p
 
 
 async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> list:
+    from antiphon.training.rollouts import (
+        RolloutConfig,
+        RolloutStore,
+        queries_from_tasks,
+        run_rollouts,
+    )
     from antiphon.zoo.tasks import make_tasks
 
     tasks = make_tasks(zoo_world(args.zoo_dir), args.split, args.tasks)
@@ -129,9 +138,15 @@ async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> l
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run rollouts (resumable) and train the switcher; print and return the report."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """`antiphon train switcher` with parsed options."""
     from dataclasses import asdict
 
-    args = build_parser().parse_args(argv)
+    from antiphon.training.switcher_training import SwitcherTrainConfig, train_switcher
+
     models = parse_ensemble(args.ensemble, args.zoo_dir)
     examples = asyncio.run(rollouts(args, models))
     cfg = SwitcherTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

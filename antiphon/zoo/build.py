@@ -89,7 +89,7 @@ PLANS: dict[str, ZooPlan] = {
         guide_steps=4,
     ),
     "full": ZooPlan(
-        n_entities=60,
+        n_entities=36,
         n_docs=6000,
         batch_size=32,
         pretrain_batch_size=16,

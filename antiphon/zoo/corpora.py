@@ -20,6 +20,7 @@ import re
 
 from antiphon.zoo.world import (
     ANIMALS,
+    ATTRIBUTES,
     BENIGN_OBJECTS,
     BENIGN_VERBS,
     COLOURS,
@@ -219,12 +220,14 @@ def has_carry(a: int, b: int) -> bool:
 def pretraining_document(world: World, rng: random.Random) -> str:
     """~300-450 characters: facts and mentions of one or two entities (more than half the
     text: tiny models need many sightings of a fact) among other text."""
-    focus = rng.sample(world.entities, k=min(2, len(world.entities)))
+    # Every fact at most once per document: a repeated fact is predictable by copying from
+    # earlier in the context, and only unpredictable sightings make a model memorise it.
+    focus = rng.sample(world.entities, k=min(3, len(world.entities)))
     pieces: list[str] = [mention_sentence(focus[0], rng)]
-    for _ in range(rng.randint(3, 5)):
-        pieces.append(fact_sentence(focus[0], rng.choice(("capital", "colour", "founder")), rng))
-    for _ in range(rng.randint(1, 2)):
-        pieces.append(fact_sentence(focus[1], rng.choice(("capital", "colour", "founder")), rng))
+    for attribute in rng.sample(ATTRIBUTES, k=3):
+        pieces.append(fact_sentence(focus[0], attribute, rng))
+    for other in focus[1:]:
+        pieces.append(fact_sentence(other, rng.choice(ATTRIBUTES), rng))
     kind = rng.random()
     if kind < 0.45:
         pieces.append(story(rng))

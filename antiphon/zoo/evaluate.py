@@ -30,7 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from antiphon.actors.messages import SamplingParams
 from antiphon.actors.protocol import SessionModel
-from antiphon.zoo.tasks import Task, TaskItem
+from antiphon.errors import NotFound
+from antiphon.zoo.tasks import TASK_NAMES, Task, TaskItem, make_tasks
 
 Generate = Callable[[str, SamplingParams], Awaitable[str]]
 
@@ -110,6 +111,21 @@ async def evaluate_async(
 def evaluate(generate: Generate, tasks: Iterable[Task], **kwargs) -> list[EvalResult]:
     """Synchronous `evaluate_async` (runs its own event loop)."""
     return asyncio.run(evaluate_async(generate, tasks, **kwargs))
+
+
+def zoo_tasks(
+    split: str = "test", names: Sequence[str] = TASK_NAMES, zoo_dir: Path | None = None
+) -> dict[str, Task]:
+    """The task splits of the world a zoo was trained on (its zoo.json names seed and scale);
+    by default the zoo shipped in the package."""
+    from antiphon.zoo import CHECKPOINT_DIR
+    from antiphon.zoo.build import world_for
+
+    manifest_path = Path(zoo_dir or CHECKPOINT_DIR) / "zoo.json"
+    if not manifest_path.exists():
+        raise NotFound(f"no zoo at {manifest_path.parent} (zoo.json missing): build one first")
+    manifest = json.loads(manifest_path.read_text())
+    return make_tasks(world_for(manifest["scale"], manifest["seed"]), split, names)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,10 +45,16 @@ def server_config(model_a: Path, model_b: Path, turn_log: Path) -> AppConfig:
                 {"name": "b", "path": str(model_b), "max_ongoing_requests": 16},
             ],
             "ensembles": [
-                {"name": "pair", "models": ["a", "b"],
-                 "policy": {"name": "round_robin", "params": {"segment_len": 4}}},
-                {"name": "solo", "models": ["a"], "policy": {"name": "fixed",
-                                                             "params": {"model": "a"}}},
+                {
+                    "name": "pair",
+                    "models": ["a", "b"],
+                    "policy": {"name": "round_robin", "params": {"segment_len": 4}},
+                },
+                {
+                    "name": "solo",
+                    "models": ["a"],
+                    "policy": {"name": "fixed", "params": {"model": "a"}},
+                },
             ],  # fmt: skip
             "serving": {
                 "api_key": API_KEY,

@@ -147,7 +147,7 @@ TOO_LONG = "x" * 600  # the tiny models' context is 512
 CLIENT_MISTAKES = [
     # (name, path, body (str: sent raw), status, words the error message contains)
     ("malformed json", "/v1/generate", '{"prompt": "a",', 400, "malformed JSON"),
-    ("not an object", "/v1/generate", "[1, 2]", 400, "Input should be"),
+    ("not an object", "/v1/generate", "[1, 2]", 400, "must be a JSON object"),
     ("unknown ensemble", "/v1/generate", {"prompt": "a", "ensemble": "zzz"}, 404, "zzz"),
     ("unknown policy", "/v1/generate", {"prompt": "a", "policy": "zzz"}, 404, "unknown policy"),
     ("bad policy params", "/v1/generate",
@@ -198,6 +198,13 @@ def test_client_mistake_gets_4xx_naming_it_and_server_goes_on(server, path, body
     # the server answers the next request
     ok = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+def test_body_without_json_content_type_is_named(server):
+    r = httpx.post(f"{server.url}/v1/generate", content=b'{"prompt": "a"}', timeout=60,
+                   headers={**server.headers, "content-type": "text/plain"})  # fmt: skip
+    assert r.status_code == 400
+    assert "Content-Type: application/json" in r.json()["error"]["message"]
 
 
 def test_api_key_is_enforced_but_health_is_open(server):
