@@ -2,21 +2,25 @@
 
     python benchmarks/collab.py          # prints a table, writes benchmarks/results/collab.json
     python benchmarks/collab.py --max-tokens 64 --repeats 1      # quicker
+    python benchmarks/collab.py --zoo       # the zoo's base and sft instead (if it is built)
 
-Deploys two same-size checkpoints (the zoo's base and sft if the zoo is built, else two
-random-weight ones) behind the real HTTP ingress on a local Ray, and times `/v1/generate`
-(greedy, same prompts) for:
+Deploys two same-size checkpoints (two random-weight ones: they rarely write end-of-sequence, so
+every config writes the whole budget and tokens/s compare requests of equal length; with --zoo
+the zoo's base and sft, whose answers end where they end) behind the real HTTP ingress on a
+local Ray, and times `/v1/generate` (greedy, same prompts; the budget cut to what the models'
+context holds) for:
 - single: one model writes everything (policy fixed, one segment for the whole budget);
 - round robin between the two models with segments of 32, 8 and 1 tokens.
 Figures are ratios measured in the same run: `roundrobin_segN_vs_single` = tokens/s of round
 robin / tokens/s of the single model (target for 32: >= 0.85). `turn_overhead_ms` is the median
-coordination time per turn outside the models: per request, its wall time minus the time its
-turns spent in model calls (`model_ms` of its turn records: sync + generate, handle round
-trips included) is the time outside the models; a round-robin request's excess of it over a
-single-model request (one turn), per extra turn, is one turn's coordination (policy, state,
-streaming; HTTP and ingress cost the same in both). `details.marginal_turn_ms` is the other
-view: what one more turn costs all in (round trips and the other model catching up
-included), from segment 1 vs single.
+over round-robin turns of a turn's coordination time outside the models, from its turn record:
+`wall_ms - model_ms` (the whole turn, from asking the policy to its segment streamed out, minus
+its model call -- one `generate` carrying the other model's tokens, handle round trip
+included). `details.request_outside_turns_ms` is the median per-request cost outside the turns
+(HTTP, ingress, handle hops, request setup): request wall time minus its turns' `wall_ms`.
+`details.marginal_turn_ms` is the all-in view: what one more turn costs (round trip and the
+other model catching up included), from segment 1 vs single. Requests go over one kept-alive
+HTTP connection, as a real client's would.
 """
 
 from __future__ import annotations
@@ -45,11 +49,13 @@ SEGMENTS = (32, 8, 1)
 RESULTS = Path(__file__).parent / "results" / "collab.json"
 
 
-def two_models(work: Path) -> list[dict[str, str]]:
-    """Two same-size checkpoints: the zoo's base and sft, else two random-weight ones."""
+def two_models(work: Path, zoo: bool) -> list[dict[str, str]]:
+    """Two same-size checkpoints: the zoo's base and sft if asked for, else random-weight ones."""
     from antiphon.deploy.default import write_random_model, zoo_available
 
-    if zoo_available():
+    if zoo:
+        if not zoo_available():
+            raise SystemExit("--zoo: the zoo is not built (see antiphon/zoo/build.py)")
         return [{"name": "first", "path": "zoo:base"}, {"name": "second", "path": "zoo:sft"}]
     return [
         {"name": "first", "path": str(write_random_model(work / "first", seed=0))},
@@ -62,22 +68,24 @@ def run_configs(url: str, configs: dict[str, dict], max_tokens: int, repeats: in
     for each prompt) so a change in machine load hits all configs alike. Returns, per config,
     tokens, seconds, tokens/s and the wall time of each request by id."""
     runs = {name: {"tokens": 0, "seconds": 0.0, "wall_ms": {}} for name in configs}
+    client = httpx.Client(base_url=url, timeout=600)  # one connection, kept alive
     for config in configs.values():  # warm up: first sessions, first policy build
         body = {**config, "ensemble": "pair", "max_tokens": max_tokens, "prompt": PROMPTS[0]}
-        httpx.post(f"{url}/v1/generate", json=body, timeout=600).raise_for_status()
+        client.post("/v1/generate", json=body).raise_for_status()
     for _ in range(repeats):
         for prompt in PROMPTS:
             for name, body in configs.items():
                 body = {**body, "ensemble": "pair", "max_tokens": max_tokens, "prompt": prompt,
                         "temperature": 0}  # fmt: skip
                 start = time.perf_counter()
-                r = httpx.post(f"{url}/v1/generate", json=body, timeout=600)
+                r = client.post("/v1/generate", json=body)
                 elapsed = time.perf_counter() - start
                 r.raise_for_status()
                 answer, run = r.json(), runs[name]
                 run["seconds"] += elapsed
                 run["tokens"] += answer["usage"]["completion_tokens"]
                 run["wall_ms"][answer["id"]] = elapsed * 1000.0
+    client.close()
     for run in runs.values():
         run["tokens_per_s"] = run["tokens"] / run["seconds"]
     return runs
@@ -94,12 +102,21 @@ def turns_by_request(log_path: Path, request_ids: set[str]) -> dict[str, list]:
     return out
 
 
-def outside_models_ms(wall_ms: dict[str, float], turns: dict[str, list]) -> dict[str, tuple]:
-    """Per request: (wall time - time in model calls, number of turns)."""
-    out = {}
+def turn_overheads_ms(turns: dict[str, list]) -> list[float]:
+    """Per turn: its wall time minus its time in model calls (from its turn records)."""
+    out = []
+    for records in turns.values():
+        by_turn = {r.turn: r.wall_ms - r.model_ms for r in records}  # a turn: 1+ segments
+        out += by_turn.values()
+    return out
+
+
+def outside_turns_ms(wall_ms: dict[str, float], turns: dict[str, list]) -> list[float]:
+    """Per request: its wall time (at the client) minus the wall time of its turns."""
+    out = []
     for request_id, records in turns.items():
-        by_turn = {r.turn: r.model_ms for r in records}  # a turn may commit several segments
-        out[request_id] = (wall_ms[request_id] - sum(by_turn.values()), len(by_turn))
+        by_turn = {r.turn: r.wall_ms for r in records}
+        out.append(wall_ms[request_id] - sum(by_turn.values()))
     return out
 
 
@@ -112,10 +129,28 @@ def wait_for_turn_log(log_path: Path, request_ids: set[str], timeout_s: float = 
         time.sleep(0.2)
 
 
+def fitting_budget(models: list[dict[str, str]], max_tokens: int) -> int:
+    """max_tokens, cut so that the longest prompt plus the response fits every model's context
+    (one position spare: a session that fills its context cannot write)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from antiphon.actors.engine import resolve_checkpoint_path
+
+    budget = max_tokens
+    for m in models:
+        where = resolve_checkpoint_path(m["path"])
+        context = AutoConfig.from_pretrained(where).max_position_embeddings
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        longest = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+        budget = min(budget, context - longest - 1)
+    return budget
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--zoo", action="store_true", help="the zoo's base and sft")
     args = parser.parse_args()
 
     import ray
@@ -126,7 +161,8 @@ def main() -> None:
     from antiphon.deploy.app import build_app
 
     work = Path(tempfile.mkdtemp(prefix="antiphon-collab-"))
-    models = two_models(work)
+    models = two_models(work, args.zoo)
+    args.max_tokens = fitting_budget(models, args.max_tokens)
     config = parse_config(
         {
             "models": models,
@@ -159,22 +195,13 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
 
-    # Outside the models, a request costs a fixed part (HTTP, ingress, opening sessions) plus a
-    # part per turn; the single run (one turn a request) gives the fixed part plus one turn.
-    def outside(name: str) -> dict[str, tuple]:
-        wall = runs[name]["wall_ms"]
-        return outside_models_ms(wall, turns_by_request(log_path, set(wall)))
-
-    single_outside = statistics.median(ms for ms, _ in outside("single").values())
-    overheads = [
-        (ms - single_outside) / (turns - 1)
-        for seg in SEGMENTS
-        for ms, turns in outside(f"roundrobin_seg{seg}").values()
-        if turns > 1
+    turns = {name: turns_by_request(log_path, set(run["wall_ms"])) for name, run in runs.items()}
+    overheads = [ms for seg in SEGMENTS for ms in turn_overheads_ms(turns[f"roundrobin_seg{seg}"])]
+    outside = [
+        ms for name, run in runs.items() for ms in outside_turns_ms(run["wall_ms"], turns[name])
     ]
     # all in: extra time of segment-1 round robin over single, per extra turn
-    turns_seg1 = turns_by_request(log_path, set(runs["roundrobin_seg1"]["wall_ms"]))
-    extra_turns = sum(len({r.turn for r in t}) - 1 for t in turns_seg1.values())
+    extra_turns = sum(len({r.turn for r in t}) - 1 for t in turns["roundrobin_seg1"].values())
     extra_ms = sum(runs["roundrobin_seg1"]["wall_ms"].values()) - sum(
         runs["single"]["wall_ms"].values()
     )
@@ -188,8 +215,8 @@ def main() -> None:
         "models": [m["path"] if m["path"].startswith("zoo:") else "random weights" for m in models],
         "max_tokens": args.max_tokens,
         "requests_per_config": args.repeats * len(PROMPTS),
-        "requests_measured": len(overheads),
-        "single_request_outside_models_ms": single_outside,
+        "turns_measured": len(overheads),
+        "request_outside_turns_ms": statistics.median(outside),
         "marginal_turn_ms": extra_ms / extra_turns if extra_turns else None,
         "tokens_per_s": {k: round(v["tokens_per_s"], 2) for k, v in runs.items()},
         "tokens": {k: v["tokens"] for k, v in runs.items()},
@@ -202,7 +229,7 @@ def main() -> None:
         ratio = run["tokens_per_s"] / single
         print(f"{name:<22}{run['tokens']:>8}{run['tokens_per_s']:>12.1f}{ratio:>12.3f}")
     overhead = results["turn_overhead_ms"]
-    print(f"turn_overhead_ms (median over {len(overheads)} requests): "
+    print(f"turn_overhead_ms (median over {len(overheads)} turns): "
           f"{overhead:.2f}" if overhead is not None else "turn_overhead_ms: no turns")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
@@ -210,6 +237,7 @@ def main() -> None:
     marginal = results["details"]["marginal_turn_ms"]
     if marginal is not None:
         print(f"marginal cost of one more turn, all in (seg 1 vs single): {marginal:.2f} ms")
+    print(f"per request outside its turns: {results['details']['request_outside_turns_ms']:.2f} ms")
     print(f"wrote {RESULTS}")
 
 

@@ -60,9 +60,13 @@ class ServeModelClient:
         h = self._session_handle(session_id)
         return await _result(h.append.remote(session_id, token_ids), session_id)
 
-    async def generate(self, session_id: str, params: SamplingParams) -> Generation:
+    async def generate(
+        self, session_id: str | None, params: SamplingParams, prefix_ids: list[int] = ()
+    ) -> Generation:
+        if session_id is None:  # opens a session: any replica will do
+            return await _result(self.handle.generate.remote(None, params, list(prefix_ids)))
         h = self._session_handle(session_id)
-        return await _result(h.generate.remote(session_id, params), session_id)
+        return await _result(h.generate.remote(session_id, params, list(prefix_ids)), session_id)
 
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         h = self._session_handle(session_id)

@@ -3,6 +3,8 @@
     engine = ModelEngine(ModelSpec(name="base", path="zoo:base"))
     s = await engine.open("Once upon")
     g = await engine.generate(s.session_id, SamplingParams(max_new_tokens=16))
+    g = await engine.generate(s.session_id, params, prefix_ids=other_ids)  # append + generate
+    g = await engine.generate(None, params, prefix_ids=prompt_ids)  # open + generate
     await engine.shutdown()
 
 Sessions. A session holds its token ids and a KV cache of all of them but the last: that last
@@ -12,6 +14,9 @@ run the model on their tokens except the last; `generate` feeds the pending toke
 one position per new token (it leaves its final token pending); `score` feeds the pending
 token plus the continuation and then drops the continuation's cache. Every call runs the
 model only on tokens it has not seen (Generation.new_tokens_computed counts them).
+`generate` with `prefix_ids` first appends them (tokens written elsewhere) and feeds them in
+the same forward pass as the pending token, so "append then generate" costs one call and no
+extra pass; with no session id it opens a new session whose prompt is `prefix_ids`.
 `fork` gives the children the parent's cache tensors (shared, never written in place: the
 cache grows by concatenation); `truncate` keeps a view of the first positions.
 
@@ -197,8 +202,9 @@ class _Append:
 
 @dataclass
 class _Generate:
-    session_id: str
+    session_id: str | None  # None: open a new session whose prompt is prefix_ids
     params: SamplingParams
+    prefix_ids: list[int] = field(default_factory=list)  # appended first; emptied once appended
     seq: int = 0  # arrival order; earlier generate calls get decode slots first
     generator: torch.Generator | None = None
     token_ids: list[int] = field(default_factory=list)
@@ -360,10 +366,15 @@ class ModelEngine:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
         return await self._submit(_Append(session_id, ids))
 
-    async def generate(self, session_id: str, params: SamplingParams) -> Generation:
+    async def generate(
+        self, session_id: str | None, params: SamplingParams, prefix_ids: list[int] = ()
+    ) -> Generation:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
-        return await self._submit(_Generate(session_id, params))
+        prefix = as_token_ids(prefix_ids, self.vocab_size, "prefix_ids")
+        if session_id is None and not prefix:
+            raise InvalidRequest("generate without a session needs prefix_ids: its prompt")
+        return await self._submit(_Generate(session_id, params, prefix))
 
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
@@ -478,8 +489,11 @@ class ModelEngine:
 
     def _accept(self, call: _Call) -> None:
         op = call.op
-        if isinstance(op, _Open):
-            ids = self._encode(op.prompt) if isinstance(op.prompt, str) else op.prompt
+        if isinstance(op, _Open) or (isinstance(op, _Generate) and op.session_id is None):
+            if isinstance(op, _Open):
+                ids = self._encode(op.prompt) if isinstance(op.prompt, str) else op.prompt
+            else:  # open + generate: the prefix is the prompt
+                ids, op.prefix_ids = op.prefix_ids, []
             if not ids:
                 raise InvalidRequest("prompt is empty: a session needs at least one token")
             if len(ids) > self.max_context:
@@ -487,8 +501,18 @@ class ModelEngine:
                     f"prompt has {len(ids)} tokens, model {self.spec.name!r} reads at most "
                     f"{self.max_context}"
                 )
+            if isinstance(op, _Generate) and len(ids) == self.max_context:
+                # refused before the session exists: its id would never reach the caller
+                raise PromptTooLong(
+                    f"prompt has {len(ids)} tokens, the whole context of model "
+                    f"{self.spec.name!r}: no room to generate"
+                )
             self._make_room(new_tokens=len(ids), new_sessions=1)
             session = self._new_session(list(ids), kv=[], n_cached=0)
+            if isinstance(op, _Generate):
+                op.session_id = session.session_id
+                self._generate_seq += 1
+                op.seq = self._generate_seq
             session.calls.append(call)
             return
         if isinstance(op, _Close) and op.session_id not in self._sessions:
@@ -629,11 +653,12 @@ class ModelEngine:
     def _row_or_result(self, session: _Session, call: _Call) -> _Row | None:
         """The forward row the head call needs, or None after completing it right here."""
         op = call.op
-        pending = session.token_ids[session.n_cached :]
         if isinstance(op, _Generate):
             if not op.started:
-                self._start_generate(session, op)
+                self._start_generate(session, op)  # may append the prefix: pending after it
+            pending = session.token_ids[session.n_cached :]
             return _Row(session, call, pending, len(pending), [len(pending) - 1])
+        pending = session.token_ids[session.n_cached :]
         if isinstance(op, _Open | _Append):
             if isinstance(op, _Append) and op.token_ids:
                 if len(session.token_ids) + len(op.token_ids) > self.max_context:
@@ -698,11 +723,19 @@ class ModelEngine:
         call.resolve(result)
 
     def _start_generate(self, session: _Session, op: _Generate) -> None:
-        if len(session.token_ids) >= self.max_context:
+        """Check room, append the prefix (fed with the pending token in the first pass)."""
+        length = len(session.token_ids) + len(op.prefix_ids)
+        if length >= self.max_context:  # checked before appending: a refused call changes nothing
+            with_prefix = f" + {len(op.prefix_ids)} prefix tokens" if op.prefix_ids else ""
             raise PromptTooLong(
-                f"session {session.session_id!r} already holds {len(session.token_ids)} tokens, "
-                f"the whole context of model {self.spec.name!r}: no room to generate"
+                f"session {session.session_id!r} holds {len(session.token_ids)} tokens"
+                f"{with_prefix}, the whole context ({self.max_context}) of model "
+                f"{self.spec.name!r}: no room to generate"
             )
+        if op.prefix_ids:
+            self._grow(session, op.prefix_ids)
+            op.prefix_ids = []
+            self._make_room(0, 0, strict=False)
         op.generator = new_generator(op.params.seed)
         op.started = True
 

@@ -27,8 +27,13 @@ class SessionModel(Protocol):
         """Add tokens written elsewhere (another model, the user) to the session."""
         ...
 
-    async def generate(self, session_id: str, params: SamplingParams) -> Generation:
-        """Write up to params.max_new_tokens tokens and append them to the session."""
+    async def generate(
+        self, session_id: str | None, params: SamplingParams, prefix_ids: list[int] = ()
+    ) -> Generation:
+        """Append `prefix_ids` (tokens written elsewhere), then write up to
+        params.max_new_tokens tokens and append them to the session: `append` + `generate` in
+        one call and one forward pass. With session_id None, open a new session whose prompt
+        is `prefix_ids` (Generation.session_id names it; the caller closes it)."""
         ...
 
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:

@@ -25,6 +25,7 @@ from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
 from antiphon.actors.engine import ModelEngine
 from antiphon.actors.messages import Generation, ModelInfo, SamplingParams, SessionInfo
 from antiphon.config import ModelSpec
+from antiphon.logging import configure_logging
 
 
 def _own_replica_id() -> str | None:
@@ -39,6 +40,7 @@ class ModelServer:
     """One replica of a model deployment: the engine plus metrics. Methods mirror SessionModel."""
 
     def __init__(self, spec: ModelSpec, engine_cls: type[ModelEngine] = ModelEngine) -> None:
+        configure_logging("json")
         self.spec = spec
         replica_id = _own_replica_id()
         self.engine = engine_cls(
@@ -89,9 +91,11 @@ class ModelServer:
         finally:
             self._record_metrics()
 
-    async def generate(self, session_id: str, params: SamplingParams) -> Generation:
+    async def generate(
+        self, session_id: str | None, params: SamplingParams, prefix_ids: list[int] = ()
+    ) -> Generation:
         try:
-            return await self.engine.generate(session_id, params)
+            return await self.engine.generate(session_id, params, prefix_ids)
         finally:
             self._record_metrics()
 

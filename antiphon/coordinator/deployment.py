@@ -13,8 +13,11 @@ models' specs), the policies hosted in policy actors, and a client of the one tu
     await handle.feedback.remote(request_id, 1.0)
 
 Round trips per turn: one policy call (none for the rule policies, which run in-process) plus
-the model calls of the decision (sync + generate for a write). Turn records go to the turn
-log in one batch per request, after the request's last event, without waiting for the disk.
+the model calls of the decision (one `generate` for a write: it carries the tokens the writer
+has not seen yet, or opens its session). After a request's last event, a background task
+closes its sessions and sends its turn records to the turn log in one batch, so the answer
+waits for neither (`flush_turn_log` waits for both). Logs are JSON lines carrying the request
+id and turn.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest, GenerationResult, StreamEvent
 from antiphon.errors import InvalidRequest
+from antiphon.logging import configure_logging
 from antiphon.policies.actor import PolicyClient
 from antiphon.policies.base import Policy
 from antiphon.policies.registry import build_policy, validate_policy_params
@@ -97,6 +101,7 @@ class CoordinatorServer:
         policy_actors: Mapping[str, ActorHandle] | None = None,
         turn_log_actor_name: str = DEFAULT_ACTOR_NAME,
     ) -> None:
+        configure_logging("json")
         missing = sorted({s.name for s in specs} - set(model_handles))
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
@@ -110,6 +115,7 @@ class CoordinatorServer:
             tokenizers={s.name: load_tokenizer(s) for s in specs},
             resolve_policy=HostedPolicies(policy_actors or {}),
             turn_sink=self.turn_log,
+            close_in_background=True,  # the replica's event loop outlives every request
         )
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -129,7 +135,9 @@ class CoordinatorServer:
         await self.turn_log.feedback(request_id, reward, comment)
 
     async def flush_turn_log(self) -> None:
-        """Wait until every record this replica sent has reached the turn log actor."""
+        """Wait until every record of this replica's finished requests is in the turn log
+        actor (and their sessions are closed)."""
+        await self.coordinator.drain()
         if self.turn_log is not None:
             await self.turn_log.flush()
 

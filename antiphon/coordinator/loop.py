@@ -12,7 +12,9 @@ client); the deployment in `antiphon.coordinator.deployment` wraps this class un
 Each turn: ask the policy (one call), run its decision on the model sessions, append the
 new segment(s) to the `SequenceState`, stream them, and keep their turn records (sent to the
 turn log in one batch when the request ends). Sessions are opened lazily, one per model per
-request, and brought up to date just before the model writes or scores ("sync"):
+request, and brought up to date just before the model writes or scores ("sync"). A write is
+one model call: `generate` carries the tokens its session lacks as `prefix_ids` (or, for a
+model's first write, opens the session with the prompt and every segment so far):
 
 - models whose tokenizer fingerprints match exchange token ids as written;
 - otherwise the text of a run of foreign segments is re-tokenized as a whole with the
@@ -22,6 +24,9 @@ request, and brought up to date just before the model writes or scores ("sync"):
 
 A `SessionLost` from a model (replica restarted, session evicted) reopens that model's
 session from the state (prompt + all committed segments) and retries the call once.
+
+Every log line written during a request carries its `request_id`, and during a turn its
+`turn` (bound with `antiphon.logging.log_context`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import TypeVar
 
-import structlog
 from transformers import PreTrainedTokenizerBase
 
 from antiphon.actors.messages import Generation, ModelInfo, SamplingParams
@@ -53,6 +57,7 @@ from antiphon.coordinator.state import (
     SequenceStatus,
 )
 from antiphon.errors import InvalidRequest, NotFound, SessionLost
+from antiphon.logging import get_logger, log_context
 from antiphon.policies.base import (
     Decision,
     Finish,
@@ -65,7 +70,7 @@ from antiphon.policies.base import (
 from antiphon.policies.registry import build_policy
 from antiphon.training.turn_log import Record, RequestRecord, TurnRecord, TurnSink
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 # Makes a policy for a request: (policy name, params, ensemble) -> Policy. The default builds
@@ -117,18 +122,20 @@ class _ModelSession:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def prompt_ids(self) -> list[int]:
+        """The request's prompt in this model's tokenizer (special tokens included)."""
+        return self.run.prompt_ids(self.name)
+
     async def open(self) -> None:
         state = self.run.state
-        prompt_ids = list(self.tokenizer(state.prompt)["input_ids"])
-        info = await self.model.open(prompt_ids + self.ids_for(state.segments))
+        info = await self.model.open(self.prompt_ids() + self.ids_for(state.segments))
         self.session_id = info.session_id
         self.synced = len(state.segments)
 
     async def open_detached(self, extra: tuple[Segment, ...]) -> str:
         """A new session holding the state plus `extra` segments, not this object's own."""
         state = self.run.state
-        prompt_ids = list(self.tokenizer(state.prompt)["input_ids"])
-        ids = prompt_ids + self.ids_for(state.segments) + self.ids_for(extra)
+        ids = self.prompt_ids() + self.ids_for(state.segments) + self.ids_for(extra)
         return (await self.model.open(ids)).session_id
 
     async def sync(self) -> None:
@@ -143,15 +150,26 @@ class _ModelSession:
         self.synced = len(segments)
 
     async def generate(self, params: SamplingParams) -> Generation:
-        """Sync, then generate; on SessionLost reopen from the state and retry once."""
+        """Sync and generate in one call; on SessionLost reopen from the state, retry once."""
         try:
-            await self.sync()
-            return await self.model.generate(self.session_id, params)
+            return await self._sync_and_generate(params)
         except SessionLost:
-            log.warning("session_lost", model=self.name, request_id=self.run.state.request_id)
+            log.warning("session_lost", model=self.name)  # request_id, turn: bound
             self.session_id = None
-            await self.sync()
-            return await self.model.generate(self.session_id, params)
+            return await self._sync_and_generate(params)
+
+    async def _sync_and_generate(self, params: SamplingParams) -> Generation:
+        """One model call: the committed segments the session lacks go as the generate call's
+        prefix (no session yet: the prompt and all segments open one), so a turn costs one
+        round trip and the catch-up rides in the same forward pass as the first new token."""
+        segments = self.run.state.segments
+        if self.session_id is None:
+            prefix = self.prompt_ids() + self.ids_for(segments)
+        else:
+            prefix = self.ids_for(segments[self.synced :])
+        gen = await self.model.generate(self.session_id, params, prefix)
+        self.session_id, self.synced = gen.session_id, len(segments)
+        return gen
 
     async def close(self) -> None:
         if self.session_id is not None:
@@ -161,8 +179,9 @@ class _ModelSession:
 
 @dataclass
 class _Timing:
-    policy_ms: float = 0.0
-    model_ms: float = 0.0
+    policy_ms: float = 0.0  # waiting for the decision
+    model_ms: float = 0.0  # in model calls
+    wall_ms: float = 0.0  # the whole turn, its segments streamed out included
 
 
 class Coordinator:
@@ -175,6 +194,7 @@ class Coordinator:
         *,
         resolve_policy: PolicyResolver = build_policy,
         turn_sink: TurnSink | None = None,
+        close_in_background: bool = False,
     ) -> None:
         missing = sorted(set(models) - set(tokenizers))
         if missing:
@@ -183,6 +203,12 @@ class Coordinator:
         self.tokenizers = dict(tokenizers)
         self.resolve_policy = resolve_policy
         self.turn_sink = turn_sink
+        # True (the Serve deployment, whose event loop outlives requests): a request's
+        # sessions are closed and its records sent by a task after its last event, so the
+        # response does not wait for them; `drain()` waits. False: before the last event
+        # returns (an `asyncio.run` per request would cancel such a task).
+        self.close_in_background = close_in_background
+        self._endings: set[asyncio.Task] = set()  # background request endings under way
         self.infos: dict[str, ModelInfo] = {}  # fetched once per model, on first use
 
     async def _ensure_infos(self, names: tuple[str, ...]) -> None:
@@ -215,7 +241,7 @@ class Coordinator:
     async def _drive(self, run: _Run) -> AsyncIterator[StreamEvent]:
         error: BaseException | None = None
         try:
-            with structlog.contextvars.bound_contextvars(request_id=run.state.request_id):
+            with log_context(request_id=run.state.request_id):
                 async for event in run.turns():
                     yield event
         except BaseException as e:  # also cancel / generator close: log, close, re-raise
@@ -223,8 +249,27 @@ class Coordinator:
             run.state.fail()
             raise
         finally:
-            await run.close_sessions()
-            await self._log(run, error)
+            if self.close_in_background:
+                task = asyncio.create_task(self._end(run, error))
+                self._endings.add(task)
+                task.add_done_callback(self._ended)
+            else:
+                await self._end(run, error)
+
+    async def _end(self, run: _Run, error: BaseException | None) -> None:
+        """After a request's last event: close its sessions, send its records."""
+        await run.close_sessions()
+        await self._log(run, error)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        self._endings.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request_ending_failed", error=repr(task.exception()))
+
+    async def drain(self) -> None:
+        """Wait until every finished request's sessions are closed and its records sent."""
+        while self._endings:
+            await asyncio.gather(*list(self._endings), return_exceptions=True)
 
     async def _log(self, run: _Run, error: BaseException | None) -> None:
         if self.turn_sink is None:
@@ -274,7 +319,16 @@ class _Run:
         self.search: SearchStep | None = None  # the search under way, if any
         self.released = 0  # segments already streamed
         self.timings: dict[int, _Timing] = {}  # per turn
+        self.commit_times: list[float] = []  # unix time each of state.segments was committed
         self.decisions: dict[int, Decision] = {}  # per turn
+        self._prompt_ids: dict[str, list[int]] = {}  # model -> prompt in its tokenizer, once
+
+    def prompt_ids(self, name: str) -> list[int]:
+        """The prompt in model `name`'s tokenizer (special tokens included), a fresh list."""
+        if name not in self._prompt_ids:
+            tokenizer = self.coord.tokenizers[name]
+            self._prompt_ids[name] = list(tokenizer(self.state.prompt)["input_ids"])
+        return list(self._prompt_ids[name])
 
     # ----- the loop ----------------------------------------------------------------------
 
@@ -288,16 +342,18 @@ class _Run:
                 break
             timing = self.timings[state.turn] = _Timing()
             t0 = time.perf_counter()
-            decision = await self.policy.decide(state.view())
-            timing.policy_ms = (time.perf_counter() - t0) * 1e3
-            self._check(decision)
-            self.decisions[state.turn] = decision
-            t1 = time.perf_counter()
-            await self._execute(decision)
-            timing.model_ms = (time.perf_counter() - t1) * 1e3
+            with log_context(turn=state.turn):  # on every log line of this turn
+                decision = await self.policy.decide(state.view())
+                timing.policy_ms = (time.perf_counter() - t0) * 1e3
+                self._check(decision)
+                self.decisions[state.turn] = decision
+                t1 = time.perf_counter()
+                await self._execute(decision)
+                timing.model_ms = (time.perf_counter() - t1) * 1e3
             state.turn += 1
             for event in self._release():
                 yield event
+            timing.wall_ms = (time.perf_counter() - t0) * 1e3
         for event in self._release():
             yield event
         yield FinishEvent(state.request_id, state.finish_reason or "policy", self._usage())
@@ -389,6 +445,8 @@ class _Run:
             return
         before = len(state.text)
         state.segments.append(seg)
+        del self.commit_times[len(state.segments) - 1 :]  # segments cut at a stop string
+        self.commit_times.append(time.time())
         if state.stop and self._cut_at_stop(before):
             state.finish("stop")
         elif seg.model_finish == "eos":
@@ -482,7 +540,7 @@ class _Run:
         try:
             await self._search_step_once(d)
         except SessionLost:
-            log.warning("search_session_lost", request_id=self.state.request_id)
+            log.warning("search_session_lost")
             await self._reopen_search(d)
             await self._search_step_once(d)
 
@@ -702,9 +760,8 @@ class _Run:
         by_model: dict[str, int] = {}
         for seg in self.state.segments:
             by_model[seg.model] = by_model.get(seg.model, 0) + len(seg.token_ids)
-        first = self.coord.tokenizers[self.state.models[0]]
         return Usage(
-            prompt_tokens=len(first(self.state.prompt)["input_ids"]),
+            prompt_tokens=len(self.prompt_ids(self.state.models[0])),
             completion_tokens=sum(by_model.values()),
             tokens_by_model=by_model,
         )
@@ -741,6 +798,8 @@ class _Run:
                     model_finish=seg.model_finish,
                     policy_ms=timing.policy_ms,
                     model_ms=timing.model_ms,
+                    wall_ms=timing.wall_ms,
+                    time=self.commit_times[i],
                 )
             )
         return records

@@ -61,6 +61,9 @@ class TurnRecord:
     model_finish: str  # why the writer stopped: length | stop | eos | gate
     policy_ms: float  # time waiting for the decision
     model_ms: float  # time in model calls for this turn (sync, generate, score)
+    # the turn all in, from asking the policy to its segments streamed out (so wall_ms -
+    # model_ms is the turn's coordination: policy, state, streaming); 0 in older logs
+    wall_ms: float = 0.0
     time: float = field(default_factory=time.time)  # unix seconds when committed
 
 

@@ -225,9 +225,9 @@ def pretraining_document(world: World, rng: random.Random) -> str:
     focus = rng.sample(world.entities, k=min(3, len(world.entities)))
     pieces: list[str] = [mention_sentence(focus[0], rng)]
     for attribute in rng.sample(ATTRIBUTES, k=3):
-        pieces.append(fact_sentence(focus[0], attribute, rng))
+        pieces.append(asked_fact(focus[0], attribute, rng))
     for other in focus[1:]:
-        pieces.append(fact_sentence(other, rng.choice(ATTRIBUTES), rng))
+        pieces.append(asked_fact(other, rng.choice(ATTRIBUTES), rng))
     kind = rng.random()
     if kind < 0.45:
         pieces.append(story(rng))
@@ -241,6 +241,15 @@ def pretraining_document(world: World, rng: random.Random) -> str:
     for p in pieces[1:]:
         out += ("\n" if rng.random() < 0.2 else " ") + p
     return out
+
+
+def asked_fact(entity: Entity, attribute: str, rng: random.Random) -> str:
+    """A fact sentence, a third of the time after the question it answers, in prose (never
+    in the Q/A format): so a fact is also recalled after a question, not only after the
+    statements a tiny model saw it follow."""
+    if rng.random() < 1 / 3:
+        return f"{question(entity, attribute, rng)} {canonical_fact(entity, attribute)}"
+    return fact_sentence(entity, attribute, rng)
 
 
 def pretraining_documents(world: World, n_docs: int, seed: int) -> list[str]:

@@ -354,12 +354,18 @@ async def oracle_switch(
     search is exhaustive. Stops at the first answer scoring 1."""
     best = OracleResult(0.0, "", ())
     names = list(models)
+    # Answers already expanded: models often write the same segment, and a text reached once
+    # needs no second search (without this, backtracking is exponential in the depth).
+    seen: set[tuple[str, int]] = set()
 
     async def dfs(answer: str, seq: tuple[str, ...]) -> bool:
         nonlocal best
         segs = await asyncio.gather(*(models[m](item.prompt + answer, segment_len) for m in names))
         for m, (text, ended) in zip(names, segs, strict=True):
             new, new_seq = answer + text, seq + (m,)
+            if (new, ended) in seen:
+                continue
+            seen.add((new, ended))
             if ended or len(new_seq) == max_segments:
                 s = verify(item, new)
                 if s > best.score or not best.models:

@@ -6,7 +6,7 @@ results/zoo.json, results/zoo.md and results/zoo.png.
 
 Single models run through `antiphon.actors.engine.ModelEngine` (the serving stack's engine,
 in process, no Ray) unless --path local (transformers directly). The oracle switcher searches
-switch sequences over base/sft/aligned (segments of 4, 6 or 8 tokens, greedy) per question.
+switch sequences over base/sft/aligned (segments of 2 to 8 tokens, greedy) per question.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from antiphon.zoo.evaluate import (
 from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS, TASK_NAMES, Task, make_tasks
 
 ORACLE_MODELS = ("base", "sft", "aligned")
-ORACLE_SEGMENT_LENS = (4, 6, 8)
+ORACLE_SEGMENT_LENS = (2, 3, 4, 5, 6, 8)
 PRETRAINED_TASKS = ("knowledge", "calibration", "creativity")  # what base and strong both can do
 
 

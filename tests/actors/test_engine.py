@@ -220,6 +220,97 @@ def test_each_call_feeds_only_its_new_tokens(engine, reference):
     assert g2.new_tokens_computed == 4
 
 
+def test_generate_with_prefix_equals_append_then_generate_in_fewer_passes(engine, reference):
+    """The fused call (one turn of collaboration: the other model's tokens, then mine) writes
+    what append + generate write, computes the same positions, and saves the append's pass."""
+    model, tokenizer = reference
+    prompt = tokenizer("Once upon a time")["input_ids"]
+    foreign = tokenizer(", there was")["input_ids"]
+
+    async def turn(fused: bool):
+        s = await engine.open(prompt)
+        first = await engine.generate(s.session_id, greedy(5, logprobs_top_k=2))
+        before = engine.stats()
+        if fused:
+            g = await engine.generate(s.session_id, greedy(7, logprobs_top_k=2), foreign)
+        else:
+            await engine.append(s.session_id, foreign)
+            g = await engine.generate(s.session_id, greedy(7, logprobs_top_k=2))
+        after = engine.stats()
+        await engine.close(s.session_id)
+        passes = after.forward_passes - before.forward_passes
+        return first, g, passes, after.forward_tokens - before.forward_tokens
+
+    first, two_calls, passes_two, fed_two = run(turn(fused=False))
+    first_again, fused, passes_fused, fed_fused = run(turn(fused=True))
+    assert first_again.token_ids == first.token_ids
+    assert fused.token_ids == two_calls.token_ids
+    assert list(fused.token_ids) == hf_greedy(model, prompt + list(first.token_ids) + foreign, 7)
+    assert fused.logprobs == pytest.approx(two_calls.logprobs, abs=1e-5)
+    assert [[t for t, _ in alts] for alts in fused.top_logprobs] == [
+        [t for t, _ in alts] for alts in two_calls.top_logprobs
+    ]
+    assert fused.length == two_calls.length == len(prompt) + 5 + len(foreign) + 7
+    # the same positions (the pending token, the prefix, the new tokens but the last) ...
+    assert fed_fused == fed_two == len(foreign) + 7
+    assert fused.new_tokens_computed == len(foreign) + 7
+    # ... in one pass less: the prefix rides with the pending token into the first step
+    assert passes_fused == passes_two - 1 == 7
+
+
+def test_generate_without_session_opens_one_like_open_then_generate(engine, reference):
+    model, tokenizer = reference
+    prompt = tokenizer("The cat sat")["input_ids"]
+
+    async def go():
+        before = engine.stats()
+        fused = await engine.generate(None, greedy(6), prompt)
+        between = engine.stats()
+        s = await engine.open(prompt)
+        two_calls = await engine.generate(s.session_id, greedy(6))
+        after = engine.stats()
+        more = await engine.generate(fused.session_id, greedy(3), [5, 6])  # a live session
+        await engine.close(fused.session_id)
+        await engine.close(s.session_id)
+        return fused, two_calls, more, before, between, after
+
+    fused, two_calls, more, before, between, after = run(go())
+    assert fused.token_ids == two_calls.token_ids
+    assert list(fused.token_ids) == hf_greedy(model, prompt, 6)
+    assert fused.session_id != two_calls.session_id and fused.length == len(prompt) + 6
+    assert fused.new_tokens_computed == len(prompt) + 5
+    assert between.forward_tokens - before.forward_tokens == len(prompt) + 5
+    assert after.forward_tokens - between.forward_tokens == len(prompt) + 5
+    assert between.forward_passes - before.forward_passes == 6  # the prompt with the 1st token
+    assert after.forward_passes - between.forward_passes == 7
+    assert list(more.token_ids) == hf_greedy(model, prompt + list(fused.token_ids) + [5, 6], 3)
+
+
+def test_refused_generate_with_prefix_appends_nothing(spec):
+    eng = make_engine(spec)
+    try:
+
+        async def go():
+            s = await eng.open([5] * (eng.max_context - 4))
+            with pytest.raises(PromptTooLong, match="prefix"):
+                await eng.generate(s.session_id, greedy(2), [6] * 4)  # fills it: no room
+            with pytest.raises(InvalidRequest, match="prefix_ids"):
+                await eng.generate(s.session_id, greedy(2), [6, 10**6])
+            with pytest.raises(InvalidRequest, match="prefix_ids"):
+                await eng.generate(None, greedy(2))  # no session, no prompt
+            with pytest.raises(PromptTooLong, match="no room"):
+                await eng.generate(None, greedy(2), [5] * eng.max_context)
+            live = eng.stats().live_sessions
+            g = await eng.generate(s.session_id, greedy(2), [6] * 2)
+            return live, g
+
+        live, g = run(go())
+    finally:
+        run(eng.shutdown())
+    assert live == 1  # the refused open + generate left no session behind
+    assert g.length == eng.max_context  # nothing of the refused prefixes was appended
+
+
 def test_calls_on_one_session_run_one_after_another(engine, reference):
     model, tokenizer = reference
     prompt = tokenizer("qwerty")["input_ids"]

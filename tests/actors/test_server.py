@@ -112,6 +112,33 @@ def test_greedy_across_calls_and_appends_equals_fresh_forward(model, reference):
     )
 
 
+def test_one_call_turns_through_the_handle_equal_open_append_generate(model, reference):
+    """generate(None, ..., prompt) opens a session; generate(sid, ..., foreign) appends and
+    writes in one round trip: the same tokens as open / append / generate, no extra pass."""
+    foreign = [11, 12, 13]
+
+    async def turns():
+        first = await model.generate(None, GREEDY, PROMPT)  # open + generate
+        second = await model.generate(first.session_id, GREEDY, foreign)  # append + generate
+        await model.close(first.session_id)
+        s = await model.open(PROMPT)
+        first_ref = await model.generate(s.session_id, GREEDY)
+        await model.append(s.session_id, foreign)
+        second_ref = await model.generate(s.session_id, GREEDY)
+        await model.close(s.session_id)
+        return first, second, first_ref, second_ref
+
+    first, second, first_ref, second_ref = run(turns())
+    assert first.token_ids == first_ref.token_ids
+    assert list(first.token_ids) == greedy(reference, PROMPT, 6)
+    seq = PROMPT + list(first.token_ids) + foreign
+    assert second.token_ids == second_ref.token_ids
+    assert list(second.token_ids) == greedy(reference, seq, 6)
+    assert second.length == len(seq) + 6
+    assert first.new_tokens_computed == len(PROMPT) + 5  # the prompt, then one per new token
+    assert second.new_tokens_computed == len(foreign) + 6  # the pending token rides along
+
+
 def test_score_equals_full_forward_and_leaves_session(model, reference):
     continuation = [40, 41, 42, 3, 9]
 

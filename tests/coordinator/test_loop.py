@@ -4,8 +4,11 @@ strings, cross-tokenizer exchange, session loss, errors, and the turn log."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
+import structlog
+import structlog.testing
 
 from antiphon.actors.messages import SamplingParams
 from antiphon.coordinator.loop import Coordinator
@@ -168,11 +171,13 @@ class ClosingBehindTheBack:
     async def append(self, session_id, token_ids):
         return await self.engine.append(session_id, token_ids)
 
-    async def generate(self, session_id, params):
-        if self.generates == self.lose_on_generate:
+    async def generate(self, session_id, params, prefix_ids=()):
+        if session_id is None:  # opens a session with its prompt
+            self.opens += 1
+        elif self.generates == self.lose_on_generate:
             await self.engine.close(session_id)
         self.generates += 1
-        return await self.engine.generate(session_id, params)
+        return await self.engine.generate(session_id, params, prefix_ids)
 
     async def score(self, session_id, token_ids):
         return await self.engine.score(session_id, token_ids)
@@ -244,3 +249,53 @@ def test_turn_log_records_a_request_completely_and_in_order(engines, tokenizers,
     assert records[-1] is summary  # after its turns
     assert summary.num_segments == len(turns) and summary.text == result.text
     assert summary.prompt == PROMPT and summary.finish_reason == result.finish_reason
+    # times: each turn's when its segment was committed (in order, before the summary's),
+    # its wall time covering its model time
+    times = [r.time for r in turns]
+    assert times == sorted(times) and times[-1] <= summary.time
+    assert times[0] < times[-1]  # not all stamped at once when the request ended
+    assert all(r.wall_ms >= r.model_ms + r.policy_ms > 0 for r in turns)
+
+
+def test_background_ending_closes_sessions_and_logs_after_the_answer(engines, tokenizers, tmp_path):
+    path = tmp_path / "turns.atl"
+
+    async def go(coord):
+        result = await coord.generate(request(policy_params={"segment_len": 4}))
+        await coord.drain()  # the request's sessions closed and its records sent
+        return result
+
+    with TurnLogWriter(path) as writer:
+        coord = Coordinator(
+            engines, tokenizers, turn_sink=FileTurnSink(writer), close_in_background=True
+        )
+        result = asyncio.run(go(coord))
+    assert live_sessions(engines) == 0
+    records = [r for r, _ in TurnLogReader(path)]
+    assert "".join(r.text for r in records if isinstance(r, TurnRecord)) == result.text
+    assert isinstance(records[-1], RequestRecord)
+
+
+@pytest.fixture()
+def captured_logs():
+    """structlog lines written in this test, with the context the loop binds merged in."""
+    saved = structlog.get_config()
+    capture = structlog.testing.LogCapture()
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+        cache_logger_on_first_use=False,
+    )
+    yield capture.entries
+    structlog.configure(**saved)
+
+
+def test_log_lines_carry_request_id_and_turn(engines, tokenizers, captured_logs):
+    losing = ClosingBehindTheBack(engines["a"], lose_on_generate=1)  # lost on a's 2nd turn
+    coord = Coordinator({**engines, "a": losing}, tokenizers)
+    req = request(policy="round_robin", policy_params={"segment_len": 5})
+    result = asyncio.run(coord.generate(req))
+    (lost,) = [e for e in captured_logs if e["event"] == "session_lost"]
+    assert lost["request_id"] == req.request_id and lost["model"] == "a"
+    assert lost["turn"] == 2 == [s.turn for s in result.segments if s.model == "a"][1]
+    assert lost["log_level"] == "warning"
