@@ -254,18 +254,15 @@ async def run_rollouts(
         for j in range(cfg.prefixes_per_query)
         if f"{q.key}:{j}" not in store.done
     ]
-    started = time.time()
-    store.write_provenance(
-        {
-            **(provenance or {}),
-            "models": list(models),
-            "config": asdict(cfg),
-            "queries": len(queries),
-            "tasks": sorted({q.task for q in queries}),
-            "started": started,
-            "status": "running",
-        }
-    )
+    run_info = {
+        **(provenance or {}),
+        "models": list(models),
+        "config": asdict(cfg),
+        "queries": len(queries),
+        "tasks": sorted({q.task for q in queries}),
+        "started": time.time(),
+    }
+    store.write_provenance({**run_info, "status": "running"})
     limit = asyncio.Semaphore(cfg.concurrency)
     with tqdm(total=len(todo), desc="rollouts", disable=not progress) as bar:
 
@@ -279,12 +276,7 @@ async def run_rollouts(
     examples = store.examples()
     store.write_provenance(
         {
-            **(provenance or {}),
-            "models": list(models),
-            "config": asdict(cfg),
-            "queries": len(queries),
-            "tasks": sorted({q.task for q in queries}),
-            "started": started,
+            **run_info,
             "finished": time.time(),
             "examples": len(examples),
             "informative": sum(e.informative for e in examples),
