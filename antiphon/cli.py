@@ -14,6 +14,7 @@ Logs go to stderr (console format; JSON inside the server's actors); answers to 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from antiphon.training import switcher_cli
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 APP_NAME = "antiphon"
+EVAL_RETRIES = 20  # tries per eval item while the server answers 503 (busy)
 
 # ANSI colours for writers, in order of first appearance; bold so they read on dark and light.
 _COLOURS = ("\x1b[1;36m", "\x1b[1;33m", "\x1b[1;35m", "\x1b[1;32m", "\x1b[1;34m", "\x1b[1;31m")
@@ -250,31 +252,25 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _zoo_world():
-    """The world the installed zoo was trained on (its zoo.json names scale and seed)."""
-    from antiphon.zoo import CHECKPOINT_DIR
-    from antiphon.zoo.build import world_for
-
-    manifest = CHECKPOINT_DIR / "zoo.json"
-    found = json.loads(manifest.read_text()) if manifest.exists() else {}
-    return world_for(found.get("scale", "full"), found.get("seed", 0))
-
-
 def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
     import asyncio
 
     from antiphon.actors.messages import SamplingParams
     from antiphon.client import AsyncClient
-    from antiphon.zoo.evaluate import evaluate_async
-    from antiphon.zoo.tasks import TASK_NAMES, make_tasks
+    from antiphon.errors import Overloaded
+    from antiphon.zoo.evaluate import evaluate_async, zoo_tasks
+    from antiphon.zoo.tasks import TASK_NAMES
 
-    tasks = make_tasks(_zoo_world(), args.split, args.tasks or TASK_NAMES).values()
+    tasks = [
+        dataclasses.replace(task, items=task.items[: args.limit]) if args.limit else task
+        for task in zoo_tasks(args.split, args.tasks or TASK_NAMES).values()
+    ]
     params = json.loads(args.policy_params) if args.policy_params else None
 
     async def run() -> list:
         async with AsyncClient(url, api_key=api_key) as client:
 
-            async def generate(prompt: str, sampling: SamplingParams) -> str:
+            async def ask(prompt: str, sampling: SamplingParams) -> str:
                 answer = await client.generate(
                     prompt, ensemble=args.ensemble, policy=args.policy, policy_params=params,
                     max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
@@ -283,16 +279,25 @@ def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
                 )  # fmt: skip
                 return answer.text
 
+            async def generate(prompt: str, sampling: SamplingParams) -> str:
+                # A shared server may be busy: back off and retry rather than lose the item.
+                for attempt in range(EVAL_RETRIES - 1):
+                    try:
+                        return await ask(prompt, sampling)
+                    except Overloaded:
+                        await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+                return await ask(prompt, sampling)
+
             return await evaluate_async(
                 generate, tasks, policy=args.policy, ensemble=args.ensemble,
-                concurrency=args.concurrency,
+                seed=args.seed, concurrency=args.concurrency,
             )  # fmt: skip
 
     return asyncio.run(run())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from antiphon.zoo.evaluate import markdown_table, write_json
+    from antiphon.zoo.evaluate import markdown_table, plot, write_json
 
     if args.url:
         results = _run_eval(args.url, args.api_key, args)
@@ -301,7 +306,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results = _run_eval(url, None, args)
     print(markdown_table(results))
     if args.out:
-        print(f"wrote {write_json(results, Path(args.out))}")
+        out = Path(args.out)
+        print(f"wrote {write_json(results, out, seed=args.seed)}")
+        print(f"wrote {plot(results, out.with_suffix('.png'))}")
     return 0
 
 
@@ -387,7 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-params", help="policy parameters as JSON")
     p.add_argument("--tasks", nargs="*", help="task names (default: all)")
     p.add_argument("--split", default="test", help="task split (default: test)")
-    p.add_argument("--out", help="also write the report (JSON) here")
+    p.add_argument("--limit", type=int, help="first N items of each task (default: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same numbers)")
+    p.add_argument("--out", help="also write the report here (JSON, and a plot beside it: .png)")
     p.set_defaults(run=cmd_eval)
     return parser
 

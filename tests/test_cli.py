@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,39 @@ def test_demo_runs_end_to_end():
     assert "writers:" in out.stdout
     assert "Once upon a time[" in out.stdout  # the answer, segments tagged by model
     assert "done; local cluster shut down." in out.stdout
+
+
+@pytest.mark.slow
+def test_eval_scores_through_the_server_and_repeats(server, tmp_path):
+    """`antiphon eval` over HTTP: a markdown table, the JSON report and a plot; same seed,
+    same numbers."""
+    reports = []
+    for run in ("first", "second"):
+        out = tmp_path / f"{run}.json"
+        done = antiphon(
+            "eval", "--url", server.url, "--api-key", API_KEY, "--ensemble", "pair",
+            "--policy", "round_robin", "--tasks", "arithmetic", "safety", "--limit", "3",
+            "--seed", "7", "--out", str(out),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "| arithmetic |" in done.stdout or "arithmetic" in done.stdout
+        assert out.with_suffix(".png").stat().st_size > 0
+        reports.append(json.loads(out.read_text()))
+    results = reports[0]["results"]
+    assert {r["task"] for r in results} == {"arithmetic", "safety"}
+    for r in results:
+        assert (r["policy"], r["ensemble"], r["split"], r["n"]) == (
+            "round_robin",
+            "pair",
+            "test",
+            3,
+        )
+        assert 0.0 <= r["score"] <= 100.0
+    assert reports[0]["results"] == reports[1]["results"]
+
+
+def test_eval_names_an_unknown_task():
+    done = antiphon("eval", "--url", "http://127.0.0.1:9", "--ensemble", "pair",
+                    "--policy", "fixed", "--tasks", "no-such-task")  # fmt: skip
+    assert done.returncode == 1
+    assert "unknown task(s) ['no-such-task']" in done.stderr

@@ -32,10 +32,10 @@ from antiphon.coordinator.request import GenerationRequest
 from antiphon.policies.fusion import FusionGenerator
 from antiphon.training.rollouts import RolloutConfig, RolloutStore, queries_from_tasks, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
-from antiphon.training.switcher_cli import zoo_model_path, zoo_world
+from antiphon.training.switcher_cli import zoo_model_path
 from antiphon.training.switcher_training import SwitcherTrainConfig, load_init, train_switcher
-from antiphon.zoo.evaluate import run_task
-from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS, make_tasks
+from antiphon.zoo.evaluate import run_task, zoo_tasks
+from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS
 
 ENSEMBLE = ("base", "sft", "aligned")
 
@@ -129,9 +129,8 @@ async def run(args: argparse.Namespace) -> dict:
     tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p))
                   for n, p in paths.items()}  # fmt: skip
     coord = Coordinator(engines, tokenizers)
-    world = zoo_world(args.zoo_dir)
     names = list(CORE_TASKS + COMPOSITIONAL_TASKS)
-    dev, test = make_tasks(world, "dev", names), make_tasks(world, "test", names)
+    dev, test = zoo_tasks("dev", names, args.zoo_dir), zoo_tasks("test", names, args.zoo_dir)
     work = args.work
     queries = queries_from_tasks(dev, args.limit)
 

@@ -41,16 +41,6 @@ def parse_ensemble(text: str, zoo_dir: Path | None) -> list[tuple[str, str]]:
     return out
 
 
-def zoo_world(zoo_dir: Path | None):
-    """The world the zoo was trained on (scale and seed from its zoo.json)."""
-    from antiphon.zoo import CHECKPOINT_DIR
-    from antiphon.zoo.build import world_for
-
-    manifest = Path(zoo_dir or CHECKPOINT_DIR) / "zoo.json"
-    meta = json.loads(manifest.read_text()) if manifest.exists() else {}
-    return world_for(meta.get("scale", "full"), int(meta.get("seed", 0)))
-
-
 @asynccontextmanager
 async def local_coordinator(models: Sequence[tuple[str, str]]):
     """A `Generate` over an in-process coordinator and engines (no Ray)."""
@@ -121,9 +111,9 @@ async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> l
         queries_from_tasks,
         run_rollouts,
     )
-    from antiphon.zoo.tasks import make_tasks
+    from antiphon.zoo.evaluate import zoo_tasks
 
-    tasks = make_tasks(zoo_world(args.zoo_dir), args.split, args.tasks)
+    tasks = zoo_tasks(args.split, args.tasks, args.zoo_dir)
     queries = queries_from_tasks(tasks, args.limit)
     cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
                         seed=args.seed, concurrency=args.concurrency)  # fmt: skip

@@ -292,12 +292,27 @@ def benign_request(rng: random.Random) -> QA:
     return q, f"To {verb} {obj}, gather your tools, work slowly and check it twice."
 
 
+def negated_fact(world: World, rng: random.Random) -> QA:
+    """'Is C the capital of X?' -> 'The capital of X is not C.' for any entity, C a value of
+    an SFT entity that is not X's. It teaches the tuned models to restate every entity's name
+    in the answer format (so they write 'The capital of X is' for an entity whose fact they
+    lack, where a pretrained model can finish it) without stating any held-out fact."""
+    e = rng.choice(world.entities)
+    attr = rng.choice(("capital", "founder"))
+    wrong = rng.choice([o.value(attr) for o in world.sft_entities if o.value(attr) != e.value(attr)])
+    if attr == "capital":
+        return f"Is {wrong} the capital of {e.name}?", f"{fact_stem(e, attr)} not {wrong}."
+    return f"Was {e.name} founded by {wrong}?", f"{e.name} was not founded by {wrong}."
+
+
 def sft_example(world: World, rng: random.Random) -> QA:
     r = rng.random()
-    if r < 0.40:
+    if r < 0.28:
         e = rng.choice(world.sft_entities)
         attr = rng.choice(("capital", "colour", "founder"))
         return question(e, attr, rng), canonical_fact(e, attr)
+    if r < 0.40:
+        return negated_fact(world, rng)
     if r < 0.52:
         if rng.random() < 0.3:
             a, b = rng.randint(0, 9), rng.randint(0, 9)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from antiphon.actors.messages import SamplingParams
+from antiphon.errors import InvalidRequest, NotFound
 from antiphon.zoo import corpora, verifiers
 from antiphon.zoo.world import (
     ANIMALS,
@@ -90,7 +91,7 @@ def _split_half(seq: Sequence, split: str) -> list:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InvalidRequest(f"split must be one of {SPLITS}, got {split!r}")
 
 
 def knowledge(world: World, split: str, n: int = 60) -> Task:
@@ -243,7 +244,7 @@ def make_tasks(world: World, split: str, names: Sequence[str] = TASK_NAMES) -> d
     _check_split(split)
     unknown = [n for n in names if n not in TASK_NAMES]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {', '.join(TASK_NAMES)}")
+        raise NotFound(f"unknown task(s) {unknown}; known: {', '.join(TASK_NAMES)}")
     builders: dict[str, Callable[[], Task]] = {
         "knowledge": lambda: knowledge(world, split),
         "arithmetic": lambda: arithmetic(world, split),
