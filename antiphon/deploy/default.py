@@ -34,28 +34,12 @@ def zoo_available() -> bool:
 
 
 def write_random_model(out_dir: Path, seed: int) -> Path:
-    """A tiny random-weight Llama checkpoint + character tokenizer in HF format (once)."""
+    """A tiny random-weight checkpoint in HF format, written once and reused."""
     if (out_dir / "config.json").exists():
         return out_dir
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from antiphon.zoo.random_model import write_random_checkpoint
 
-    from antiphon.zoo.tokenizer import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(out_dir)  # a crash mid-write leaves no half checkpoint behind
-    return out_dir
+    return write_random_checkpoint(out_dir, seed=seed)
 
 
 def random_pair_config(root: Path | None = None) -> AppConfig:
