@@ -1,7 +1,7 @@
 """Train the whole zoo from scratch: base, sft, aligned, expert, guide-untuned, guide-tuned,
 alt-tok, strong. Deterministic under its seed, resumable, with progress bars.
 
-    python -m antiphon.zoo.build --out /tmp/zoo --scale full     # ~40-60 min on 2 cores
+    python -m antiphon.zoo.build --out /tmp/zoo --scale full     # ~27 min on one core
     python -m antiphon.zoo.build --out /tmp/zoo --scale tiny     # seconds; what the tests run
 
 Layout of `out_dir`: one HF checkpoint directory per model (`out_dir/NAME/`), `zoo.json`

@@ -9,7 +9,10 @@ Design (what makes the checkpoints complementary):
 - Instruction data covers the facts of only `world.sft_entities`, answers in one canonical
   sentence, teaches a fixed story per animal, refuses a class of forbidden requests, and only
   carry-free arithmetic. Fine-tuning on it makes the model follow the format and forget the
-  rest; DPO on concise / refusing / canonical answers sharpens that.
+  rest; DPO on concise / refusing / canonical answers sharpens that. Negated facts ("The
+  capital of X is not C.", C an SFT entity's value) over every entity teach the tuned models to
+  restate any entity's name in the answer sentence, so for a held-out entity they write the
+  right stem and a wrong (familiar) value, and the pretrained model can finish the stem.
 - The Q/A format: prompt "Q: {question}\\nA:", answer " {answer}" then the eos token.
 """
 
@@ -299,7 +302,9 @@ def negated_fact(world: World, rng: random.Random) -> QA:
     lack, where a pretrained model can finish it) without stating any held-out fact."""
     e = rng.choice(world.entities)
     attr = rng.choice(("capital", "founder"))
-    wrong = rng.choice([o.value(attr) for o in world.sft_entities if o.value(attr) != e.value(attr)])
+    wrong = rng.choice(
+        [o.value(attr) for o in world.sft_entities if o.value(attr) != e.value(attr)]
+    )
     if attr == "capital":
         return f"Is {wrong} the capital of {e.name}?", f"{fact_stem(e, attr)} not {wrong}."
     return f"Was {e.name} founded by {wrong}?", f"{e.name} was not founded by {wrong}."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from antiphon.errors import InvalidRequest, NotFound
 from antiphon.zoo import corpora
 from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, TASK_NAMES, make_tasks
 from antiphon.zoo.world import make_world
@@ -46,7 +47,7 @@ def test_reference_answers_score_full_marks():
 
 
 def test_unknown_task_or_split_is_rejected():
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(NotFound, match="unknown task"):
         make_tasks(WORLD, "test", ["poetry"])
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(InvalidRequest, match="split"):
         make_tasks(WORLD, "train")
