@@ -3,7 +3,7 @@ training, router training, then every policy on the test split through the evalu
 harness; writes results/switch.json and results/switch.md.
 
     python -m antiphon.training.switch_experiment                     # the shipped zoo
-    python -m antiphon.training.switch_experiment --zoo-dir /tmp/zoo --limit 4 --k 2   # smoke
+    python -m antiphon.training.switch_experiment --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
 Ensemble: the zoo's base, sft and aligned (the paper's P, F, A), segments of `--segment-len`.
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),

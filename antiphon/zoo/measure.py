@@ -2,7 +2,7 @@
 results/zoo.json, results/zoo.md and results/zoo.png.
 
     python -m antiphon.zoo.measure                       # the shipped checkpoints
-    python -m antiphon.zoo.measure --zoo /tmp/zoo --out results
+    python -m antiphon.zoo.measure --zoo zoo-build --out results
 
 Single models run through `antiphon.actors.engine.ModelEngine` (the serving stack's engine,
 in process, no Ray) unless --path local (transformers directly). The oracle switcher searches
