@@ -126,6 +126,11 @@ class _ModelSession:
         """The request's prompt in this model's tokenizer (special tokens included)."""
         return self.run.prompt_ids(self.name)
 
+    def context_room(self) -> int:
+        """Tokens this model can still write: its context minus the sequence in its ids."""
+        used = len(self.prompt_ids()) + len(self.ids_for(self.run.state.segments))
+        return self.info.max_context - used
+
     async def open(self) -> None:
         state = self.run.state
         info = await self.model.open(self.prompt_ids() + self.ids_for(state.segments))
@@ -411,7 +416,12 @@ class _Run:
     ) -> Segment | None:
         """`name` writes up to max_tokens; commit and return the segment (None if empty)."""
         ms = self._session(name)
-        max_new = min(max_tokens, self.state.tokens_left)
+        room = ms.context_room()
+        if room <= 0:
+            # The writer's context is full: the response cannot grow, as if out of budget.
+            self.state.finish("length")
+            return None
+        max_new = min(max_tokens, self.state.tokens_left, room)
         params = self._params(max_new, seed_parts=(self.state.turn, 0), gate_threshold=gate)
         gen = await ms.generate(params)
         ids, text, logprobs = list(gen.token_ids), gen.text, list(gen.logprobs)
@@ -423,7 +433,7 @@ class _Run:
             text.endswith("\ufffd")
             and finish == "length"
             and extra < _MAX_CHAR_COMPLETION_TOKENS
-            and len(ids) < self.state.tokens_left
+            and len(ids) < min(self.state.tokens_left, room)
         ):
             more = await ms.generate(self._params(1, seed_parts=(self.state.turn, 1 + extra)))
             ids += more.token_ids
