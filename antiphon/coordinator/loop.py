@@ -56,7 +56,7 @@ from antiphon.coordinator.state import (
     SequenceState,
     SequenceStatus,
 )
-from antiphon.errors import InvalidRequest, NotFound, SessionLost
+from antiphon.errors import InvalidRequest, NotFound, PromptTooLong, SessionLost
 from antiphon.logging import get_logger, log_context
 from antiphon.policies.base import (
     Decision,
@@ -417,8 +417,13 @@ class _Run:
         """`name` writes up to max_tokens; commit and return the segment (None if empty)."""
         ms = self._session(name)
         room = ms.context_room()
+        if room <= 0 and not self.state.segments:
+            raise PromptTooLong(
+                f"the prompt is {len(ms.prompt_ids())} tokens; model {name!r} has a context of "
+                f"{ms.info.max_context} tokens and no room left to write"
+            )
         if room <= 0:
-            # The writer's context is full: the response cannot grow, as if out of budget.
+            # The response filled the writer's context: it cannot grow, as if out of budget.
             self.state.finish("length")
             return None
         max_new = min(max_tokens, self.state.tokens_left, room)
