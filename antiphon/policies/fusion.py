@@ -50,25 +50,29 @@ class FusionGenerator:
         self.models = dict(models)
         self.tokenizer = tokenizer  # the models' shared tokenizer (decodes the fused tokens)
         self.weights = weights
-        self._checked: tuple[int, tuple[int, ...]] | None = None  # (vocab size, eos ids)
+        self._checked: tuple[int, tuple[int, ...], int] | None = None  # vocab, eos ids, context
 
-    async def _vocab(self) -> tuple[int, tuple[int, ...]]:
+    async def _vocab(self) -> tuple[int, tuple[int, ...], int]:
         if self._checked is None:
             infos = await asyncio.gather(*(m.info() for m in self.models.values()))
             if len({i.tokenizer_fingerprint for i in infos}) != 1:
                 raise InvalidRequest("logit fusion needs models that share one tokenizer")
-            self._checked = (infos[0].vocab_size, infos[0].eos_token_ids)
+            context = min(i.max_context for i in infos)
+            self._checked = (infos[0].vocab_size, infos[0].eos_token_ids, context)
         return self._checked
 
     async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
-        vocab, eos = await self._vocab()
+        vocab, eos, context = await self._vocab()
         models = list(self.models.values())
-        sessions = [s.session_id for s in await asyncio.gather(*(m.open(prompt) for m in models))]
+        opened = await asyncio.gather(*(m.open(prompt) for m in models))
+        sessions = [s.session_id for s in opened]
+        # Like a single model, stop when the shortest context is full (finish "length").
+        room = context - max(s.length for s in opened)
         generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
         everything = list(range(vocab))
         written: list[int] = []
         try:
-            for _ in range(sampling.max_new_tokens):
+            for _ in range(min(sampling.max_new_tokens, room)):
                 lps = await asyncio.gather(
                     *(
                         m.next_token_logprobs(s, everything)

@@ -68,3 +68,25 @@ def test_fusion_of_two_copies_is_the_model_itself(tiny_model_dir, other_tiny_mod
 
     alone, same, mixed, live = asyncio.run(run())
     assert same == alone and len(mixed) > 0 and live == 0
+
+
+def test_fusion_stops_when_the_context_is_full(tmp_path):
+    """Fused decoding writes until the shortest context is full, then stops (no error)."""
+    from tests.factories import make_tiny_model
+
+    dirs = [make_tiny_model(tmp_path / n, seed=s, max_context=40) for s, n in enumerate("pq")]
+    engines = {d.name: ModelEngine(ModelSpec(name=d.name, path=str(d))) for d in dirs}
+    tok = AutoTokenizer.from_pretrained(dirs[0])
+    params = SamplingParams(max_new_tokens=100, ignore_eos=True)
+
+    async def run():
+        try:
+            return await FusionGenerator(engines, tok)("Once upon", params)
+        finally:
+            for e in engines.values():
+                await e.shutdown()
+
+    text = asyncio.run(run())
+    prompt_len = len(tok("Once upon")["input_ids"])
+    # Decoding drops any special tokens the random models wrote, so count at most the room.
+    assert 0 < len(tok(text, add_special_tokens=False)["input_ids"]) <= 40 - prompt_len
