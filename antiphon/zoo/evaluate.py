@@ -192,7 +192,23 @@ class _Request:
     future: asyncio.Future
 
 
-class LocalGenerator:
+class _Generator:
+    """The harness's `generate(prompt, sampling) -> text` and the oracle's greedy `segment`,
+    both over a subclass's `generate_with_status(prompt, sampling) -> (text, ended with eos)`."""
+
+    async def generate_with_status(self, prompt: str, sampling: SamplingParams) -> tuple[str, bool]:
+        raise NotImplementedError
+
+    async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
+        text, _ = await self.generate_with_status(prompt, sampling)
+        return text
+
+    async def segment(self, prompt: str, n_tokens: int) -> tuple[str, bool]:
+        """Greedy continuation of at most n_tokens; (text, ended with eos)."""
+        return await self.generate_with_status(prompt, SamplingParams(max_new_tokens=n_tokens))
+
+
+class LocalGenerator(_Generator):
     """One HF checkpoint driven through transformers in this process. Requests issued together
     (e.g. by `asyncio.gather`) are decoded as one left-padded batch with a KV cache. Each
     request samples with its own seeded generator, so outputs do not depend on batching."""
@@ -203,14 +219,6 @@ class LocalGenerator:
         self.max_batch = max_batch
         self._pending: list[_Request] = []
         self._scheduled = False
-
-    async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
-        text, _ = await self.generate_with_status(prompt, sampling)
-        return text
-
-    async def segment(self, prompt: str, n_tokens: int) -> tuple[str, bool]:
-        """Greedy continuation of at most n_tokens; (text, ended with eos)."""
-        return await self.generate_with_status(prompt, SamplingParams(max_new_tokens=n_tokens))
 
     async def generate_with_status(self, prompt: str, sampling: SamplingParams) -> tuple[str, bool]:
         loop = asyncio.get_running_loop()
@@ -299,20 +307,12 @@ class LocalGenerator:
         return results
 
 
-class SessionGenerator:
+class SessionGenerator(_Generator):
     """Any `SessionModel` (the in-process `ModelEngine`, or the Serve client) as a `generate`
     callable: each request opens a session on the prompt, generates once, and closes it."""
 
     def __init__(self, model: SessionModel) -> None:
         self.model = model
-
-    async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
-        text, _ = await self.generate_with_status(prompt, sampling)
-        return text
-
-    async def segment(self, prompt: str, n_tokens: int) -> tuple[str, bool]:
-        """Greedy continuation of at most n_tokens; (text, ended with eos)."""
-        return await self.generate_with_status(prompt, SamplingParams(max_new_tokens=n_tokens))
 
     async def generate_with_status(self, prompt: str, sampling: SamplingParams) -> tuple[str, bool]:
         session = await self.model.open(prompt)
