@@ -200,6 +200,8 @@ class AppConfig(FrozenModel):
             raise ValueError(f"ensemble names must be unique; repeated: {', '.join(repeated)}")
         if "models" not in info.data:
             return v  # models already failed; their error says why
+        from antiphon.policies import validate_policy_params
+
         known = [m.name for m in info.data["models"]]
         for i, ensemble in enumerate(v):
             for j, model in enumerate(ensemble.models):
@@ -207,6 +209,14 @@ class AppConfig(FrozenModel):
                     raise ValueError(
                         f"ensembles[{i}].models[{j}]: unknown model {model!r} in ensemble "
                         f"{ensemble.name!r}; known models: {', '.join(known)}"
+                    )
+            params = validate_policy_params(ensemble.policy.name, ensemble.policy.params)
+            for deployment in params.referenced_deployments():
+                if deployment not in known:
+                    raise ValueError(
+                        f"ensembles[{i}].policy.params: policy {ensemble.policy.name!r} calls "
+                        f"the deployment {deployment!r}, which is not a model of this config; "
+                        f"known models: {', '.join(known)}"
                     )
         return v
 

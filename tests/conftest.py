@@ -6,7 +6,9 @@ import os
 
 import pytest
 
+from antiphon.training.switcher_training import SwitcherTrainConfig, train_switcher
 from tests.factories import make_tiny_model
+from tests.switch_models import examples
 
 # Ray 2.60 turns token auth on for new local clusters; tests run their own cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -43,3 +45,21 @@ def ray_cluster():
         serve.shutdown()
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained_switcher(tiny_model_dir, tmp_path_factory):
+    """A switcher trained (from the tiny checkpoint) on examples whose best is always model 1."""
+    out = tmp_path_factory.mktemp("switcher")
+    cfg = SwitcherTrainConfig(epochs=3, batch_size=8, lr=1e-3, val_fraction=0.25)
+    report = train_switcher(examples(40), str(tiny_model_dir), out, cfg, progress=False)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_model_dir, other_tiny_model_dir, trained_switcher, tmp_path_factory):
+    """The real antiphon HTTP server of tests/deploy/server.py (deployed once, reused)."""
+    from tests.deploy.server import ensure_server
+
+    work_dir = tmp_path_factory.mktemp("serve")
+    return ensure_server(tiny_model_dir, other_tiny_model_dir, trained_switcher[0], work_dir)

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.deploy.server import API_KEY, RunningServer, ensure_server
+from tests.deploy.server import API_KEY
 
 
 def antiphon(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -18,11 +18,6 @@ def antiphon(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         [sys.executable, "-m", "antiphon.cli", *args],
         capture_output=True, text=True, timeout=timeout, env={**os.environ, "NO_COLOR": "1"},
     )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_dir, other_tiny_model_dir, tmp_path_factory) -> RunningServer:
-    return ensure_server(tiny_model_dir, other_tiny_model_dir, tmp_path_factory.mktemp("serve"))
 
 
 def test_help_lists_the_commands():

@@ -11,14 +11,9 @@ import antiphon
 from antiphon.deploy.api import GenerateResponse, Segment
 from antiphon.errors import InvalidRequest, NotFound, PromptTooLong, Unauthorized
 from antiphon.training.turn_log import FeedbackRecord, read_records
-from tests.deploy.server import API_KEY, RunningServer, ensure_server
+from tests.deploy.server import API_KEY, RunningServer
 
 PROMPT = "Once upon a time"
-
-
-@pytest.fixture(scope="module")
-def server(ray_cluster, tiny_model_dir, other_tiny_model_dir, tmp_path_factory) -> RunningServer:
-    return ensure_server(tiny_model_dir, other_tiny_model_dir, tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")

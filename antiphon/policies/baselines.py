@@ -30,6 +30,11 @@ class PolicyParams(BaseModel):
         """Model names these parameters mention (checked against the ensemble)."""
         return ()
 
+    def referenced_deployments(self) -> tuple[str, ...]:
+        """Model deployments of the same app these parameters call (e.g. a switcher's);
+        an app config checks that it lists them among its models."""
+        return ()
+
 
 def _pick_from(view: SequenceView, names: tuple[str, ...] | None) -> tuple[str, ...]:
     return names if names else view.models

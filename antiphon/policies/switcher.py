@@ -176,11 +176,14 @@ class SwitchParams(PolicyParams):
     )
     switcher_deployment: str | None = Field(
         default=None,
-        description="Serve deployment serving the switcher checkpoint; None: an engine in "
-        "this process (one per checkpoint, shared).",
+        description="Serve deployment serving the switcher checkpoint (in an app config: the "
+        "name of one of its models); None: an engine in this process (one per checkpoint).",
     )
-    switcher_app: str = Field(
-        default="switcher", min_length=1, description="Serve application of that deployment."
+    switcher_app: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Serve application of that deployment; None: the application the policy "
+        "runs in (the switcher listed as a model of the same app config).",
     )
     segment_len: int = Field(default=32, ge=1, description="Tokens per segment.")
     selection: Literal["argmax", "top_p"] = Field(
@@ -199,6 +202,11 @@ class SwitchParams(PolicyParams):
 
     def referenced_models(self) -> tuple[str, ...]:
         return tuple(m for m in (self.first_model, self.last_model) if m is not None)
+
+    def referenced_deployments(self) -> tuple[str, ...]:
+        if self.switcher_deployment is None or self.switcher_app is not None:
+            return ()
+        return (self.switcher_deployment,)
 
 
 # Per-process caches: a coordinator that builds the policy per request (when no policy actor

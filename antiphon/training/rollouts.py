@@ -1,7 +1,8 @@
 """Rollouts that label the switcher's training data (METHODS.md, Switch Generation):
 
 1. a dev query; a response written by switching models uniformly at random (`random_switch`);
-2. a cut at a random point, 10-90% of its tokens: the prefix;
+2. a cut at a random point, 10-90% of its tokens: the prefix (with `empty_first_prefix`,
+   prefix 0 of each query is empty instead: the first decision);
 3. each candidate model writes the next segment after the prefix;
 4. each branch is completed k times by random switching (`replay_switch` replays the prefix
    and the branch's segment, then switches at random);
@@ -64,6 +65,10 @@ class RolloutConfig:
     prefixes_per_query: int = 1  # random prefixes cut per query
     cut_low: float = 0.1  # the cut falls in [cut_low, cut_high] of the random response
     cut_high: float = 0.9
+    # Prefix 0 of every query is empty (the first decision) instead of a random cut. Not in
+    # the paper; on short answers the first segment decides most of the outcome, and the
+    # random cuts label it rarely.
+    empty_first_prefix: bool = False
     seed: int = 0
     concurrency: int = 8  # (query, prefix) items in flight at once
 
@@ -165,6 +170,8 @@ async def label_query(
     if total < 2:
         return None
     cut = cut_point(total, rng, cfg.cut_low, cfg.cut_high)
+    if cfg.empty_first_prefix and prefix_index == 0:
+        cut = 0
     prefix_models, prefix_tokens = prefix_decisions(written, cut)
     completion_seeds = [rng.randrange(2**31) for _ in range(cfg.k)]
 

@@ -136,7 +136,8 @@ async def run(args: argparse.Namespace) -> dict:
 
     # 1. rollouts on dev
     cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
-                        seed=args.seed, concurrency=8)  # fmt: skip
+                        empty_first_prefix=args.empty_first_prefix, seed=args.seed,
+                        concurrency=16)  # fmt: skip
     examples = await run_rollouts(coord.generate, queries, ENSEMBLE, cfg,
                                   RolloutStore(work / "rollouts"), {"ensemble": paths})  # fmt: skip
     # 2. the switcher, trained and untuned (its initial checkpoint with the same context)
@@ -184,7 +185,8 @@ async def run(args: argparse.Namespace) -> dict:
     singles = [f"single:{m}" for m in ENSEMBLE]
     summary = claims(scores, singles)
     setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
-             "prefixes": args.prefixes, "dev_limit": args.limit, "test_limit": args.test_limit,
+             "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
+             "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
         "setup": setup,
@@ -213,7 +215,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--test-limit", type=int, default=None, help="test items per task")
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--prefixes", type=int, default=2)
-    p.add_argument("--segment-len", type=int, default=8)
+    p.add_argument("--segment-len", type=int, default=4)
+    p.add_argument(
+        "--empty-first-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="label the first decision of every query too (prefix 0 is empty)",
+    )
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-context", type=int, default=1024)

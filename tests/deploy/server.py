@@ -1,9 +1,11 @@
 """One real antiphon HTTP server for the deploy, client and CLI tests.
 
-`ensure_server(...)` deploys the app (two tiny random checkpoints, ensembles "pair" and
-"solo", an API key, a turn log in a temp dir) on the suite's Ray cluster once, with Serve's
-HTTP proxy on 127.0.0.1 and a free port, and returns its URL; later calls reuse it while it
-answers (and redeploy if another test tore Serve down).
+`ensure_server(...)` deploys the app on the suite's Ray cluster once and returns its URL;
+later calls reuse it while it answers (and redeploy if another test tore Serve down). The
+app: two tiny random checkpoints "a" and "b"; ensembles "pair" (round robin), "solo" and
+"switched", whose `switch` policy calls the trained test switcher (it prefers model 1),
+listed as a third model of the config and so a deployment of the same app; an API key; a
+turn log in a temp dir; Serve's HTTP proxy on 127.0.0.1 and a free port.
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ class RunningServer:
 _server: RunningServer | None = None
 
 
-def server_config(model_a: Path, model_b: Path, turn_log: Path) -> AppConfig:
+def server_config(model_a: Path, model_b: Path, switcher: Path, turn_log: Path) -> AppConfig:
     return parse_config(
         {
             "models": [
                 {"name": "a", "path": str(model_a), "max_ongoing_requests": 16},
                 {"name": "b", "path": str(model_b), "max_ongoing_requests": 16},
+                {"name": "switcher", "path": str(switcher)},
             ],
             "ensembles": [
                 {
@@ -54,6 +57,18 @@ def server_config(model_a: Path, model_b: Path, turn_log: Path) -> AppConfig:
                     "name": "solo",
                     "models": ["a"],
                     "policy": {"name": "fixed", "params": {"model": "a"}},
+                },
+                {
+                    "name": "switched",
+                    "models": ["a", "b"],
+                    "policy": {
+                        "name": "switch",
+                        "params": {
+                            "switcher_path": str(switcher),
+                            "switcher_deployment": "switcher",
+                            "segment_len": 4,
+                        },
+                    },
                 },
             ],  # fmt: skip
             "serving": {
@@ -80,14 +95,14 @@ def _http_port() -> int:
     return _get_global_client().http_config.port
 
 
-def ensure_server(model_a: Path, model_b: Path, work_dir: Path) -> RunningServer:
+def ensure_server(model_a: Path, model_b: Path, switcher: Path, work_dir: Path) -> RunningServer:
     global _server
     if _server is not None and _answers(_server.url):
         return _server
     from antiphon.deploy.app import build_app
 
     turn_log = work_dir / "turns.atl"
-    config = server_config(model_a, model_b, turn_log)
+    config = server_config(model_a, model_b, switcher, turn_log)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     url = f"http://127.0.0.1:{_http_port()}{ROUTE_PREFIX}"

@@ -62,6 +62,14 @@ def test_config_is_frozen(tmp_path):
             "ensembles.0",
             "'z'",
         ),
+        (  # a switcher deployment of the same app must be one of the config's models
+            GOOD.replace(
+                "{name: round_robin, params: {segment_len: 4}}",
+                "{name: switch, params: {switcher_path: sw, switcher_deployment: sw}}",
+            ),
+            "ensembles",
+            "calls the deployment 'sw', which is not a model of this config",
+        ),
     ],
 )
 def test_invalid_config_names_file_and_field(tmp_path, bad, field, words):

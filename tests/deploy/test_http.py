@@ -50,6 +50,20 @@ def test_generate_returns_text_and_segments_by_model(server):
     assert answer.finish_reason in ("length", "eos")
 
 
+def test_switch_ensemble_calls_the_switcher_deployment_of_its_config(server):
+    """The switcher is a model of the same config (its own deployment); the trained test
+    switcher prefers model 1, so "b" writes every segment."""
+    body = {"prompt": PROMPT, "ensemble": "switched", "max_tokens": 12, "temperature": 0}
+    r = post(server, "/v1/generate", body)
+    assert r.status_code == 200, r.text
+    answer = GenerateResponse.model_validate(r.json())
+    assert answer.policy == "switch" and answer.segments
+    assert {s.model for s in answer.segments} == {"b"}
+    fixed = post(server, "/v1/generate", {**body, "ensemble": "pair", "policy": "fixed",
+                                          "policy_params": {"model": "b"}})  # fmt: skip
+    assert answer.text == fixed.json()["text"]
+
+
 def test_generate_stream_is_one_event_per_segment_then_done(server):
     body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12}
     whole = GenerateResponse.model_validate(post(server, "/v1/generate", body).json())
@@ -91,7 +105,7 @@ def oai(server) -> openai.OpenAI:
 
 def test_openai_models_lists_the_ensembles(oai):
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["pair", "solo"]
+    assert [m.id for m in models.data] == ["pair", "solo", "switched"]
     assert models.data[0].model_extra["antiphon_models"] == ["a", "b"]
 
 

@@ -73,3 +73,24 @@ def test_rollouts_label_the_known_best_and_resume(xy_coordinator, tmp_path):
     assert len(again) == 8 and len(calls) == 2 * (1 + 2 * 2)
     lines = (tmp_path / "ro" / "examples.jsonl").read_text().splitlines()
     assert len(lines) == 8 and len({json.loads(x)["key"] for x in lines}) == 8
+
+
+def test_empty_first_prefix_labels_the_first_decision(xy_coordinator, tmp_path):
+    cfg = RolloutConfig(k=2, segment_len=4, prefixes_per_query=2, empty_first_prefix=True, seed=1)
+    examples = asyncio.run(
+        run_rollouts(
+            xy_coordinator.generate,
+            QUERIES[:2],
+            ("x", "y"),
+            cfg,
+            RolloutStore(tmp_path / "ro"),
+            progress=False,
+        )  # fmt: skip
+    )
+    by_prefix = {ex.key.rsplit(":", 1)[1]: [] for ex in examples}
+    for ex in examples:
+        by_prefix[ex.key.rsplit(":", 1)[1]].append(ex)
+    assert all(ex.prefix == [] and ex.prefix_tokens == 0 for ex in by_prefix["0"])
+    assert all(ex.prefix and ex.prefix_tokens >= 2 for ex in by_prefix["1"])
+    # With nothing written yet, y's first segment still makes the better answer.
+    assert all(ex.best == [1] for ex in examples)

@@ -24,7 +24,7 @@ from antiphon.training.switcher_training import (
     train_switcher,
 )
 from tests.policies.test_switcher import view
-from tests.training.conftest import examples
+from tests.switch_models import examples
 
 
 def test_one_step_lowers_the_loss(tiny_model_dir):
