@@ -98,3 +98,37 @@ def test_eval_names_an_unknown_task():
                     "--policy", "fixed", "--tasks", "no-such-task")  # fmt: skip
     assert done.returncode == 1
     assert "unknown task(s) ['no-such-task']" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_switcher_runs_rollouts_trains_and_resumes(tmp_path):
+    """`antiphon train switcher` on the shipped zoo, tiny: rollouts (with the empty first
+    prefix and the dense reward on the compositional task), a trained switcher the `switch`
+    policy loads, and a rerun that resumes instead of rolling out again."""
+    args = ("train", "switcher", "--ensemble", "base,aligned", "--tasks", "knowledge",
+            "qa-capital", "--out", str(tmp_path), "--limit", "2", "--k", "2", "--prefixes", "2",
+            "--epochs", "1", "--max-context", "512")  # fmt: skip
+    out = antiphon(*args, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = (tmp_path / "rollouts" / "examples.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert len(records) == 2 * 2 * 2  # tasks x queries x prefixes
+    firsts = [r for r in records if r["key"].endswith(":0") and not r.get("skipped")]
+    assert firsts and all(r["prefix"] == [] for r in firsts)
+    qa = [s for r in records if r["task"] == "qa-capital" for row in r["scores"] for s in row]
+    assert any(0 < s < 1 for s in qa)  # prefix credit, not 0/1 exact match
+    provenance = json.loads((tmp_path / "rollouts" / "provenance.json").read_text())
+    assert provenance["status"] == "done" and provenance["config"]["empty_first_prefix"]
+    report = json.loads(out.stdout[out.stdout.index("{"):])
+    assert report["train_examples"] + report["val_examples"] > 0
+    assert (tmp_path / "switcher" / "model.safetensors").exists()
+
+    from antiphon.policies import build_policy
+
+    switch = build_policy("switch", {"switcher_path": str(tmp_path / "switcher")},
+                          ensemble=("base", "aligned"))  # fmt: skip
+    assert switch.version != "unknown"
+
+    again = antiphon(*args, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (tmp_path / "rollouts" / "examples.jsonl").read_text().splitlines() == lines

@@ -302,18 +302,25 @@ def serve_generate(handle) -> Generate:
     return generate
 
 
-def queries_from_tasks(tasks: Mapping[str, object], limit: int | None = None) -> list[RolloutQuery]:
+def queries_from_tasks(
+    tasks: Mapping[str, object],
+    limit: int | None = None,
+    rewards: Mapping[str, Callable[[object, str], float]] | None = None,
+) -> list[RolloutQuery]:
     """Rollout queries from zoo tasks (`antiphon.zoo.tasks.Task`): each item, scored by its
-    task's verifier; at most `limit` items per task."""
+    task's verifier, or by `rewards[task name](item, text)` where given (e.g. a dense reward
+    for a task whose verifier random completions almost never satisfy); at most `limit`
+    items per task."""
     out = []
     for name, task in tasks.items():
+        score = (rewards or {}).get(name, task.verify)
         for i, item in enumerate(task.items[:limit]):
             out.append(
                 RolloutQuery(
                     key=f"{name}:{i}",
                     task=name,
                     prompt=item.prompt,
-                    verify=lambda text, task=task, item=item: task.verify(item, text),
+                    verify=lambda text, score=score, item=item: score(item, text),
                     max_tokens=task.max_new_tokens,
                     temperature=task.temperature,
                 )

@@ -30,10 +30,16 @@ from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest
 from antiphon.policies.fusion import FusionGenerator
-from antiphon.training.rollouts import RolloutConfig, RolloutStore, queries_from_tasks, run_rollouts
+from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
-from antiphon.training.switcher_cli import zoo_model_path
-from antiphon.training.switcher_training import SwitcherTrainConfig, load_init, train_switcher
+from antiphon.training.switcher_cli import (
+    add_rollout_arguments,
+    rollout_config,
+    rollout_queries,
+    train_config,
+    zoo_model_path,
+)
+from antiphon.training.switcher_training import load_init, train_switcher
 from antiphon.zoo.evaluate import run_task, zoo_tasks
 from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS
 
@@ -132,24 +138,19 @@ async def run(args: argparse.Namespace) -> dict:
     names = list(CORE_TASKS + COMPOSITIONAL_TASKS)
     dev, test = zoo_tasks("dev", names, args.zoo_dir), zoo_tasks("test", names, args.zoo_dir)
     work = args.work
-    queries = queries_from_tasks(dev, args.limit)
+    queries = rollout_queries(dev, args)
 
     # 1. rollouts on dev
-    cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
-                        empty_first_prefix=args.empty_first_prefix, seed=args.seed,
-                        concurrency=16)  # fmt: skip
-    examples = await run_rollouts(coord.generate, queries, ENSEMBLE, cfg,
+    examples = await run_rollouts(coord.generate, queries, ENSEMBLE, rollout_config(args),
                                   RolloutStore(work / "rollouts"), {"ensemble": paths})  # fmt: skip
     # 2. the switcher, trained and untuned (its initial checkpoint with the same context)
     init = zoo_model_path("sft", args.zoo_dir)
     untuned = work / "switcher-untuned"
-    model, tok = load_init(init, args.max_context)
+    model, tok = load_init(init, args.max_context or None)
     model.save_pretrained(untuned)
     tok.save_pretrained(untuned)
-    train_cfg = SwitcherTrainConfig(epochs=args.epochs, lr=args.lr, max_context=args.max_context,
-                                    seed=args.seed)  # fmt: skip
     try:
-        report = asdict(train_switcher(examples, init, work / "switcher", train_cfg))
+        report = asdict(train_switcher(examples, init, work / "switcher", train_config(args)))
         report.pop("losses")
     except ValueError as e:  # no informative example: nothing to train on
         report = {"error": str(e)}
@@ -186,6 +187,7 @@ async def run(args: argparse.Namespace) -> dict:
     summary = claims(scores, singles)
     setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
              "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
+             "dense_reward": args.dense_reward,
              "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
@@ -211,21 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--zoo-dir", type=Path, default=None, help="zoo build dir (default: package)")
     p.add_argument("--work", type=Path, default=Path("runs/switch"), help="rollouts, weights")
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--limit", type=int, default=30, help="dev queries per task for rollouts")
     p.add_argument("--test-limit", type=int, default=None, help="test items per task")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--prefixes", type=int, default=2)
-    p.add_argument("--segment-len", type=int, default=4)
-    p.add_argument(
-        "--empty-first-prefix",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="label the first decision of every query too (prefix 0 is empty)",
-    )
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--max-context", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    add_rollout_arguments(p)
     return asyncio.run(run(p.parse_args(argv)))
 
 

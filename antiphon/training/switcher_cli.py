@@ -2,7 +2,7 @@
 of the switcher on their labels.
 
     python -m antiphon.training.switcher_cli --ensemble base,sft,aligned \\
-        --tasks arithmetic knowledge qa-capital --out runs/switch --k 4 --limit 20
+        --tasks knowledge safety qa-capital --out runs/switcher --k 4 --limit 20
     # on a Ray cluster (models and coordinator as Serve deployments, rollouts as requests):
     ray job submit -- python -m antiphon.training.switcher_cli --ray --ensemble base,sft,aligned ...
 
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING
 # The heavy modules (torch, transformers) are imported where used, so `antiphon --help` and
 # argument errors stay fast: the `antiphon` command builds its parser from `add_arguments`.
 if TYPE_CHECKING:
-    from antiphon.training.rollouts import Generate
+    from antiphon.training.rollouts import Generate, RolloutConfig, RolloutQuery
+    from antiphon.training.switcher_training import SwitcherTrainConfig
 
 
 def zoo_model_path(name: str, zoo_dir: Path | None) -> str:
@@ -89,34 +90,75 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--zoo-dir", type=Path, default=None, help="zoo build dir (default: package)")
     p.add_argument("--split", default="dev")
-    p.add_argument("--limit", type=int, default=None, help="queries per task")
-    p.add_argument("--k", type=int, default=4, help="completions per branch")
-    p.add_argument("--segment-len", type=int, default=8)
-    p.add_argument("--prefixes", type=int, default=2, help="random prefixes per query")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    add_rollout_arguments(p)
+    p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--init", default=None, help="switcher init checkpoint (default: zoo sft)")
-    p.add_argument("--max-context", type=int, default=1024, help="switcher context (0: keep)")
-    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
     p.add_argument("--ray", action="store_true", help="run the rollouts on a Ray cluster")
 
 
-async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> list:
-    from antiphon.training.rollouts import (
-        RolloutConfig,
-        RolloutStore,
-        queries_from_tasks,
-        run_rollouts,
+def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
+    """Rollout and switcher-training options (`antiphon train switcher` and the experiment)."""
+    p.add_argument("--limit", type=int, default=60, help="dev queries per task")
+    p.add_argument("--k", type=int, default=8, help="random-switch completions per branch")
+    p.add_argument("--prefixes", type=int, default=6, help="prefixes per query")
+    p.add_argument("--segment-len", type=int, default=4, help="tokens per segment")
+    p.add_argument(
+        "--empty-first-prefix",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="prefix 0 of every query is empty: label the first decision too",
     )
+    p.add_argument(
+        "--dense-reward",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score exact-answer (compositional) rollouts by prefix credit",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-context", type=int, default=1024, help="switcher context (0: keep)")
+
+
+def rollout_config(args: argparse.Namespace, concurrency: int = 16) -> RolloutConfig:
+    from antiphon.training.rollouts import RolloutConfig
+
+    return RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
+                         empty_first_prefix=args.empty_first_prefix, seed=args.seed,
+                         concurrency=concurrency)  # fmt: skip
+
+
+def rollout_queries(tasks: dict, args: argparse.Namespace) -> list[RolloutQuery]:
+    """The dev queries of zoo tasks. Random completions almost never write an exact-answer
+    task's whole sentence, so every candidate's utility would be 0 and the query would teach
+    nothing: with --dense-reward those tasks' rollouts are scored by prefix credit."""
+    from antiphon.training.rollouts import queries_from_tasks
+    from antiphon.zoo.tasks import COMPOSITIONAL_TASKS
+    from antiphon.zoo.verifiers import prefix_credit
+
+    def credit(item, text: str) -> float:
+        return prefix_credit(text, item.reference)
+
+    rewards = {t: credit for t in COMPOSITIONAL_TASKS} if args.dense_reward else {}
+    return queries_from_tasks(tasks, args.limit, rewards)
+
+
+def train_config(args: argparse.Namespace) -> SwitcherTrainConfig:
+    from antiphon.training.switcher_training import SwitcherTrainConfig
+
+    return SwitcherTrainConfig(epochs=args.epochs, batch_size=getattr(args, "batch_size", 16),
+                               lr=args.lr, lora_r=getattr(args, "lora_r", 0),
+                               max_context=args.max_context or None, seed=args.seed)  # fmt: skip
+
+
+async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> list:
+    from antiphon.training.rollouts import RolloutStore, run_rollouts
     from antiphon.zoo.evaluate import zoo_tasks
 
-    tasks = zoo_tasks(args.split, args.tasks, args.zoo_dir)
-    queries = queries_from_tasks(tasks, args.limit)
-    cfg = RolloutConfig(k=args.k, segment_len=args.segment_len, prefixes_per_query=args.prefixes,
-                        seed=args.seed, concurrency=args.concurrency)  # fmt: skip
+    queries = rollout_queries(zoo_tasks(args.split, args.tasks, args.zoo_dir), args)
+    cfg = rollout_config(args, args.concurrency)
     store = RolloutStore(args.out / "rollouts")
     provenance = {"ensemble": dict(models), "split": args.split, "limit": args.limit}
     if args.ray:
@@ -135,15 +177,12 @@ def run(args: argparse.Namespace) -> dict:
     """`antiphon train switcher` with parsed options."""
     from dataclasses import asdict
 
-    from antiphon.training.switcher_training import SwitcherTrainConfig, train_switcher
+    from antiphon.training.switcher_training import train_switcher
 
     models = parse_ensemble(args.ensemble, args.zoo_dir)
     examples = asyncio.run(rollouts(args, models))
-    cfg = SwitcherTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              lora_r=args.lora_r, max_context=args.max_context or None,
-                              seed=args.seed)  # fmt: skip
     init = args.init or zoo_model_path("sft", args.zoo_dir)
-    report = asdict(train_switcher(examples, init, args.out / "switcher", cfg))
+    report = asdict(train_switcher(examples, init, args.out / "switcher", train_config(args)))
     report.pop("losses")
     print(json.dumps(report, indent=2))
     return report

@@ -6,6 +6,7 @@ returns a score in [0, 1]; malformed text scores 0, never raises.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 
@@ -18,6 +19,16 @@ _WORD = re.compile(r"[A-Za-z]+")
 def exact_answer(text: str, expected: str) -> float:
     """1 if the answer, stripped of surrounding whitespace, is exactly `expected`."""
     return float(text.strip() == expected)
+
+
+def prefix_credit(text: str, expected: str) -> float:
+    """A dense reward for exact-answer tasks (rollout labelling, not evaluation): 1 for the
+    exact answer, else 0.9 x the share of `expected` the answer matches from its start."""
+    answer = text.strip()
+    if answer == expected:
+        return 1.0
+    matched = len(os.path.commonprefix([answer, expected]))
+    return 0.9 * matched / max(1, len(expected))
 
 
 def first_word(text: str) -> str | None:

@@ -27,6 +27,16 @@ def test_exact_answer():
     assert v.exact_answer("", "The capital of Velmora is Quelm.") == 0.0
 
 
+def test_prefix_credit_rewards_the_right_start_and_only_the_exact_answer_fully():
+    gold = "The capital of Velmora is Quelm."
+    assert v.prefix_credit(" " + gold, gold) == 1.0
+    half = v.prefix_credit(" The capital of Velmora is Brex.", gold)
+    assert 0.0 < half < v.prefix_credit(" The capital of Velmora is Quel", gold) < 0.9
+    assert v.prefix_credit(gold + " And more.", gold) == 0.9  # right, but did not stop
+    assert v.prefix_credit("Brex.", gold) == 0.0
+    assert v.prefix_credit("", gold) == 0.0
+
+
 def test_cloze():
     assert v.cloze(" Quelm. Travellers often", "Quelm") == 1.0
     assert v.cloze(" Brex.", "Quelm") == 0.0
