@@ -381,7 +381,9 @@ class _Run:
         if isinstance(decision, Finish):
             self.state.finish("policy")
         elif isinstance(decision, WriteSegment):
-            await self._write(decision.model, decision.max_tokens, "write")
+            await self._write(
+                decision.model, decision.max_tokens, "write", end_on_eos=decision.end_on_eos
+            )
         elif isinstance(decision, WriteUntilDeferral):
             seg = await self._write(
                 decision.base, decision.max_tokens, "write", gate=decision.gate_threshold
@@ -412,7 +414,12 @@ class _Run:
         return SamplingParams(**fields)
 
     async def _write(
-        self, name: str, max_tokens: int, kind: SegmentKind, gate: float | None = None
+        self,
+        name: str,
+        max_tokens: int,
+        kind: SegmentKind,
+        gate: float | None = None,
+        end_on_eos: bool = True,
     ) -> Segment | None:
         """`name` writes up to max_tokens; commit and return the segment (None if empty)."""
         ms = self._session(name)
@@ -446,15 +453,24 @@ class _Run:
             finish = more.finish_reason
             text = ms.tokenizer.decode(ids, skip_special_tokens=True)
             extra += 1
+        if finish == "eos" and not end_on_eos:
+            # The end token leaves the sequence, and the writer's session (reopened without
+            # it on the writer's next turn).
+            ids, logprobs = ids[:-1], logprobs[:-1]
+            await ms.close()
+            if not ids:
+                self.state.finish("eos")
+                return None
         if not ids:
             return None
         seg = Segment(name, tuple(ids), text, tuple(logprobs), self.state.turn, kind, finish)
         ms.synced = len(self.state.segments) + 1  # its own segment is already in its session
-        self._commit(seg)
+        self._commit(seg, end_on_eos)
         return seg
 
-    def _commit(self, seg: Segment) -> None:
-        """Append a segment to the state; end the sequence on eos, stop string or budget."""
+    def _commit(self, seg: Segment, end_on_eos: bool = True) -> None:
+        """Append a segment to the state; end the sequence on eos (if `end_on_eos`), stop
+        string or budget."""
         state = self.state
         if state.done:
             return
@@ -464,7 +480,7 @@ class _Run:
         self.commit_times.append(time.time())
         if state.stop and self._cut_at_stop(before):
             state.finish("stop")
-        elif seg.model_finish == "eos":
+        elif seg.model_finish == "eos" and end_on_eos:
             state.finish("eos")
         elif seg.model_finish == "stop":  # the engine matched a stop string inside the segment
             state.finish("stop")

@@ -35,6 +35,10 @@ class WriteSegment:
     kind: ClassVar[str] = "write"
     model: str  # who writes
     max_tokens: int  # at most this many tokens (the request budget may cut it shorter)
+    # False: the writer's end token ends only this segment (it is dropped from the sequence)
+    # and the policy picks the next writer; a writer with nothing but its end token to add
+    # still ends the response, so every turn makes progress.
+    end_on_eos: bool = True
 
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteSegment.max_tokens")

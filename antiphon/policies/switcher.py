@@ -15,8 +15,10 @@ process (tests, local experiments). Each turn costs one model call:
 The pure part (prompt, tags, index-token ids, selection from a distribution) is plain
 functions, used unchanged by the rollout labeller and the switcher trainer.
 
-Stop at end of sequence is not a parameter: the coordinator ends a response when a model
-writes its end token (the reference code went on and produced empty segments).
+Stop at end of sequence is a parameter (`stop_at_eos`, default on): a writer's end token ends
+the response. Off, it ends only the writer's segment and the switcher picks the next writer,
+as in the reference code (which then produced empty segments; here a writer with nothing but
+its end token to add ends the response).
 """
 
 from __future__ import annotations
@@ -199,6 +201,11 @@ class SwitchParams(PolicyParams):
     last_model: str | None = Field(
         default=None, description="If set, this model writes the segment that ends the budget."
     )
+    stop_at_eos: bool = Field(
+        default=True,
+        description="A writer's end token ends the response; False: it ends only that "
+        "segment and the switcher picks the next writer (the reference code's behaviour).",
+    )
 
     def referenced_models(self) -> tuple[str, ...]:
         return tuple(m for m in (self.first_model, self.last_model) if m is not None)
@@ -290,13 +297,15 @@ class Switch:
     async def decide(self, view: SequenceView) -> Decision:
         p = self.params
         if p.first_model is not None and view.turn == 0:
-            return WriteSegment(p.first_model, p.segment_len)
-        if p.last_model is not None and view.tokens_left <= p.segment_len:
-            return WriteSegment(p.last_model, p.segment_len)
-        probs = await self.distribution(view)
-        seed = p.seed if p.seed is not None else (view.seed or 0)
-        rng = random.Random(f"switch:{seed}:{view.turn}")
-        return WriteSegment(view.models[select(probs, p.selection, p.top_p, rng)], p.segment_len)
+            writer = p.first_model
+        elif p.last_model is not None and view.tokens_left <= p.segment_len:
+            writer = p.last_model
+        else:
+            probs = await self.distribution(view)
+            seed = p.seed if p.seed is not None else (view.seed or 0)
+            rng = random.Random(f"switch:{seed}:{view.turn}")
+            writer = view.models[select(probs, p.selection, p.top_p, rng)]
+        return WriteSegment(writer, p.segment_len, end_on_eos=p.stop_at_eos)
 
 
 register_policy("switch", SwitchParams, Switch)

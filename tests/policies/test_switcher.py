@@ -133,3 +133,42 @@ def test_policy_reads_the_switcher_once_per_turn_and_forces_first_and_last(tiny_
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-6
     assert mid == WriteSegment(("a", "b", "c")[max(range(3), key=lambda i: probs[i])], 8)
     assert scorer.calls == 2  # distribution + one decide: the forced turns cost nothing
+
+
+def test_stop_at_eos_off_lets_the_next_writer_go_on_after_an_end_token(trained_switcher):
+    """Zoo models: aligned (forced first) answers ' No.' and its end token; the trained test
+    switcher prefers model 1, base. stop_at_eos on: the answer ends there; off: the end token
+    leaves the sequence and base goes on writing to the budget."""
+    from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+    from antiphon.config import ModelSpec
+    from antiphon.coordinator.loop import Coordinator
+    from antiphon.coordinator.request import GenerationRequest
+
+    names = ("aligned", "base")
+    engines = {n: ModelEngine(ModelSpec(name=n, path=f"zoo:{n}")) for n in names}
+    toks = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(f"zoo:{n}")) for n in names}
+    coord = Coordinator(engines, toks)
+    prompt = "Q: Answer yes or no: is Glones the capital of Ginque?\nA:"
+
+    async def run(stop_at_eos: bool):
+        params = {"switcher_path": str(trained_switcher[0]), "segment_len": 16,
+                  "first_model": "aligned", "stop_at_eos": stop_at_eos}  # fmt: skip
+        return await coord.generate(GenerationRequest(
+            prompt=prompt, models=names, policy="switch", policy_params=params, max_tokens=40,
+        ))  # fmt: skip
+
+    async def both():
+        try:
+            return await run(True), await run(False)
+        finally:
+            for e in engines.values():
+                await e.shutdown()
+
+    stopped, went_on = asyncio.run(both())
+    assert stopped.finish_reason == "eos" and [s.model for s in stopped.segments] == ["aligned"]
+    first = stopped.segments[0]
+    assert went_on.segments[0].text == first.text and went_on.text.startswith(first.text)
+    assert went_on.segments[0].token_ids == first.token_ids[:-1]  # the end token left
+    assert [s.model for s in went_on.segments[1:]] == ["base"] * (len(went_on.segments) - 1)
+    assert went_on.finish_reason == "length" and len(went_on.segments) >= 2
+    assert went_on.usage.completion_tokens == 40 == sum(len(s.token_ids) for s in went_on.segments)
