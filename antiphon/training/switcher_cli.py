@@ -29,6 +29,9 @@ if TYPE_CHECKING:
     from antiphon.training.switcher_training import SwitcherTrainConfig
 
 
+ROLLOUT_APP = "switcher-rollouts"  # the Serve app `--ray` deploys (models and coordinator)
+
+
 def zoo_model_path(name: str, zoo_dir: Path | None) -> str:
     return str(zoo_dir / name) if zoo_dir is not None else f"zoo:{name}"
 
@@ -73,7 +76,7 @@ def ray_coordinator(models: Sequence[tuple[str, str]]) -> Generate:
     specs = [ModelSpec(name=n, path=p) for n, p in models]
     from antiphon.training.rollouts import serve_generate
 
-    handle = serve.run(build_coordinator_app(specs), name="switcher-rollouts", route_prefix=None)
+    handle = serve.run(build_coordinator_app(specs), name=ROLLOUT_APP, route_prefix=None)
     return serve_generate(handle)
 
 

@@ -44,3 +44,24 @@ def test_switch_generation_through_ray_follows_the_switcher(served):
     assert [s.model for s in result.segments] == ["x", "y", "y", "y"]
     assert result.text == "XXXX" + "y" * 10
     assert result.policy == "switch" and result.policy_version != "unknown"
+
+
+def test_rollouts_over_the_serving_deployments_label_the_known_best(ray_cluster, constant_dirs,
+                                                                      tmp_path):  # fmt: skip
+    """`antiphon train switcher --ray`: the models and a coordinator as Serve deployments on
+    the cluster, every rollout a request to it; labels as in-process ("y" is best)."""
+    import asyncio
+
+    from antiphon.training.rollouts import RolloutConfig, RolloutStore, run_rollouts
+    from antiphon.training.switcher_cli import ROLLOUT_APP, ray_coordinator
+    from tests.training.test_rollouts import QUERIES
+
+    generate = ray_coordinator([(n, str(constant_dirs[n])) for n in ("x", "y")])
+    try:
+        cfg = RolloutConfig(k=2, segment_len=4, prefixes_per_query=2, empty_first_prefix=True)
+        examples = asyncio.run(run_rollouts(generate, QUERIES, ("x", "y"), cfg,
+                                            RolloutStore(tmp_path), progress=False))  # fmt: skip
+    finally:
+        serve.delete(ROLLOUT_APP)
+    assert len(examples) == 2 * len(QUERIES)
+    assert all(ex.best == [1] and ex.label == 1 for ex in examples)
