@@ -110,6 +110,7 @@ def claims(scores: dict, singles: Sequence[str]) -> dict:
             "switch_beats_fusion": mean["switch"] > mean["logit_fusion"],
             "questions_every_single_fails": failed_by_all,
             "of_those_switch_solves": solved,
+            "share_switch_solves_pct": round(100.0 * solved / max(1, failed_by_all), 1),
         })  # fmt: skip
     return out
 

@@ -1,0 +1,40 @@
+"""The experiment's checks, computed from hand-made test scores."""
+
+from __future__ import annotations
+
+from antiphon.training.switch_experiment import claims, markdown
+
+TASKS = ("knowledge", "format", "qa-capital")
+
+
+def row(scores: dict[str, float], per_item: dict[str, list[float]]) -> dict:
+    return {t: (scores[t], per_item[t]) for t in TASKS}
+
+
+def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions():
+    items = {"knowledge": [1.0, 0.0], "format": [0.0, 1.0], "qa-capital": [0.0, 0.0]}
+    scores = {
+        "single:a": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
+        "single:b": row({"knowledge": 0, "format": 0, "qa-capital": 0},
+                        {t: [0.0, 0.0] for t in TASKS}),  # fmt: skip
+        "random_switch": row({"knowledge": 10, "format": 10, "qa-capital": 0}, items),
+        "trained_router": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
+        "logit_fusion": row({"knowledge": 60, "format": 0, "qa-capital": 50}, items),
+        "switch": row({"knowledge": 100, "format": 50, "qa-capital": 50},
+                      {"knowledge": [1.0, 1.0], "format": [0.0, 1.0],
+                       "qa-capital": [1.0, 0.0]}),  # fmt: skip
+    }
+    summary = claims(scores, ["single:a", "single:b"])
+    assert summary["switch_beats_best_single"] == {
+        "knowledge": True, "format": False, "qa-capital": True,
+    }  # fmt: skip
+    assert summary["core_tasks_won"].startswith("1/2")
+    assert summary["all_compositional_won"] is True
+    assert summary["switch_minus_random"] == round((200 - 20) / 3, 2)
+    assert summary["switch_beats_router"] and summary["switch_beats_fusion"]
+    # failed by both singles: knowledge #1, format #0, qa-capital #0 and #1; switch solves 2
+    assert summary["questions_every_single_fails"] == 4
+    assert summary["of_those_switch_solves"] == 2
+    assert summary["share_switch_solves_pct"] == 50.0
+    table = markdown(scores, summary, {"k": 1})
+    assert "| switch | 100.0 | 50.0 | 50.0 | 66.7 |" in table
