@@ -6,8 +6,9 @@
 3. each candidate model writes the next segment after the prefix;
 4. each branch is completed k times by random switching (`replay_switch` replays the prefix
    and the branch's segment, then switches at random);
-5. each completion is scored by the task's verifier; a candidate's utility is the mean score;
-   the label is the argmax.
+5. each completion is scored by the task's verifier; a candidate's utility is the mean score
+   (for a task whose metric reads a set of answers, e.g. validity x diversity of stories: the
+   metric over the branch's k completions); the label is the argmax.
 
 Ties: `best` keeps every candidate whose utility equals the maximum (the trainer maximises
 their total probability); `label` is the lowest index among them. An example whose utilities
@@ -35,6 +36,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from tqdm import tqdm
@@ -56,6 +58,16 @@ class RolloutQuery:
     verify: Callable[[str], float]  # the generated text -> score in [0, 1]
     max_tokens: int
     temperature: float = 0.0
+    # A metric over several answers to the query (e.g. validity x diversity of stories), in
+    # [0, 1]: a branch's utility is it over the branch's k completions, not their mean score.
+    score_set: Callable[[Sequence[str]], float] | None = None
+    samples: int = 1  # answers the task's metric reads per query (what score_set expects)
+
+    def utility(self, texts: Sequence[str]) -> float:
+        """The query's score of a set of answers: score_set, else the mean verified score."""
+        if self.score_set is not None:
+            return float(self.score_set(texts))
+        return sum(float(self.verify(t)) for t in texts) / max(1, len(texts))
 
 
 @dataclass(frozen=True)
@@ -185,11 +197,9 @@ async def label_query(
         return await generate(_request(q, models, "replay_switch", params, request_seed))
 
     results = await asyncio.gather(*(complete(c, r) for c in models for r in range(cfg.k)))
-    scores = [
-        [float(q.verify(results[i * cfg.k + r].text)) for r in range(cfg.k)]
-        for i in range(len(models))
-    ]
-    utilities = [sum(s) / len(s) for s in scores]
+    texts = [[results[i * cfg.k + r].text for r in range(cfg.k)] for i in range(len(models))]
+    scores = [[float(q.verify(t)) for t in branch] for branch in texts]
+    utilities = [q.utility(branch) for branch in texts]
     best, label = label_from_utilities(utilities)
     replayed = results[0].segments[: len(prefix_models)]
     return RolloutExample(
@@ -307,22 +317,36 @@ def queries_from_tasks(
     limit: int | None = None,
     rewards: Mapping[str, Callable[[object, str], float]] | None = None,
 ) -> list[RolloutQuery]:
-    """Rollout queries from zoo tasks (`antiphon.zoo.tasks.Task`): each item, scored by its
-    task's verifier, or by `rewards[task name](item, text)` where given (e.g. a dense reward
-    for a task whose verifier random completions almost never satisfy); at most `limit`
-    items per task."""
+    """Rollout queries from zoo tasks (`antiphon.zoo.tasks.Task`), at most `limit` items per
+    task. Each is scored by its task: the verifier per answer, and the task's own metric over
+    a set of answers (`task.score` of the one item, / 100), which for a mean-verified task is
+    the mean and for creativity or calibration is what the test split measures. Where
+    `rewards[task name](item, text)` is given (e.g. a dense reward for a task whose verifier
+    random completions almost never satisfy) it replaces both, averaged over the set."""
     out = []
     for name, task in tasks.items():
-        score = (rewards or {}).get(name, task.verify)
+        reward = (rewards or {}).get(name)
         for i, item in enumerate(task.items[:limit]):
+            if reward is not None:
+                verify = partial(reward, item)
+                score_set = None
+            else:
+                verify = partial(task.verify, item)
+                score_set = partial(_item_metric, task, item)
             out.append(
                 RolloutQuery(
                     key=f"{name}:{i}",
                     task=name,
                     prompt=item.prompt,
-                    verify=lambda text, score=score, item=item: score(item, text),
+                    verify=verify,
                     max_tokens=task.max_new_tokens,
                     temperature=task.temperature,
+                    score_set=score_set,
+                    samples=task.samples,
                 )
             )
     return out
+
+
+def _item_metric(task, item, texts: Sequence[str]) -> float:
+    return task.score([item], [list(texts)]) / 100.0

@@ -28,7 +28,7 @@ class QueryOutcome:
     key: str
     task: str
     prompt: str
-    scores: tuple[float, ...]  # per model, in ensemble order: the verifier score alone
+    scores: tuple[float, ...]  # per model, in ensemble order: its answers' utility
 
 
 async def single_model_outcomes(
@@ -38,10 +38,11 @@ async def single_model_outcomes(
     seed: int = 0,
     concurrency: int = 16,
 ) -> list[QueryOutcome]:
-    """Each model alone (`fixed`) on each query, scored by the query's verifier."""
+    """Each model alone (`fixed`) on each query: its `q.samples` answers (seeds differ), scored
+    by the query's utility (its task's metric over them)."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(q: RolloutQuery, model: str) -> float:
+    async def answer(q: RolloutQuery, model: str, j: int) -> str:
         request = GenerationRequest(
             prompt=q.prompt,
             models=tuple(models),
@@ -49,11 +50,14 @@ async def single_model_outcomes(
             policy_params={"model": model},
             max_tokens=q.max_tokens,
             temperature=q.temperature,
-            seed=seed,
+            seed=seed + j,
         )
         async with limit:
-            result = await generate(request)
-        return float(q.verify(result.text))
+            return (await generate(request)).text
+
+    async def one(q: RolloutQuery, model: str) -> float:
+        texts = await asyncio.gather(*(answer(q, model, j) for j in range(q.samples)))
+        return q.utility(texts)
 
     scores = await asyncio.gather(*(one(q, m) for q in queries for m in models))
     n = len(models)

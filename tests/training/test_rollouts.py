@@ -14,6 +14,7 @@ from antiphon.training.rollouts import (
     cut_point,
     label_from_utilities,
     prefix_decisions,
+    queries_from_tasks,
     run_rollouts,
 )
 
@@ -94,3 +95,45 @@ def test_empty_first_prefix_labels_the_first_decision(xy_coordinator, tmp_path):
     assert all(ex.prefix and ex.prefix_tokens >= 2 for ex in by_prefix["1"])
     # With nothing written yet, y's first segment still makes the better answer.
     assert all(ex.best == [1] for ex in examples)
+
+
+def test_zoo_queries_score_a_branch_by_the_tasks_own_metric():
+    """Creativity's metric reads a set (validity x diversity): identical valid stories are
+    worth nothing, varied ones are; a mean-verified task's utility is the mean; a dense reward
+    replaces the verifier where given."""
+    from antiphon.zoo.build import world_for
+    from antiphon.zoo.tasks import make_tasks
+    from antiphon.zoo.verifiers import prefix_credit
+
+    tasks = make_tasks(world_for("tiny", 0), "dev", ["creativity", "knowledge", "qa-capital"])
+    rewards = {"qa-capital": lambda item, text: prefix_credit(text, item.reference)}
+    queries = {q.task: q for q in queries_from_tasks(tasks, limit=1, rewards=rewards)}
+    story = " lived near the river. It found a bell and felt happy. The end."
+    other = " waited by the old bridge. The wise hare climbed the tower. The end."
+    creativity = queries["creativity"]
+    assert creativity.samples == tasks["creativity"].samples
+    assert creativity.verify(story) == 1.0 and creativity.utility([story, story]) == 0.0
+    assert creativity.utility([story, other]) > 0.3
+
+    knowledge = queries["knowledge"]
+    gold = tasks["knowledge"].items[0].reference
+    assert knowledge.utility([f" {gold}.", " Nope.", f" {gold}.", " No."]) == 0.5
+
+    qa = queries["qa-capital"]
+    answer = tasks["qa-capital"].items[0].reference
+    assert qa.utility([" " + answer]) == 1.0 and 0 < qa.utility([" " + answer[:10]]) < 0.9
+
+
+def test_router_outcomes_score_each_models_samples_by_the_query_metric(xy_coordinator):
+    from antiphon.training.router_training import single_model_outcomes
+
+    seen = []
+
+    def share_of_y_in_set(texts):
+        seen.append(len(texts))
+        return sum(share_of_y(t) for t in texts) / len(texts)
+
+    q = RolloutQuery("s:0", "s", "Q: y?\nA:", share_of_y, 6, score_set=share_of_y_in_set,
+                     samples=3)  # fmt: skip
+    (outcome,) = asyncio.run(single_model_outcomes(xy_coordinator.generate, [q], ("x", "y")))
+    assert outcome.scores == (0.0, 1.0) and seen == [3, 3]
