@@ -257,7 +257,7 @@ def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
 
     from antiphon.actors.messages import SamplingParams
     from antiphon.client import AsyncClient
-    from antiphon.errors import Overloaded
+    from antiphon.errors import retry_overloaded
     from antiphon.zoo.evaluate import evaluate_async, zoo_tasks
     from antiphon.zoo.tasks import TASK_NAMES
 
@@ -281,12 +281,7 @@ def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
 
             async def generate(prompt: str, sampling: SamplingParams) -> str:
                 # A shared server may be busy: back off and retry rather than lose the item.
-                for attempt in range(EVAL_RETRIES - 1):
-                    try:
-                        return await ask(prompt, sampling)
-                    except Overloaded:
-                        await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
-                return await ask(prompt, sampling)
+                return await retry_overloaded(lambda: ask(prompt, sampling), EVAL_RETRIES)
 
             return await evaluate_async(
                 generate, tasks, policy=args.policy, ensemble=args.ensemble,

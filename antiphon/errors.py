@@ -8,6 +8,12 @@ status code.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 class AntiphonError(Exception):
     """Base of every error antiphon raises on purpose."""
@@ -52,6 +58,18 @@ class Overloaded(AntiphonError):
     """No capacity right now (session cap with nothing evictable, queue full). Retry later."""
 
     http_status = 503
+
+
+async def retry_overloaded(call: Callable[[], Awaitable[T]], tries: int = 20) -> T:
+    """`await call()`, retried with exponential backoff (50 ms doubling, at most 2 s) while it
+    raises `Overloaded`, the one error that says "later": a busy model or server must not cost
+    a batch job its item. The last try's error propagates."""
+    for attempt in range(tries - 1):
+        try:
+            return await call()
+        except Overloaded:
+            await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
+    return await call()
 
 
 class ConfigError(InvalidRequest):

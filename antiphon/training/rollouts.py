@@ -42,6 +42,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from antiphon.coordinator.request import GenerationRequest, GenerationResult
+from antiphon.errors import retry_overloaded
 
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 EXAMPLES_FILE = "examples.jsonl"
@@ -265,6 +266,7 @@ async def run_rollouts(
 ) -> list[RolloutExample]:
     """Label every (query, prefix) not yet in the store; return all examples in the store."""
     models = tuple(models)
+    generate = _retrying(generate)
     todo = [
         (q, j)
         for q in queries
@@ -301,6 +303,15 @@ async def run_rollouts(
         }
     )
     return examples
+
+
+def _retrying(generate: Generate) -> Generate:
+    """`generate` that waits out a full model (Overloaded) instead of losing the item."""
+
+    async def call(request: GenerationRequest) -> GenerationResult:
+        return await retry_overloaded(lambda: generate(request))
+
+    return call
 
 
 def serve_generate(handle) -> Generate:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from antiphon.coordinator.request import GenerationRequest
+from antiphon.errors import retry_overloaded
 from antiphon.policies.router import RouterWeights, query_features
 from antiphon.training.rollouts import Generate, RolloutQuery, label_from_utilities
 
@@ -53,7 +54,7 @@ async def single_model_outcomes(
             seed=seed + j,
         )
         async with limit:
-            return (await generate(request)).text
+            return (await retry_overloaded(lambda: generate(request))).text
 
     async def one(q: RolloutQuery, model: str) -> float:
         texts = await asyncio.gather(*(answer(q, model, j) for j in range(q.samples)))

@@ -132,7 +132,10 @@ def markdown(scores: dict, summary: dict, setup: dict) -> str:
 async def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     paths = {n: zoo_model_path(n, args.zoo_dir) for n in ENSEMBLE}
-    engines = {n: ModelEngine(ModelSpec(name=n, path=p)) for n, p in paths.items()}
+    # Rollouts hold 1 + n x k sessions per item in flight: room for all of them.
+    engines = {
+        n: ModelEngine(ModelSpec(name=n, path=p, max_sessions=1024)) for n, p in paths.items()
+    }
     tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p))
                   for n, p in paths.items()}  # fmt: skip
     coord = Coordinator(engines, tokenizers)

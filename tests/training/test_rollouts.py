@@ -137,3 +137,28 @@ def test_router_outcomes_score_each_models_samples_by_the_query_metric(xy_coordi
                      samples=3)  # fmt: skip
     (outcome,) = asyncio.run(single_model_outcomes(xy_coordinator.generate, [q], ("x", "y")))
     assert outcome.scores == (0.0, 1.0) and seen == [3, 3]
+
+
+def test_rollouts_wait_out_a_full_model_instead_of_failing(constant_dirs, tmp_path):
+    """Engines that hold 2 sessions at once, rollouts that want 10 in flight: the calls that
+    find a model full (Overloaded) are retried, and every item is labelled."""
+    from transformers import AutoTokenizer
+
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.config import ModelSpec
+    from antiphon.coordinator.loop import Coordinator
+
+    async def run():
+        engines = {n: ModelEngine(ModelSpec(name=n, path=str(d), max_sessions=2))
+                   for n, d in constant_dirs.items()}  # fmt: skip
+        toks = {n: AutoTokenizer.from_pretrained(d) for n, d in constant_dirs.items()}
+        cfg = RolloutConfig(k=4, segment_len=4, prefixes_per_query=1, concurrency=2)
+        try:
+            return await run_rollouts(Coordinator(engines, toks).generate, QUERIES, ("x", "y"),
+                                      cfg, RolloutStore(tmp_path), progress=False)  # fmt: skip
+        finally:
+            for e in engines.values():
+                await e.shutdown()
+
+    examples = asyncio.run(run())
+    assert len(examples) == len(QUERIES) and all(ex.best == [1] for ex in examples)
