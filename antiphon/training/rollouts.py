@@ -1,6 +1,7 @@
 """Rollouts that label the switcher's training data (METHODS.md, Switch Generation):
 
-1. a dev query; a response written by switching models uniformly at random (`random_switch`);
+1. a dev query; a response written by switching models uniformly at random (`random_switch`;
+   `prefix_policy` may name another, e.g. the previous round's switcher);
 2. a cut at a random point, 10-90% of its tokens: the prefix (with `empty_first_prefix`,
    prefix 0 of each query is empty instead: the first decision);
 3. each candidate model writes the next segment after the prefix;
@@ -35,7 +36,7 @@ import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -82,6 +83,11 @@ class RolloutConfig:
     # the paper; on short answers the first segment decides most of the outcome, and the
     # random cuts label it rarely.
     empty_first_prefix: bool = False
+    # Who writes the response the prefix is cut from: random switching (the paper), or e.g.
+    # `switch` with the previous round's switcher, so that later rounds label the states the
+    # switcher itself reaches (DAgger-style on-policy data); completions stay random.
+    prefix_policy: str = "random_switch"
+    prefix_policy_params: Mapping[str, object] = field(default_factory=dict)
     seed: int = 0
     concurrency: int = 8  # (query, prefix) items in flight at once
 
@@ -173,8 +179,12 @@ async def label_query(
         _request(
             q,
             models,
-            "random_switch",
-            {"segment_len": cfg.segment_len, "seed": rng.randrange(2**31)},
+            cfg.prefix_policy,
+            {
+                **cfg.prefix_policy_params,
+                "segment_len": cfg.segment_len,
+                "seed": rng.randrange(2**31),
+            },  # fmt: skip
             request_seed,
         )
     )

@@ -20,7 +20,7 @@ import asyncio
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -144,20 +144,34 @@ async def run(args: argparse.Namespace) -> dict:
     work = args.work
     queries = rollout_queries(dev, args)
 
-    # 1. rollouts on dev
-    examples = await run_rollouts(coord.generate, queries, ENSEMBLE, rollout_config(args),
-                                  RolloutStore(work / "rollouts"), {"ensemble": paths})  # fmt: skip
-    # 2. the switcher, trained and untuned (its initial checkpoint with the same context)
+    # 1-2. rollouts on dev and the switcher trained on them; round r > 1 cuts its prefixes from
+    # responses of round r-1's switcher and trains on every round's examples
     init = zoo_model_path("sft", args.zoo_dir)
+    examples: list = []
+    reports = []
+    switcher = trained = None
+    for r in range(1, args.rounds + 1):
+        cfg = rollout_config(args)
+        if r > 1:
+            cfg = replace(cfg, prefix_policy="switch", prefix_policy_params={
+                "switcher_path": str(switcher), "selection": "top_p", "top_p": 0.9})  # fmt: skip
+        store = RolloutStore(work / ("rollouts" if r == 1 else f"rollouts-r{r}"))
+        examples += await run_rollouts(coord.generate, queries, ENSEMBLE, cfg, store,
+                                       {"ensemble": paths, "round": r})  # fmt: skip
+        switcher = work / ("switcher" if r == args.rounds else f"switcher-r{r}")
+        try:
+            report = asdict(train_switcher(examples, init, switcher, train_config(args)))
+            report.pop("losses")
+        except ValueError as e:  # no informative example: nothing to train on
+            reports.append({"round": r, "error": str(e)})
+            break
+        trained = switcher
+        reports.append({"round": r, "examples": len(examples), **report})
+    # the untuned switcher: its initial checkpoint, with the same context
     untuned = work / "switcher-untuned"
     model, tok = load_init(init, args.max_context or None)
     model.save_pretrained(untuned)
     tok.save_pretrained(untuned)
-    try:
-        report = asdict(train_switcher(examples, init, work / "switcher", train_config(args)))
-        report.pop("losses")
-    except ValueError as e:  # no informative example: nothing to train on
-        report = {"error": str(e)}
     # 3. the router, from each model alone on the dev queries
     outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
     router_report = train_router(outcomes, ENSEMBLE, work / "router")
@@ -174,14 +188,12 @@ async def run(args: argparse.Namespace) -> dict:
     gens["untuned_switcher"] = coordinator_generate(
         coord, "switch", {"switcher_path": str(untuned), **seg}
     )
-    if "error" not in report:
+    if trained is not None:
         gens["switch"] = coordinator_generate(
-            coord, "switch", {"switcher_path": str(work / "switcher"), **seg}
+            coord, "switch", {"switcher_path": str(trained), **seg}
         )
     test_tasks = {n: t for n, t in test.items()}
     if args.test_limit:
-        from dataclasses import replace
-
         test_tasks = {n: replace(t, items=t.items[: args.test_limit]) for n, t in test.items()}
     scores = await evaluate_policies(gens, test_tasks, args.seed)
     for e in engines.values():
@@ -191,18 +203,19 @@ async def run(args: argparse.Namespace) -> dict:
     summary = claims(scores, singles)
     setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
              "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
-             "dense_reward": args.dense_reward,
+             "rounds": args.rounds, "dense_reward": args.dense_reward,
              "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
         "setup": setup,
         "scores": {p: {t: s for t, (s, _) in row.items()} for p, row in scores.items()},
         "summary": summary,
-        "switcher_training": report,
+        "switcher_training": reports,
         "router_training": router_report,
         "rollouts": {
             "examples": len(examples),
             "informative": sum(e.informative for e in examples),
+            "rounds": args.rounds,
         },
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -219,6 +232,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--test-limit", type=int, default=None, help="test items per task")
     add_rollout_arguments(p)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rollout rounds; round r > 1 cuts prefixes from round r-1's switcher",
+    )
     return asyncio.run(run(p.parse_args(argv)))
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from antiphon.training.switch_experiment import claims, markdown
 
 TASKS = ("knowledge", "format", "qa-capital")
@@ -38,3 +42,24 @@ def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions()
     assert summary["share_switch_solves_pct"] == 50.0
     table = markdown(scores, summary, {"k": 1})
     assert "| switch | 100.0 | 50.0 | 50.0 | 66.7 |" in table
+
+
+@pytest.mark.slow
+def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
+    """The documented command, tiny: two rounds (round 2 cuts prefixes from round 1's
+    switcher), the switcher, the router, every policy on a few test items, both files."""
+    from antiphon.training.switch_experiment import main
+
+    results = main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+                    "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "2",
+                    "--epochs", "1", "--max-context", "512", "--rounds", "2"])  # fmt: skip
+    provenance = json.loads((tmp_path / "work" / "rollouts-r2" / "provenance.json").read_text())
+    assert provenance["config"]["prefix_policy"] == "switch" and provenance["round"] == 2
+    assert provenance["config"]["prefix_policy_params"]["switcher_path"].endswith("switcher-r1")
+    assert [r["round"] for r in results["switcher_training"]] == [1, 2]
+    assert set(results["scores"]) == {"single:base", "single:sft", "single:aligned",
+                                      "random_switch", "trained_router", "logit_fusion",
+                                      "untuned_switcher", "switch"}  # fmt: skip
+    saved = json.loads((tmp_path / "results" / "switch.json").read_text())
+    assert saved["summary"] == results["summary"]
+    assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()
