@@ -6,6 +6,11 @@ harness; writes results/switch.json and results/switch.md.
     python -m antiphon.training.switch_experiment --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
 Ensemble: the zoo's base, sft and aligned (the paper's P, F, A), segments of `--segment-len`.
+Choices beyond the paper (each can be turned off): prefix 0 of every query is empty, so the
+first decision is labelled too; the compositional tasks' rollouts are scored by prefix
+credit (random completions almost never write their exact sentence); a branch's utility is
+the task's own metric over its k completions (validity x diversity for creativity); round
+r > 1 cuts its prefixes from responses of round r-1's switcher (states the switcher reaches).
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
 `random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`), the untuned
 switcher (the switcher's initial checkpoint, prompted, not trained) and `switch` (trained).
