@@ -57,6 +57,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import queue
 import threading
 import time
@@ -98,6 +99,8 @@ from antiphon.errors import (
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PREFILL_TOKEN_BUDGET = 8192  # most (padded) positions one prefill step feeds, past one row
 IDLE_WAKE_S = 1.0  # how often an idle worker wakes to expire sessions
+PROMPT_CACHE_SIZE = 16  # sessions of recent prompt_next_token_logprobs prompts kept for reuse
+PROMPT_CACHE_MIN_SHARED = 16  # shared prefix tokens that make forking a cached prompt worth it
 FORGOTTEN_IDS_KEPT = 10_000  # recently gone session ids remembered to say why they are gone
 
 
@@ -346,6 +349,10 @@ class ModelEngine:
         self._forward_passes = 0
         self._forward_tokens = 0
 
+        # Prompts of prompt_next_token_logprobs kept for reuse: session id -> its token ids.
+        # Used by the calling event loop only (like every public method), never the worker.
+        self._prompt_cache: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+
         self._inbox: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._stopping = False
         self._crash: BaseException | None = None
@@ -388,14 +395,58 @@ class ModelEngine:
     async def prompt_next_token_logprobs(
         self, prompt: list[int] | str, candidate_ids: list[int]
     ) -> list[float]:
-        """log p(c | prompt) for each candidate id c, in one call: a throwaway session is
-        opened on the prompt, read and closed (the learned switcher's one call per turn)."""
+        """log p(c | prompt) for each candidate id c, in one call (the learned switcher's one
+        call per turn). The sessions of the last PROMPT_CACHE_SIZE token-id prompts are kept:
+        a prompt sharing a prefix with one (the switcher's trace grows by a segment a turn)
+        forks it, cuts the fork back to the shared prefix and feeds only the rest."""
         ids = as_token_ids(candidate_ids, self.vocab_size, "candidate_ids")
-        session = await self.open(prompt)
+        if isinstance(prompt, str):
+            session = await self.open(prompt)
+            try:
+                return await self._submit(_Score(session.session_id, [], candidate_ids=ids))
+            finally:
+                await self.close(session.session_id)
+        prompt = tuple(as_token_ids(prompt, self.vocab_size, "prompt"))
+        session_id = await self._reuse_cached_prompt(prompt)
+        if session_id is None:
+            session_id = (await self.open(list(prompt))).session_id
         try:
-            return await self._submit(_Score(session.session_id, [], candidate_ids=ids))
-        finally:
-            await self.close(session.session_id)
+            logprobs = await self._submit(_Score(session_id, [], candidate_ids=ids))
+        except SessionLost:  # evicted in between (the engine was full): score afresh
+            session_id = (await self.open(list(prompt))).session_id
+            logprobs = await self._submit(_Score(session_id, [], candidate_ids=ids))
+        self._prompt_cache[session_id] = prompt
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            oldest, _ = self._prompt_cache.popitem(last=False)
+            await self.close(oldest)
+        return logprobs
+
+    async def _reuse_cached_prompt(self, prompt: tuple[int, ...]) -> str | None:
+        """A new session holding `prompt`, forked from the cached prompt sharing the longest
+        prefix with it (at least PROMPT_CACHE_MIN_SHARED tokens); None if there is none."""
+        best, shared = None, 0
+        for session_id, cached in self._prompt_cache.items():
+            n = len(os.path.commonprefix([cached, prompt]))
+            if n > shared:
+                best, shared = session_id, n
+        if best is None or shared < PROMPT_CACHE_MIN_SHARED:
+            return None
+        cached = self._prompt_cache.pop(best)
+        self._prompt_cache[best] = cached  # most recently used
+        try:
+            (child,) = await self.fork(best, 1)
+        except SessionLost:  # evicted by the engine's own bounds
+            self._prompt_cache.pop(best, None)
+            return None
+        try:
+            if shared < len(cached):
+                await self.truncate(child, shared)
+            if shared < len(prompt):
+                await self.append(child, list(prompt[shared:]))
+        except BaseException:
+            await self.close(child)
+            raise
+        return child
 
     async def fork(self, session_id: str, n: int) -> list[str]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:

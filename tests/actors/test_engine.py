@@ -849,3 +849,33 @@ def test_bfloat16_engine_runs(spec):
         run(eng.shutdown())
     assert info.dtype == "bfloat16" and next(eng.model.parameters()).dtype == torch.bfloat16
     assert len(g.token_ids) == 5 and all(lp <= 0 for lp in g.logprobs)
+
+
+def test_prompt_logprobs_reuse_a_cached_prefix_and_equal_a_full_forward(engine, reference):
+    """The switcher's prompts grow turn by turn (and end with a fixed question): each call
+    forks the cached prompt that shares the longest prefix, so it feeds only the new part,
+    and its log-probabilities still equal a full forward over the whole prompt."""
+    model, tok = reference
+    head = tok("Models take turns. Query: once upon a time.")["input_ids"]
+    suffix = tok(" The answer is model ", add_special_tokens=False)["input_ids"]
+    segments = [tok(f"<{i}> segment number {i} </{i}>", add_special_tokens=False)["input_ids"]
+                for i in range(4)]  # fmt: skip
+    candidates = tok("012", add_special_tokens=False)["input_ids"]
+
+    async def turns():
+        out, trace = [], []
+        for seg in segments:
+            trace += seg
+            before = engine.stats().forward_tokens
+            lp = await engine.prompt_next_token_logprobs(head + trace + suffix, candidates)
+            out.append((head + trace + suffix, lp, engine.stats().forward_tokens - before))
+        return out
+
+    for i, (prompt, logprobs, fed) in enumerate(run(turns())):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1]
+        expected = torch.log_softmax(logits.float(), -1)[candidates]
+        assert torch.allclose(torch.tensor(logprobs), expected, atol=1e-4)
+        if i > 0:  # the head and the earlier trace came from the cache
+            assert fed <= len(segments[i]) + len(suffix) + 1
+    assert engine.stats().live_sessions <= 16  # the cache is bounded
