@@ -222,8 +222,8 @@ class _Generate:
 class _Score:
     session_id: str
     token_ids: list[int]
-    # None: score token_ids; else return log p of each of these as the next token after the
-    # session (token_ids is then empty)
+    # None: score token_ids; else append token_ids to the session and return log p of each
+    # of these as the next token after it (one forward pass for both)
     candidate_ids: list[int] | None = None
 
 
@@ -231,6 +231,7 @@ class _Score:
 class _Fork:
     session_id: str
     n: int
+    length: int | None = None  # the children hold the parent's first `length` tokens (None: all)
 
 
 @dataclass
@@ -398,7 +399,7 @@ class ModelEngine:
         """log p(c | prompt) for each candidate id c, in one call (the learned switcher's one
         call per turn). The sessions of the last PROMPT_CACHE_SIZE token-id prompts are kept:
         a prompt sharing a prefix with one (the switcher's trace grows by a segment a turn)
-        forks it, cuts the fork back to the shared prefix and feeds only the rest."""
+        forks it at the shared prefix and feeds only the rest, in the pass that reads."""
         ids = as_token_ids(candidate_ids, self.vocab_size, "candidate_ids")
         if isinstance(prompt, str):
             session = await self.open(prompt)
@@ -407,46 +408,49 @@ class ModelEngine:
             finally:
                 await self.close(session.session_id)
         prompt = tuple(as_token_ids(prompt, self.vocab_size, "prompt"))
-        session_id = await self._reuse_cached_prompt(prompt)
+        session_id, shared = await self._fork_cached_prompt(prompt)
+        if session_id is not None:
+            try:
+                rest = list(prompt[shared:])
+                logprobs = await self._submit(_Score(session_id, rest, candidate_ids=ids))
+            except SessionLost:  # evicted in between (the engine was full): afresh below
+                session_id = None
+            except BaseException:
+                await self.close(session_id)
+                raise
         if session_id is None:
-            session_id = (await self.open(list(prompt))).session_id
-        try:
-            logprobs = await self._submit(_Score(session_id, [], candidate_ids=ids))
-        except SessionLost:  # evicted in between (the engine was full): score afresh
-            session_id = (await self.open(list(prompt))).session_id
-            logprobs = await self._submit(_Score(session_id, [], candidate_ids=ids))
+            # One token opens the session; the read feeds the rest: one forward pass.
+            session_id = (await self.open(list(prompt[:1]))).session_id
+            try:
+                logprobs = await self._submit(
+                    _Score(session_id, list(prompt[1:]), candidate_ids=ids)
+                )
+            except BaseException:
+                await self.close(session_id)
+                raise
         self._prompt_cache[session_id] = prompt
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             oldest, _ = self._prompt_cache.popitem(last=False)
             await self.close(oldest)
         return logprobs
 
-    async def _reuse_cached_prompt(self, prompt: tuple[int, ...]) -> str | None:
-        """A new session holding `prompt`, forked from the cached prompt sharing the longest
-        prefix with it (at least PROMPT_CACHE_MIN_SHARED tokens); None if there is none."""
+    async def _fork_cached_prompt(self, prompt: tuple[int, ...]) -> tuple[str | None, int]:
+        """(a new session holding the longest prefix `prompt` shares with a cached prompt, its
+        length); (None, 0) if no cached prompt shares PROMPT_CACHE_MIN_SHARED tokens."""
         best, shared = None, 0
         for session_id, cached in self._prompt_cache.items():
             n = len(os.path.commonprefix([cached, prompt]))
             if n > shared:
                 best, shared = session_id, n
         if best is None or shared < PROMPT_CACHE_MIN_SHARED:
-            return None
-        cached = self._prompt_cache.pop(best)
-        self._prompt_cache[best] = cached  # most recently used
+            return None, 0
+        self._prompt_cache.move_to_end(best)
         try:
-            (child,) = await self.fork(best, 1)
+            (child,) = await self._submit(_Fork(best, 1, length=shared))
         except SessionLost:  # evicted by the engine's own bounds
             self._prompt_cache.pop(best, None)
-            return None
-        try:
-            if shared < len(cached):
-                await self.truncate(child, shared)
-            if shared < len(prompt):
-                await self.append(child, list(prompt[shared:]))
-        except BaseException:
-            await self.close(child)
-            raise
-        return child
+            return None, 0
+        return child, shared
 
     async def fork(self, session_id: str, n: int) -> list[str]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -727,6 +731,17 @@ class ModelEngine:
             self._complete(session, call, self._info_of(session))
             return None
         if isinstance(op, _Score) and op.candidate_ids is not None:
+            if op.token_ids:
+                if len(session.token_ids) + len(op.token_ids) > self.max_context:
+                    raise PromptTooLong(
+                        f"appending {len(op.token_ids)} tokens to session "
+                        f"{session.session_id!r} ({len(session.token_ids)} tokens) exceeds the "
+                        f"context of {self.max_context}"
+                    )
+                self._grow(session, op.token_ids)
+                op.token_ids = []  # appended; fed with the read below
+                self._make_room(0, 0, strict=False)
+                pending = session.token_ids[session.n_cached :]
             last = len(pending) - 1  # its logits are the next-token distribution
             return _Row(session, call, pending, len(pending) - 1, [last])
         if isinstance(op, _Score):
@@ -742,9 +757,17 @@ class ModelEngine:
             positions = list(range(first, first + len(op.token_ids)))
             return _Row(session, call, pending + op.token_ids, len(pending) - 1, positions)
         if isinstance(op, _Fork):
-            self._make_room(len(session.token_ids) * op.n, op.n)
+            length = len(session.token_ids) if op.length is None else op.length
+            if not 1 <= length <= len(session.token_ids):
+                raise InvalidRequest(
+                    f"cannot fork session {session.session_id!r} at {length} tokens: it has "
+                    f"{len(session.token_ids)}"
+                )
+            n_cached = min(session.n_cached, length - 1) if op.length else session.n_cached
+            kv = kvcache.crop(session.kv, n_cached) if op.length else session.kv
+            self._make_room(length * op.n, op.n)
             children = [
-                self._new_session(list(session.token_ids), session.kv, session.n_cached)
+                self._new_session(list(session.token_ids[:length]), kv, n_cached)
                 for _ in range(op.n)
             ]
             self._complete(session, call, [c.session_id for c in children])

@@ -879,3 +879,17 @@ def test_prompt_logprobs_reuse_a_cached_prefix_and_equal_a_full_forward(engine, 
         if i > 0:  # the head and the earlier trace came from the cache
             assert fed <= len(segments[i]) + len(suffix) + 1
     assert engine.stats().live_sessions <= 16  # the cache is bounded
+
+
+def test_prompt_logprobs_of_a_too_long_prompt_fail_and_leave_no_session(engine):
+    too_long = [5] * (engine.max_context + 1)
+
+    async def go():
+        with pytest.raises(PromptTooLong):
+            await engine.prompt_next_token_logprobs(too_long, [1, 2])
+        with pytest.raises(PromptTooLong):  # this time forked from the cached prompt
+            await engine.prompt_next_token_logprobs([5] * 20, [1])
+            await engine.prompt_next_token_logprobs(too_long, [1, 2])
+
+    run(go())
+    assert engine.stats().live_sessions == 1  # the one cached prompt
