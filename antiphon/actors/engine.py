@@ -716,15 +716,8 @@ class ModelEngine:
         pending = session.token_ids[session.n_cached :]
         if isinstance(op, _Open | _Append):
             if isinstance(op, _Append) and op.token_ids:
-                if len(session.token_ids) + len(op.token_ids) > self.max_context:
-                    raise PromptTooLong(
-                        f"appending {len(op.token_ids)} tokens to session {session.session_id!r} "
-                        f"({len(session.token_ids)} tokens) exceeds the context of "
-                        f"{self.max_context}"
-                    )
-                self._grow(session, op.token_ids)
+                self._append_unfed(session, op.token_ids)
                 op.token_ids = []  # appended; what remains is feeding them
-                self._make_room(0, 0, strict=False)
             to_feed = session.token_ids[session.n_cached : -1]
             if to_feed:
                 return _Row(session, call, to_feed, len(to_feed), [])
@@ -732,15 +725,8 @@ class ModelEngine:
             return None
         if isinstance(op, _Score) and op.candidate_ids is not None:
             if op.token_ids:
-                if len(session.token_ids) + len(op.token_ids) > self.max_context:
-                    raise PromptTooLong(
-                        f"appending {len(op.token_ids)} tokens to session "
-                        f"{session.session_id!r} ({len(session.token_ids)} tokens) exceeds the "
-                        f"context of {self.max_context}"
-                    )
-                self._grow(session, op.token_ids)
+                self._append_unfed(session, op.token_ids)
                 op.token_ids = []  # appended; fed with the read below
-                self._make_room(0, 0, strict=False)
                 pending = session.token_ids[session.n_cached :]
             last = len(pending) - 1  # its logits are the next-token distribution
             return _Row(session, call, pending, len(pending) - 1, [last])
@@ -790,6 +776,16 @@ class ModelEngine:
             call.resolve(None)
             return None
         raise TypeError(f"unknown operation {op!r}")
+
+    def _append_unfed(self, session: _Session, token_ids: list[int]) -> None:
+        """Add tokens to a session, not yet fed (the caller's row feeds them)."""
+        if len(session.token_ids) + len(token_ids) > self.max_context:
+            raise PromptTooLong(
+                f"appending {len(token_ids)} tokens to session {session.session_id!r} "
+                f"({len(session.token_ids)} tokens) exceeds the context of {self.max_context}"
+            )
+        self._grow(session, token_ids)
+        self._make_room(0, 0, strict=False)
 
     def _complete(self, session: _Session, call: _Call, result: Any) -> None:
         session.calls.popleft()
