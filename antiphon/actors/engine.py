@@ -749,8 +749,8 @@ class ModelEngine:
                     f"cannot fork session {session.session_id!r} at {length} tokens: it has "
                     f"{len(session.token_ids)}"
                 )
-            n_cached = min(session.n_cached, length - 1) if op.length else session.n_cached
-            kv = kvcache.crop(session.kv, n_cached) if op.length else session.kv
+            n_cached = min(session.n_cached, length - 1)  # the last token stays pending
+            kv = kvcache.crop(session.kv, n_cached)
             self._make_room(length * op.n, op.n)
             children = [
                 self._new_session(list(session.token_ids[:length]), kv, n_cached)
@@ -803,9 +803,8 @@ class ModelEngine:
                 f"{self.spec.name!r}: no room to generate"
             )
         if op.prefix_ids:
-            self._grow(session, op.prefix_ids)
+            self._append_unfed(session, op.prefix_ids)
             op.prefix_ids = []
-            self._make_room(0, 0, strict=False)
         op.generator = new_generator(op.params.seed)
         op.started = True
 

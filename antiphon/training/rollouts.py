@@ -276,7 +276,7 @@ async def run_rollouts(
 ) -> list[RolloutExample]:
     """Label every (query, prefix) not yet in the store; return all examples in the store."""
     models = tuple(models)
-    generate = _retrying(generate)
+    generate = retrying(generate)
     todo = [
         (q, j)
         for q in queries
@@ -315,7 +315,7 @@ async def run_rollouts(
     return examples
 
 
-def _retrying(generate: Generate) -> Generate:
+def retrying(generate: Generate) -> Generate:
     """`generate` that waits out a full model (Overloaded) instead of losing the item."""
 
     async def call(request: GenerationRequest) -> GenerationResult:

@@ -19,9 +19,8 @@ from pathlib import Path
 import torch
 
 from antiphon.coordinator.request import GenerationRequest
-from antiphon.errors import retry_overloaded
 from antiphon.policies.router import RouterWeights, query_features
-from antiphon.training.rollouts import Generate, RolloutQuery, label_from_utilities
+from antiphon.training.rollouts import Generate, RolloutQuery, label_from_utilities, retrying
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,7 @@ async def single_model_outcomes(
     """Each model alone (`fixed`) on each query: its `q.samples` answers (seeds differ), scored
     by the query's utility (its task's metric over them)."""
     limit = asyncio.Semaphore(concurrency)
+    generate = retrying(generate)
 
     async def answer(q: RolloutQuery, model: str, j: int) -> str:
         request = GenerationRequest(
@@ -54,7 +54,7 @@ async def single_model_outcomes(
             seed=seed + j,
         )
         async with limit:
-            return (await retry_overloaded(lambda: generate(request))).text
+            return (await generate(request)).text
 
     async def one(q: RolloutQuery, model: str) -> float:
         texts = await asyncio.gather(*(answer(q, model, j) for j in range(q.samples)))

@@ -96,8 +96,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_rollout_arguments(p)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--init", default=None, help="switcher init checkpoint (default: zoo sft)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
     p.add_argument("--ray", action="store_true", help="run the rollouts on a Ray cluster")
 
 
@@ -122,6 +120,8 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
     p.add_argument("--max-context", type=int, default=1024, help="switcher context (0: keep)")
 
 
@@ -151,9 +151,9 @@ def rollout_queries(tasks: dict, args: argparse.Namespace) -> list[RolloutQuery]
 def train_config(args: argparse.Namespace) -> SwitcherTrainConfig:
     from antiphon.training.switcher_training import SwitcherTrainConfig
 
-    return SwitcherTrainConfig(epochs=args.epochs, batch_size=getattr(args, "batch_size", 16),
-                               lr=args.lr, lora_r=getattr(args, "lora_r", 0),
-                               max_context=args.max_context or None, seed=args.seed)  # fmt: skip
+    return SwitcherTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                               lora_r=args.lora_r, max_context=args.max_context or None,
+                               seed=args.seed)  # fmt: skip
 
 
 async def rollouts(args: argparse.Namespace, models: list[tuple[str, str]]) -> list:
