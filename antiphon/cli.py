@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from antiphon.deploy.api import GenerateResponse, Segment
-from antiphon.training import switcher_cli
+from antiphon.experiments import train_switcher
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 APP_NAME = "antiphon"
@@ -131,7 +131,7 @@ def local_server(config_path: str | None) -> Iterator[tuple[str, object]]:
 
 
 def _load(config_path: str | None):
-    from antiphon.config import load_config
+    from antiphon.deploy.config import load_config
     from antiphon.deploy.default import default_config
 
     return load_config(config_path) if config_path else default_config()
@@ -255,9 +255,9 @@ def cmd_zoo_build(args: argparse.Namespace) -> int:
 def _run_eval(url: str, api_key: str | None, args: argparse.Namespace) -> list:
     import asyncio
 
-    from antiphon.actors.messages import SamplingParams
     from antiphon.client import AsyncClient
     from antiphon.errors import retry_overloaded
+    from antiphon.messages import SamplingParams
     from antiphon.zoo.evaluate import evaluate_async, zoo_tasks
     from antiphon.zoo.tasks import TASK_NAMES
 
@@ -311,7 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_train_switcher(args: argparse.Namespace) -> int:
-    switcher_cli.run(args)
+    train_switcher.run(args)
     return 0
 
 
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a policy from rollouts or logged turns")
     train_sub = train.add_subparsers(dest="train_command", required=True, metavar="WHAT")
     p = train_sub.add_parser("switcher", help="rollouts on zoo tasks, then train the switcher")
-    switcher_cli.add_arguments(p)
+    train_switcher.add_arguments(p)
     p.set_defaults(run=cmd_train_switcher)
 
     p = sub.add_parser("eval", help="score an ensemble and policy on the zoo's tasks")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 T = TypeVar("T")
 
@@ -70,6 +73,37 @@ async def retry_overloaded(call: Callable[[], Awaitable[T]], tries: int = 20) ->
         except Overloaded:
             await asyncio.sleep(min(0.05 * 2**attempt, 2.0))
     return await call()
+
+
+def antiphon_cause(exc: BaseException) -> AntiphonError | None:
+    """The antiphon error behind an exception, or None if there is none: the cause a remote
+    call wraps it in (Ray's `RayTaskError` carries it as `cause`, and its class derives from
+    the cause's, so the cause is asked first: it has the plain message), or the error itself."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, AntiphonError):
+        return cause
+    return exc if isinstance(exc, AntiphonError) else None
+
+
+async def unwrapped(call: Awaitable[T]) -> T:
+    """Await a remote call (a Ray actor or Serve handle call); an antiphon error raised
+    behind it comes back as itself, not in Ray's wrapper."""
+    try:
+        return await call
+    except Exception as e:
+        err = antiphon_cause(e)
+        if err is not None and err is not e:
+            raise err from None
+        raise
+
+
+def validation_message(error: ValidationError, what: str) -> str:
+    """A pydantic error as one line per problem: 'what.field.sub: message'."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in (what, *err["loc"]))
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
 
 
 class ConfigError(InvalidRequest):

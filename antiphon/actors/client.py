@@ -14,24 +14,20 @@ from __future__ import annotations
 from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from antiphon.actors.messages import Generation, ModelInfo, SamplingParams, SessionInfo
-from antiphon.errors import AntiphonError, InvalidRequest, SessionLost
+from antiphon.errors import InvalidRequest, SessionLost, unwrapped
+from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo
 
 
 async def _result(response: DeploymentResponse, session_id: str | None = None):
-    """Await a deployment call; unwrap antiphon errors; a dead replica loses its sessions."""
+    """Await a deployment call; antiphon errors come back as themselves; a session call whose
+    replica died loses its session."""
     try:
-        return await response
-    except RayTaskError as e:
-        if isinstance(e.cause, AntiphonError):
-            raise e.cause from None
-        if session_id is not None and isinstance(e.cause, ActorDiedError):
+        return await unwrapped(response)
+    except (RayTaskError, ActorDiedError) as e:
+        died = isinstance(e, ActorDiedError) or isinstance(e.cause, ActorDiedError)
+        if session_id is not None and died:
             raise _replica_died(session_id) from None
         raise
-    except ActorDiedError:
-        if session_id is None:
-            raise
-        raise _replica_died(session_id) from None
 
 
 def _replica_died(session_id: str) -> SessionLost:

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from antiphon.checkpoint import resolve_checkpoint_path
+from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest
 
 GATE_FILENAME = "gate.safetensors"
@@ -59,3 +61,12 @@ def load_gate(path: str | Path, hidden_size: int) -> GateHead:
         )
     bias = tensors.get("bias", torch.zeros(())).float().reshape(())
     return GateHead(weight, bias)
+
+
+def find_gate(spec: ModelSpec) -> Path | None:
+    """The gate file of a checkpoint: spec.gate_path, else gate.safetensors beside the
+    weights, else None (the checkpoint has no gate)."""
+    if spec.gate_path is not None:
+        return Path(spec.gate_path)
+    candidate = Path(resolve_checkpoint_path(spec.path)) / GATE_FILENAME
+    return candidate if candidate.is_file() else None

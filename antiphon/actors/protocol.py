@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from antiphon.actors.messages import Generation, ModelInfo, SamplingParams, SessionInfo
+from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo
 
 
 @runtime_checkable

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from antiphon.actors.messages import SamplingParams
+from antiphon.messages import SamplingParams
 
 
 def new_generator(seed: int | None) -> torch.Generator:

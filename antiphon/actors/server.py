@@ -23,9 +23,9 @@ from ray.serve.metrics import Counter, Gauge
 
 from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
 from antiphon.actors.engine import ModelEngine
-from antiphon.actors.messages import Generation, ModelInfo, SamplingParams, SessionInfo
 from antiphon.config import ModelSpec
 from antiphon.logging import configure_logging
+from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo
 
 
 def _own_replica_id() -> str | None:

@@ -1,40 +1,11 @@
-"""The coordinator: per-request sequence state and the turn loop (decide, run, append).
+"""The coordinator: the turn loop over model sessions (decide, run, apply).
 
-    from antiphon.coordinator import GenerationRequest
     from antiphon.coordinator.loop import Coordinator
+    from antiphon.coordinator.request import GenerationRequest
     result = await Coordinator(models, tokenizers).generate(GenerationRequest(...))
 
-`antiphon.coordinator.deployment` serves the same loop as a Ray Serve deployment.
+`request` (what goes in and out), `sessions` (one request's model sessions), `executors`
+(one per kind of decision), `commit` (the pure rules that apply an outcome to the state),
+`records` (what is logged), `loop` (the turn), `deployment` (the same loop as a Ray Serve
+deployment).
 """
-
-from antiphon.coordinator.request import (
-    FinishEvent,
-    GenerationRequest,
-    GenerationResult,
-    SegmentEvent,
-    StreamEvent,
-    Usage,
-    openai_finish_reason,
-)
-from antiphon.coordinator.state import (
-    Beam,
-    Segment,
-    SequenceState,
-    SequenceStatus,
-    SequenceView,
-)
-
-__all__ = [
-    "Beam",
-    "FinishEvent",
-    "GenerationRequest",
-    "GenerationResult",
-    "Segment",
-    "SegmentEvent",
-    "SequenceState",
-    "SequenceStatus",
-    "SequenceView",
-    "StreamEvent",
-    "Usage",
-    "openai_finish_reason",
-]

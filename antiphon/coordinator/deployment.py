@@ -2,10 +2,11 @@
 `antiphon.coordinator.loop.Coordinator`.
 
 Each replica holds a `ServeModelClient` per model deployment, the tokenizers (loaded from the
-models' specs), the policies hosted in policy actors, and a client of the one turn log actor.
+models' specs), the policies hosted in policy actors, and the turn sink it was given (the app
+builder in `antiphon.deploy.app` makes it: a client of the turn log actor).
 
     from ray import serve
-    app = build_coordinator_app(specs, turn_log_path="runs/turns.atl")
+    app = build_coordinator_deployment(specs, model_apps, turn_sink=sink)
     handle = serve.run(app, name="antiphon", route_prefix=None)
     result = await handle.generate.remote(request)          # a GenerationResult
     async for event in handle.options(stream=True).stream.remote(request):
@@ -15,65 +16,56 @@ models' specs), the policies hosted in policy actors, and a client of the one tu
 Round trips per turn: one policy call (none for the rule policies, which run in-process) plus
 the model calls of the decision (one `generate` for a write: it carries the tokens the writer
 has not seen yet, or opens its session). After a request's last event, a background task
-closes its sessions and sends its turn records to the turn log in one batch, so the answer
-waits for neither (`flush_turn_log` waits for both). Logs are JSON lines carrying the request
-id and turn.
+closes its sessions and sends its turn records to the sink in one batch, so the answer waits
+for neither (`flush_turn_log` waits for both). Logs are JSON lines carrying the request id and
+turn.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 
+import ray
 from ray import serve
 from ray.actor import ActorHandle
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from antiphon.actors.client import ServeModelClient
-from antiphon.actors.engine import resolve_checkpoint_path
+from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
+from antiphon.coordinator.records import FeedbackRecord, TurnSink
 from antiphon.coordinator.request import GenerationRequest, GenerationResult, StreamEvent
 from antiphon.errors import InvalidRequest
 from antiphon.logging import configure_logging
 from antiphon.policies.actor import PolicyClient
 from antiphon.policies.base import Policy
-from antiphon.policies.registry import build_policy, validate_policy_params
-from antiphon.training.turn_log_actor import (
-    DEFAULT_ACTOR_NAME,
-    TurnLogClient,
-    get_or_create_turn_log,
-)
-
-
-def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model, from the same place its deployment loads the checkpoint."""
-    return AutoTokenizer.from_pretrained(
-        resolve_checkpoint_path(spec.path), trust_remote_code=spec.trust_remote_code
-    )
+from antiphon.policies.registry import PolicyCache, validate_policy_params
 
 
 class HostedPolicies:
     """Resolves a request's policy: a policy hosted in a `PolicyActor` by its registry name,
-    every other policy built in-process from the registry (rule policies cost no round trip).
+    every other policy built in-process, once per parameters (rule policies cost no round
+    trip).
 
     A hosted policy runs with the parameters it was created with; a request that names it
     with other parameters is refused rather than silently run with the hosted ones."""
 
     def __init__(self, actors: Mapping[str, ActorHandle]) -> None:
+        self.local = PolicyCache()
         self.clients: dict[str, PolicyClient] = {}
         self.params = {}
         for name, actor in actors.items():
-            client = PolicyClient.connect(actor)
-            self.clients[name] = client
-            self.params[name] = validate_policy_params(name, _hosted_params(actor))
+            self.clients[name] = PolicyClient.connect(actor)
+            _, _, params = ray.get(actor.describe.remote())
+            self.params[name] = validate_policy_params(name, params.model_dump())
 
     def __call__(
         self, name: str, params: Mapping[str, object], ensemble: tuple[str, ...]
     ) -> Policy:
         if name not in self.clients:
-            return build_policy(name, params, ensemble)
+            return self.local(name, params, ensemble)
         given = validate_policy_params(name, params, ensemble)
         if given != self.params[name]:
             raise InvalidRequest(
@@ -83,13 +75,6 @@ class HostedPolicies:
         return self.clients[name]
 
 
-def _hosted_params(actor: ActorHandle) -> dict[str, object]:
-    import ray
-
-    _, _, params = ray.get(actor.describe.remote())
-    return params.model_dump()
-
-
 class CoordinatorServer:
     """One coordinator replica. Stateless between requests: any replica serves any request."""
 
@@ -97,24 +82,19 @@ class CoordinatorServer:
         self,
         specs: Sequence[ModelSpec],
         model_handles: Mapping[str, DeploymentHandle],
-        turn_log_path: str | None = None,
+        turn_sink: TurnSink | None = None,
         policy_actors: Mapping[str, ActorHandle] | None = None,
-        turn_log_actor_name: str = DEFAULT_ACTOR_NAME,
     ) -> None:
         configure_logging("json")
         missing = sorted({s.name for s in specs} - set(model_handles))
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
-        self.turn_log: TurnLogClient | None = None
-        if turn_log_path is not None:
-            self.turn_log = TurnLogClient(
-                get_or_create_turn_log(turn_log_path, name=turn_log_actor_name)
-            )
+        self.turn_sink = turn_sink
         self.coordinator = Coordinator(
             models={s.name: ServeModelClient(model_handles[s.name]) for s in specs},
-            tokenizers={s.name: load_tokenizer(s) for s in specs},
+            tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
             resolve_policy=HostedPolicies(policy_actors or {}),
-            turn_sink=self.turn_log,
+            turn_sink=turn_sink,
             close_in_background=True,  # the replica's event loop outlives every request
         )
 
@@ -127,30 +107,30 @@ class CoordinatorServer:
             yield event
 
     async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
-        """Log a client's reward beside the request's turns."""
+        """Log a client's reward beside the request's turns; returns once it has landed."""
         if not request_id:
             raise InvalidRequest("request_id must be non-empty")
-        if self.turn_log is None:
+        if self.turn_sink is None:
             raise InvalidRequest("this deployment has no turn log to record feedback in")
-        await self.turn_log.feedback(request_id, reward, comment)
+        await self.turn_sink.write([FeedbackRecord(request_id, float(reward), comment)])
+        await self.turn_sink.flush()
 
     async def flush_turn_log(self) -> None:
         """Wait until every record of this replica's finished requests is in the turn log
-        actor (and their sessions are closed)."""
+        (and their sessions are closed)."""
         await self.coordinator.drain()
-        if self.turn_log is not None:
-            await self.turn_log.flush()
+        if self.turn_sink is not None:
+            await self.turn_sink.flush()
 
 
 def build_coordinator_deployment(
     specs: Sequence[ModelSpec],
     model_apps: Mapping[str, Application],
-    turn_log_path: str | None = None,
+    turn_sink: TurnSink | None = None,
     policy_actors: Mapping[str, ActorHandle] | None = None,
     *,
     num_replicas: int = 1,
     max_ongoing_requests: int = 256,
-    turn_log_actor_name: str = DEFAULT_ACTOR_NAME,
 ) -> Application:
     """The coordinator bound to its model deployments (bound apps become handles in Serve)."""
     options = {
@@ -160,27 +140,5 @@ def build_coordinator_deployment(
         "ray_actor_options": {"num_cpus": 0},
     }
     return serve.deployment(CoordinatorServer, **options).bind(
-        list(specs), dict(model_apps), turn_log_path, dict(policy_actors or {}), turn_log_actor_name
-    )
-
-
-def build_coordinator_app(
-    specs: Sequence[ModelSpec],
-    turn_log_path: str | None = None,
-    policy_actors: Mapping[str, ActorHandle] | None = None,
-    *,
-    num_replicas: int = 1,
-    turn_log_actor_name: str = DEFAULT_ACTOR_NAME,
-) -> Application:
-    """Model deployments for `specs` plus a coordinator over them, as one Serve application."""
-    from antiphon.actors.server import build_model_deployment
-
-    model_apps = {s.name: build_model_deployment(s) for s in specs}
-    return build_coordinator_deployment(
-        specs,
-        model_apps,
-        turn_log_path,
-        policy_actors,
-        num_replicas=num_replicas,
-        turn_log_actor_name=turn_log_actor_name,
+        list(specs), dict(model_apps), turn_sink, dict(policy_actors or {})
     )

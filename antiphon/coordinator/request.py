@@ -14,14 +14,14 @@ to prompt text by the caller), e.g.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from antiphon.coordinator.state import Segment, SegmentKind, SequenceFinishReason
-from antiphon.errors import InvalidRequest
+from antiphon.errors import InvalidRequest, validation_message
+from antiphon.sequence import Segment, SegmentKind, SequenceFinishReason, SequenceState
 
 
 def _new_request_id() -> str:
@@ -72,6 +72,17 @@ class GenerationRequest(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return v
 
+    def initial_state(self) -> SequenceState:
+        """The sequence state this request starts from: nothing written yet."""
+        return SequenceState(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            models=self.models,
+            max_tokens=self.max_tokens,
+            stop=self.stop,
+            seed=self.seed,
+        )
+
     @classmethod
     def parse(cls, data: Mapping[str, object]) -> GenerationRequest:
         """Validate a JSON-like mapping; errors become `InvalidRequest` naming the field."""
@@ -79,15 +90,6 @@ class GenerationRequest(BaseModel):
             return cls.model_validate(data)
         except ValidationError as e:
             raise InvalidRequest(validation_message(e, "request")) from None
-
-
-def validation_message(error: ValidationError, what: str) -> str:
-    """One line per problem: 'what.field.sub: message'."""
-    parts = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in (what, *err["loc"]))
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,14 @@ class Usage:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
+    @classmethod
+    def of(cls, segments: Sequence[Segment], prompt_tokens: int) -> Usage:
+        """The usage of a response made of `segments`."""
+        by_model: dict[str, int] = {}
+        for seg in segments:
+            by_model[seg.model] = by_model.get(seg.model, 0) + len(seg.token_ids)
+        return cls(prompt_tokens, sum(by_model.values()), by_model)
+
 
 @dataclass(frozen=True, slots=True)
 class FinishEvent:
@@ -134,7 +144,15 @@ class GenerationResult:
     finish_reason: SequenceFinishReason
     usage: Usage
     policy: str  # policy name
-    policy_version: str
+    policy_version: str  # carried by the last decision
+
+    @classmethod
+    def of(cls, state: SequenceState, usage: Usage, policy: str, version: str) -> GenerationResult:
+        """The result of a request whose sequence ended in `state`."""
+        return cls(
+            state.request_id, state.text, state.segments, state.finish_reason or "policy",
+            usage, policy, version,
+        )  # fmt: skip
 
 
 def openai_finish_reason(reason: SequenceFinishReason) -> Literal["stop", "length"]:

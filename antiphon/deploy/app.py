@@ -1,16 +1,18 @@
-"""The app builder: one validated `AppConfig` -> one Serve application.
+"""The app builders: one validated `AppConfig` -> one Serve application; model specs -> the
+models and a coordinator over them (no HTTP), for jobs and tests.
 
     from ray import serve
-    from antiphon.config import load_config
-    from antiphon.deploy.app import build_app
+    from antiphon.deploy.config import load_config
+    from antiphon.deploy.app import build_app, build_coordinator_app
 
     serve.start(http_options={"host": "127.0.0.1", "port": 8000})
     serve.run(build_app(load_config("antiphon.yaml")), name="antiphon", route_prefix="/")
+    handle = serve.run(build_coordinator_app(specs, "runs/turns.atl"), name="c", route_prefix=None)
 
 The application is: one model deployment per `ModelSpec`, the coordinator (the turn loop;
-rule policies run in it, and it starts the turn-log actor, the one writer of the log file),
-and the HTTP ingress in front. Everything is validated once, here,
-before any actor starts (like Ray Serve LLM's `build_openai_app`).
+rule policies run in it; it logs to the turn-log actor, the one writer of the log file, which
+its sink finds or starts on first use), and the HTTP ingress in front. Everything is
+validated once, here, before any actor starts (like Ray Serve LLM's `build_openai_app`).
 
 `serve run antiphon.deploy.app:app_builder config=antiphon.yaml` works too (Serve's builder
 convention), as does a Serve config file naming `import_path: antiphon.deploy.app:app_builder`.
@@ -19,15 +21,19 @@ convention), as does a Serve config file naming `import_path: antiphon.deploy.ap
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, Field
+from ray.actor import ActorHandle
 from ray.serve.deployment import Application
 
 from antiphon.actors.server import build_model_deployment
-from antiphon.config import AppConfig, load_config, parse_config
+from antiphon.config import ModelSpec
 from antiphon.coordinator.deployment import build_coordinator_deployment
+from antiphon.deploy.config import AppConfig, load_config, parse_config
 from antiphon.deploy.ingress import build_ingress
+from antiphon.training.turn_log_actor import TurnLogClient
 
 
 def build_app(config: AppConfig | dict) -> Application:
@@ -38,15 +44,30 @@ def build_app(config: AppConfig | dict) -> Application:
     log_path = str(Path(config.serving.turn_log_path).expanduser().resolve())
     serving = config.serving.model_copy(update={"turn_log_path": log_path})
     config = config.model_copy(update={"serving": serving})
+    return build_ingress(config, build_coordinator_app(config.models, log_path))
 
-    models = {spec.name: build_model_deployment(spec) for spec in config.models}
-    coordinator = build_coordinator_deployment(
-        config.models, models, log_path, turn_log_actor_name=turn_log_actor_name(log_path)
+
+def build_coordinator_app(
+    specs: Sequence[ModelSpec],
+    turn_log_path: str | None = None,
+    policy_actors: Mapping[str, ActorHandle] | None = None,
+    *,
+    num_replicas: int = 1,
+    turn_log_actor_name: str | None = None,
+) -> Application:
+    """Model deployments for `specs` plus a coordinator over them (logging to the turn log at
+    `turn_log_path`, if given), as one Serve application."""
+    sink = None
+    if turn_log_path is not None:
+        name = turn_log_actor_name or turn_log_actor_name_for(turn_log_path)
+        sink = TurnLogClient(turn_log_path, name=name)
+    models = {spec.name: build_model_deployment(spec) for spec in specs}
+    return build_coordinator_deployment(
+        specs, models, sink, policy_actors, num_replicas=num_replicas
     )
-    return build_ingress(config, coordinator)
 
 
-def turn_log_actor_name(path: str) -> str:
+def turn_log_actor_name_for(path: str) -> str:
     """One turn-log actor per log file: apps writing the same file share its one writer, apps
     writing different files never share an actor (the actor is named and cluster-wide)."""
     return f"antiphon-turn-log-{hashlib.sha256(path.encode()).hexdigest()[:12]}"

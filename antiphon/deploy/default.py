@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from antiphon.config import AppConfig, load_config, parse_config
+from antiphon.deploy.config import AppConfig, load_config, parse_config
 from antiphon.errors import AntiphonError
 
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -38,9 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from antiphon import __version__
-from antiphon.config import AppConfig, EnsembleSpec
-from antiphon.coordinator.deployment import load_tokenizer
+from antiphon.checkpoint import load_tokenizer
 from antiphon.coordinator.request import (
     FinishEvent,
     GenerationRequest,
@@ -52,7 +51,8 @@ from antiphon.coordinator.request import (
 )
 from antiphon.deploy import api
 from antiphon.deploy.chat import render_chat
-from antiphon.errors import AntiphonError, Overloaded, Unauthorized
+from antiphon.deploy.config import AppConfig, EnsembleSpec
+from antiphon.errors import AntiphonError, Overloaded, Unauthorized, antiphon_cause, unwrapped
 from antiphon.logging import configure_logging, get_logger, log_context
 
 log = get_logger(__name__)
@@ -178,17 +178,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-def as_antiphon_error(exc: BaseException) -> AntiphonError | None:
-    """The antiphon error behind an exception that crossed Ray (RayTaskError carries it as
-    its cause), or None if it is something else."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, AntiphonError):
-        return cause
-    if isinstance(exc, AntiphonError):
-        return exc
-    return None
-
-
 # --- API bodies -> coordinator requests ---------------------------------------------------------
 
 
@@ -251,7 +240,7 @@ def _sse(data: str, event: str | None = None) -> bytes:
 
 
 def _error_json(exc: BaseException) -> str:
-    err = as_antiphon_error(exc)
+    err = antiphon_cause(exc)
     if err is None:
         detail = api.ErrorDetail(message=f"internal error: {exc}", type="server_error")
     else:
@@ -268,7 +257,7 @@ def _error_json(exc: BaseException) -> str:
 
 def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     """The FastAPI app of one ingress replica, calling `backend` for every generation."""
-    app = FastAPI(title="antiphon", version=__version__)
+    app = FastAPI(title="antiphon", version=importlib.metadata.version("antiphon"))
     install_error_handlers(app)
     started = int(time.time())
     slots = RequestSlots(config.serving.max_concurrent_requests)
@@ -476,17 +465,6 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 # --- the Serve deployment ----------------------------------------------------------------------
 
 
-async def _call(response: Awaitable[object]) -> object:
-    """Await a handle call; an antiphon error raised behind it comes back as itself."""
-    try:
-        return await response
-    except Exception as e:
-        err = as_antiphon_error(e)
-        if err is not None and err is not e:
-            raise err from None
-        raise
-
-
 @serve.ingress()
 class Ingress:
     """The HTTP front door: a thin shim that hands requests and feedback to the coordinator
@@ -502,7 +480,7 @@ class Ingress:
         return create_api(self, self.config)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await _call(self.coordinator.generate.remote(request))
+        return await unwrapped(self.coordinator.generate.remote(request))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
         events = self.coordinator.options(stream=True).stream.remote(request)
@@ -510,7 +488,7 @@ class Ingress:
         try:
             while True:
                 try:
-                    event = await _call(events.__anext__())
+                    event = await unwrapped(events.__anext__())
                 except StopAsyncIteration:
                     finished = True
                     return
@@ -520,14 +498,16 @@ class Ingress:
                 events.cancel()  # the client left (or failed): stop the turn loop too
 
     async def feedback(self, request_id: str, reward: float) -> None:
-        await _call(self.coordinator.feedback.remote(request_id, reward))
+        await unwrapped(self.coordinator.feedback.remote(request_id, reward))
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         # The first model reads the prompt first; its chat format is the ensemble's.
         name = ensemble.models[0]
         if name not in self._tokenizers:
             spec = self.config.model(name)
-            self._tokenizers[name] = await asyncio.to_thread(load_tokenizer, spec)
+            self._tokenizers[name] = await asyncio.to_thread(
+                load_tokenizer, spec.path, spec.trust_remote_code
+            )
         return render_chat(messages, self._tokenizers[name])
 
 

@@ -12,7 +12,7 @@ from antiphon.policies.base import (
     SearchStep,
     WriteSegment,
     WriteUntilDeferral,
-    decision_models,
+    decide,
 )
 from antiphon.policies.baselines import PolicyParams
 from antiphon.policies.registry import (
@@ -31,7 +31,7 @@ __all__ = [
     "WriteSegment",
     "WriteUntilDeferral",
     "build_policy",
-    "decision_models",
+    "decide",
     "policy_names",
     "register_policy",
     "validate_policy_params",

@@ -1,34 +1,26 @@
-"""A policy hosted in a Ray actor, for policies that own weights and pick up new ones online
-(the learned switcher); `PolicyClient` makes the actor look like a local `Policy`.
+"""A policy hosted in a Ray actor, shared by every coordinator replica; `PolicyClient` makes
+the actor look like a local `Policy`.
 
     actor = ray.remote(PolicyActor).options(num_cpus=0).remote("round_robin", {"segment_len": 8})
     policy = PolicyClient.connect(actor)          # a Policy: await policy.decide(view)
-    ray.get(actor.load_weights.remote("/ckpt/step-200"))   # next decisions use them
+    ray.get(actor.set_policy.remote("switch", {...}))   # the next decisions use the new one
 
-Each `decide` is one actor call; the reply carries the policy version, so every turn record
-names the weights that made its decision.
+Each `decide` is one actor call; the decision comes back carrying the version of the policy
+that made it, so every turn record names what decided it, whatever replaced the policy since.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol, runtime_checkable
 
 import ray
 from ray.actor import ActorHandle
 
-from antiphon.coordinator.state import SequenceView
-from antiphon.errors import InvalidRequest
-from antiphon.policies.base import Decision, Policy
+from antiphon.errors import unwrapped
+from antiphon.policies.base import Decision, Policy, decide
 from antiphon.policies.baselines import PolicyParams
 from antiphon.policies.registry import build_policy, validate_policy_params
-
-
-@runtime_checkable
-class LoadsWeights(Protocol):
-    """A policy with weights; `load_weights` swaps them in and returns the new version."""
-
-    def load_weights(self, checkpoint: str) -> str: ...
+from antiphon.sequence import SequenceView
 
 
 class PolicyActor:
@@ -37,21 +29,16 @@ class PolicyActor:
     def __init__(self, name: str, params: Mapping[str, object] | None = None) -> None:
         self.set_policy(name, params)
 
-    async def decide(self, view: SequenceView) -> tuple[Decision, str]:
-        """The decision and the version of the policy that made it."""
-        return await self.policy.decide(view), self.policy.version
+    async def decide(self, view: SequenceView) -> Decision:
+        """The decision, stamped with the version of the policy that made it."""
+        return await decide(self.policy, view)
 
     def set_policy(self, name: str, params: Mapping[str, object] | None = None) -> str:
-        """Replace the policy (a new rule, new parameters); return its version."""
+        """Replace the policy (a new rule, new parameters, new weights); return its version.
+        Decisions already made keep the version that made them."""
         self.params: PolicyParams = validate_policy_params(name, params)
         self.policy: Policy = build_policy(name, params)
         return self.policy.version
-
-    def load_weights(self, checkpoint: str) -> str:
-        """Load new weights into the policy (a checkpoint directory); return the new version."""
-        if not isinstance(self.policy, LoadsWeights):
-            raise InvalidRequest(f"policy {self.policy.name!r} has no weights to load")
-        return self.policy.load_weights(checkpoint)
 
     def describe(self) -> tuple[str, str, PolicyParams]:
         """(name, version, parameters) of the policy held now."""
@@ -59,12 +46,12 @@ class PolicyActor:
 
 
 class PolicyClient:
-    """A `Policy` whose decisions come from a `PolicyActor`."""
+    """A `Policy` whose decisions come from a `PolicyActor`, each with its own version."""
 
     def __init__(self, actor: ActorHandle, name: str, version: str) -> None:
         self.actor = actor
         self.name = name
-        self.version = version  # of the last decision (updated by every reply)
+        self.version = version  # when connected; each decision carries the one that made it
 
     @classmethod
     def connect(cls, actor: ActorHandle) -> PolicyClient:
@@ -72,5 +59,4 @@ class PolicyClient:
         return cls(actor, name, version)
 
     async def decide(self, view: SequenceView) -> Decision:
-        decision, self.version = await self.actor.decide.remote(view)
-        return decision
+        return await unwrapped(self.actor.decide.remote(view))

@@ -14,15 +14,19 @@ go into the turn log. The coordinator asks it once per turn and runs the decisio
 - `Finish()`: end the response now.
 
 Decisions are small frozen values, validated on creation, so they cross a Ray boundary as is.
+Each carries the `version` of the policy that made it (`decide` stamps it), and the turn
+records take it from there: a policy whose weights change between two decisions labels each
+with its own. Each says which models it uses (`models()`); the coordinator runs each kind
+with its own executor (`antiphon.coordinator.executors`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Protocol, runtime_checkable
 
-from antiphon.coordinator.state import SequenceView
 from antiphon.errors import InvalidRequest
+from antiphon.sequence import SequenceView
 
 
 def _positive(value: int, what: str) -> None:
@@ -39,9 +43,13 @@ class WriteSegment:
     # and the policy picks the next writer; a writer with nothing but its end token to add
     # still ends the response, so every turn makes progress.
     end_on_eos: bool = True
+    version: str = ""  # of the policy that made it
 
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteSegment.max_tokens")
+
+    def models(self) -> tuple[str, ...]:
+        return (self.model,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,10 @@ class WriteUntilDeferral:
     gate_threshold: float  # in [0, 1]; the engine stops before the first token at or above it
     max_tokens: int  # at most this many base tokens in this turn
     assistant_tokens: int = 1  # tokens the assistant writes per deferral
+    version: str = ""  # of the policy that made it
+
+    def models(self) -> tuple[str, ...]:
+        return (self.base, self.assistant)
 
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteUntilDeferral.max_tokens")
@@ -72,6 +84,14 @@ class SearchStep:
     successors: int  # K: children sampled per beam (W*K from the prompt on the first step)
     chunk_len: int  # L: proposer tokens per chunk
     temperature: float = 1.0  # sampling temperature of the proposer (> 0: children must differ)
+    version: str = ""  # of the policy that made it
+
+    def models(self) -> tuple[str, ...]:
+        return (self.proposer, self.tuned, self.untuned)
+
+    def same_search(self, other: SearchStep) -> bool:
+        """Both step the same search: equal but for the version that decided them."""
+        return replace(self, version="") == replace(other, version="")
 
     def __post_init__(self) -> None:
         _positive(self.width, "SearchStep.width")
@@ -84,20 +104,13 @@ class SearchStep:
 @dataclass(frozen=True, slots=True)
 class Finish:
     kind: ClassVar[str] = "finish"
+    version: str = ""  # of the policy that made it
+
+    def models(self) -> tuple[str, ...]:
+        return ()
 
 
 Decision = WriteSegment | WriteUntilDeferral | SearchStep | Finish
-
-
-def decision_models(decision: Decision) -> tuple[str, ...]:
-    """The model names a decision uses (the coordinator checks them against the ensemble)."""
-    if isinstance(decision, WriteSegment):
-        return (decision.model,)
-    if isinstance(decision, WriteUntilDeferral):
-        return (decision.base, decision.assistant)
-    if isinstance(decision, SearchStep):
-        return (decision.proposer, decision.tuned, decision.untuned)
-    return ()
 
 
 @runtime_checkable
@@ -109,3 +122,10 @@ class Policy(Protocol):
     version: str  # changes whenever the policy's behaviour (weights, rules) changes
 
     async def decide(self, view: SequenceView) -> Decision: ...
+
+
+async def decide(policy: Policy, view: SequenceView) -> Decision:
+    """The policy's decision, carrying the version that made it: its own, if it names one
+    (a hosted policy's decisions come stamped by the actor), else the policy's version now."""
+    decision = await policy.decide(view)
+    return decision if decision.version else replace(decision, version=policy.version)

@@ -14,9 +14,9 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from antiphon.coordinator.state import SequenceView
 from antiphon.errors import InvalidRequest
 from antiphon.policies.base import Decision, SearchStep, WriteSegment, WriteUntilDeferral
+from antiphon.sequence import SequenceView
 
 RULE_VERSION = "1"  # rule policies have no weights; bump when a rule's behaviour changes
 

@@ -7,8 +7,10 @@ the evaluation harness (`antiphon.zoo.evaluate`), driving any `SessionModel`s (t
 process, or the Serve clients): per token, one `next_token_logprobs` call per model (over the
 whole vocabulary) and one `append` of the chosen token, models in parallel. Over Serve that is
 two round trips per token and model, which is what fusion costs without a fused kernel; in
-process (how the experiment runs it) it is a forward pass per token and model. Greedy or
-temperature sampling (top_p, top_k and stop strings are not applied).
+process (how the experiment runs it) it is a forward pass per token and model. The token is
+chosen from the fused distribution by the engine's own sampler (`antiphon.actors.sampling`:
+greedy, or temperature, top-k and top-p with a seeded generator); stop strings are not
+applied.
 
     fused = FusionGenerator({"base": engine_b, "aligned": engine_a}, tokenizer)
     text = await fused("Q: 2+2?\\nA:", SamplingParams(max_new_tokens=16))
@@ -22,9 +24,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from antiphon.actors.messages import SamplingParams
 from antiphon.actors.protocol import SessionModel
+from antiphon.actors.sampling import choose_tokens, new_generator
 from antiphon.errors import InvalidRequest
+from antiphon.messages import SamplingParams
 
 
 def fuse(
@@ -68,7 +71,7 @@ class FusionGenerator:
         sessions = [s.session_id for s in opened]
         # Like a single model, stop when the shortest context is full (finish "length").
         room = context - max(s.length for s in opened)
-        generator = torch.Generator().manual_seed(sampling.seed if sampling.seed is not None else 0)
+        generator = new_generator(sampling.seed if sampling.seed is not None else 0)
         everything = list(range(vocab))
         written: list[int] = []
         try:
@@ -79,12 +82,8 @@ class FusionGenerator:
                         for m, s in zip(models, sessions, strict=True)
                     )
                 )
-                fused = fuse(lps, self.weights)
-                if sampling.temperature == 0.0:
-                    token = int(fused.argmax())
-                else:
-                    probs = torch.softmax(fused / sampling.temperature, dim=-1)
-                    token = int(torch.multinomial(probs.float(), 1, generator=generator))
+                fused = fuse(lps, self.weights)  # (V,) log-probs, used as logits
+                (token,), _, _ = choose_tokens(fused[None], [sampling], [generator])
                 if token in eos and not sampling.ignore_eos:
                     break
                 written.append(token)

@@ -1,21 +1,24 @@
 """Policy registry: a policy name -> its parameter model and its constructor.
 
     policy = build_policy("round_robin", {"segment_len": 8}, ensemble=("base", "aligned"))
+    policies = PolicyCache()                        # what a coordinator resolves requests with
+    policy = policies("round_robin", {"segment_len": 8}, ("base", "aligned"))  # built once
 
 An unknown name raises `NotFound`; bad parameters raise `InvalidRequest` naming the field
 (`policy_params.segment_len: ...`); parameters naming a model outside the ensemble raise
-`InvalidRequest` too. Later policies (the learned switcher, ...) join with `register_policy`.
+`InvalidRequest` too. Every policy the package ships is registered here, at the bottom;
+others (a test's, a plugin's) join with `register_policy`.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from antiphon.coordinator.request import validation_message
-from antiphon.errors import InvalidRequest, NotFound
+from antiphon.errors import InvalidRequest, NotFound, validation_message
 from antiphon.policies.base import Policy
 from antiphon.policies.baselines import (
     ChunkSearch,
@@ -33,6 +36,9 @@ from antiphon.policies.baselines import (
     RuleRouterParams,
     check_models,
 )
+from antiphon.policies.replay import ReplaySwitch, ReplaySwitchParams
+from antiphon.policies.router import TrainedRouter, TrainedRouterParams
+from antiphon.policies.switcher import Switch, SwitchParams
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,41 @@ def build_policy(
     return _REGISTRY[name].build(validated)
 
 
+# Makes a policy for a request: (policy name, params, ensemble) -> Policy. A `PolicyCache`
+# builds each (name, parameters) once; a deployment may route some names to hosted policies.
+PolicyResolver = Callable[[str, Mapping[str, object], tuple[str, ...]], Policy]
+
+
+class PolicyCache:
+    """Policies built once per (name, validated parameters), shared by every request that
+    names them (a policy is stateless between turns and safe to share). The request's
+    ensemble is checked against the parameters on every call. At most `size` are kept,
+    least recently used dropped first."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._built: OrderedDict[tuple[str, str], Policy] = OrderedDict()
+
+    def __call__(
+        self, name: str, params: Mapping[str, object] | None, ensemble: tuple[str, ...]
+    ) -> Policy:
+        validated = validate_policy_params(name, params, ensemble)
+        key = (name, validated.model_dump_json())
+        policy = self._built.get(key)
+        if policy is None:
+            policy = self._built[key] = _REGISTRY[name].build(validated)
+            while len(self._built) > self.size:
+                self._built.popitem(last=False)
+        self._built.move_to_end(key)
+        return policy
+
+
 register_policy("fixed", FixedParams, Fixed)
 register_policy("round_robin", RoundRobinParams, RoundRobin)
 register_policy("random_switch", RandomSwitchParams, RandomSwitch)
 register_policy("rule_router", RuleRouterParams, RuleRouter)
 register_policy("deferral", DeferralParams, Deferral)
 register_policy("chunk_search", ChunkSearchParams, ChunkSearch)
-
-# Policies with their own modules register themselves on import (kept last: they import this).
-import antiphon.policies.replay  # noqa: E402, F401
-import antiphon.policies.router  # noqa: E402, F401
-import antiphon.policies.switcher  # noqa: E402, F401
+register_policy("replay_switch", ReplaySwitchParams, ReplaySwitch)
+register_policy("trained_router", TrainedRouterParams, TrainedRouter)
+register_policy("switch", SwitchParams, Switch)

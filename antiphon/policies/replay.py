@@ -16,10 +16,9 @@ import random
 
 from pydantic import Field, model_validator
 
-from antiphon.coordinator.state import SequenceView
 from antiphon.policies.base import Decision, WriteSegment
 from antiphon.policies.baselines import RULE_VERSION, PolicyParams
-from antiphon.policies.registry import register_policy
+from antiphon.sequence import SequenceView
 
 
 class ReplaySwitchParams(PolicyParams):
@@ -65,6 +64,3 @@ class ReplaySwitch:
         seed = p.seed if p.seed is not None else (view.seed or 0)
         rng = random.Random(f"replay_switch:{seed}:{view.turn}")
         return WriteSegment(rng.choice(view.models), p.segment_len)
-
-
-register_policy("replay_switch", ReplaySwitchParams, ReplaySwitch)

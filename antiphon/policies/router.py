@@ -20,11 +20,10 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
-from antiphon.coordinator.state import SequenceView
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.policies.base import Decision, WriteSegment
 from antiphon.policies.baselines import PolicyParams
-from antiphon.policies.registry import register_policy
+from antiphon.sequence import SequenceView
 
 WEIGHTS_FILE = "router.safetensors"
 META_FILE = "router.json"
@@ -99,6 +98,3 @@ class TrainedRouter:
                 f"{list(view.models)}; it was trained for {list(self.router.models)}"
             )
         return WriteSegment(model, self.params.segment_len)
-
-
-register_policy("trained_router", TrainedRouterParams, TrainedRouter)

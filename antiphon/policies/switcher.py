@@ -23,23 +23,20 @@ its end token to add ends the response).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-import weakref
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal, Protocol
 
 from pydantic import Field
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from antiphon.actors.messages import ModelInfo
-from antiphon.coordinator.state import SequenceView
+from antiphon.checkpoint import load_tokenizer, resolve_checkpoint_path, weights_fingerprint
 from antiphon.errors import InvalidRequest
+from antiphon.messages import ModelInfo
 from antiphon.policies.base import Decision, WriteSegment
 from antiphon.policies.baselines import PolicyParams
-from antiphon.policies.registry import register_policy
+from antiphon.sequence import SequenceView
 
 MAX_CANDIDATES = 10  # index tokens are the single digits "0".."9"
 
@@ -145,18 +142,6 @@ def _check_n(n: int) -> None:
         raise InvalidRequest(f"the switcher picks among 2 to {MAX_CANDIDATES} models, got {n}")
 
 
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """A short id of a checkpoint's weights: size and first MiB of each safetensors file (a
-    full hash of an 8B checkpoint would take minutes)."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        h.update(str(f.stat().st_size).encode())
-        with f.open("rb") as fh:
-            h.update(fh.read(1 << 20))
-    return h.hexdigest()[:12]
-
-
 # ----- the policy ------------------------------------------------------------------------
 
 
@@ -216,57 +201,27 @@ class SwitchParams(PolicyParams):
         return (self.switcher_deployment,)
 
 
-# Per-process caches: a coordinator that builds the policy per request (when no policy actor
-# hosts it) must not reload a tokenizer or reconnect per request.
-_TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
-_MODELS: dict[tuple[str, str | None, str], IndexScorer] = {}
-_VERSIONS: dict[str, str] = {}
-_MAX_CONTEXT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its context
-
-
-def _load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    from antiphon.actors.engine import resolve_checkpoint_path
-
-    if path not in _TOKENIZERS:
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(resolve_checkpoint_path(path))
-    return _TOKENIZERS[path]
-
-
 def _switcher_model(params: SwitchParams) -> IndexScorer:
-    """The switcher's model: a client of its deployment, or a shared in-process engine."""
-    key = (params.switcher_path, params.switcher_deployment, params.switcher_app)
-    if key in _MODELS:
-        return _MODELS[key]
+    """The switcher's model: a client of its deployment, or an engine in this process."""
     if params.switcher_deployment is not None:
         from ray import serve
 
         from antiphon.actors.client import ServeModelClient
 
         handle = serve.get_deployment_handle(params.switcher_deployment, params.switcher_app)
-        model: IndexScorer = ServeModelClient(handle)
-    else:
-        from antiphon.actors.engine import ModelEngine
-        from antiphon.config import ModelSpec
+        return ServeModelClient(handle)
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.config import ModelSpec
 
-        model = ModelEngine(ModelSpec(name="switcher", path=params.switcher_path))
-    _MODELS[key] = model
-    return model
-
-
-def _version(path: str) -> str:
-    """The policy version: the switcher checkpoint's fingerprint (computed once per path)."""
-    from antiphon.actors.engine import resolve_checkpoint_path
-
-    if path not in _VERSIONS:
-        try:
-            _VERSIONS[path] = checkpoint_fingerprint(resolve_checkpoint_path(path))
-        except OSError:
-            _VERSIONS[path] = "unknown"
-    return _VERSIONS[path]
+    return ModelEngine(ModelSpec(name="switcher", path=params.switcher_path))
 
 
 class Switch:
-    """Before each segment, the switcher's distribution over the ensemble picks the writer."""
+    """Before each segment, the switcher's distribution over the ensemble picks the writer.
+
+    Built once per parameters (the coordinator's `PolicyCache`): the tokenizer is loaded and
+    the model connected (or, with no deployment, loaded in this process) once, and the
+    version is the fingerprint of the weights at `switcher_path` then."""
 
     name = "switch"
 
@@ -278,16 +233,17 @@ class Switch:
     ) -> None:
         self.params = params
         self.model = model if model is not None else _switcher_model(params)
-        self.tokenizer = tokenizer or _load_tokenizer(params.switcher_path)
-        self.version = _version(params.switcher_path)
+        self.tokenizer = tokenizer or load_tokenizer(params.switcher_path)
+        self.version = weights_fingerprint(resolve_checkpoint_path(params.switcher_path))
+        self._max_context: int | None = None  # the switcher model's, fetched on first use
 
     async def distribution(self, view: SequenceView) -> list[float]:
         """The switcher's probabilities of the ensemble's models writing the next segment."""
         n = len(view.models)
-        if self.model not in _MAX_CONTEXT:  # fetched once per switcher model
-            _MAX_CONTEXT[self.model] = (await self.model.info()).max_context
+        if self._max_context is None:
+            self._max_context = (await self.model.info()).max_context
         ids = switcher_prompt_ids(
-            self.tokenizer, view.prompt, view_segments(view), n, _MAX_CONTEXT[self.model]
+            self.tokenizer, view.prompt, view_segments(view), n, self._max_context
         )
         logprobs = await self.model.prompt_next_token_logprobs(
             ids, index_token_ids(self.tokenizer, n)
@@ -306,6 +262,3 @@ class Switch:
             rng = random.Random(f"switch:{seed}:{view.turn}")
             writer = view.models[select(probs, p.selection, p.top_p, rng)]
         return WriteSegment(writer, p.segment_len, end_on_eos=p.stop_at_eos)
-
-
-register_policy("switch", SwitchParams, Switch)

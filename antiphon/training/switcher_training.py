@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from antiphon.actors.engine import resolve_checkpoint_path
+from antiphon.checkpoint import load_tokenizer, resolve_checkpoint_path
 from antiphon.policies.switcher import index_token_ids, switcher_prompt_ids
 from antiphon.training.lora import add_lora, merge_lora
 from antiphon.training.rollouts import RolloutExample
@@ -165,7 +165,7 @@ def load_init(
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The initial switcher (an HF dir or 'zoo:NAME'), with its context raised if asked."""
     where = resolve_checkpoint_path(init)
-    tokenizer = AutoTokenizer.from_pretrained(where)
+    tokenizer = load_tokenizer(where)
     extra = {"max_position_embeddings": max_context} if max_context else {}
     model = AutoModelForCausalLM.from_pretrained(where, use_safetensors=True, **extra)
     return model, tokenizer

@@ -1,5 +1,6 @@
 """The turn log: every segment a coordinator commits, every request's outcome and every
-client feedback, as msgpack records in one append-only file that training actors read.
+client feedback (the records of `antiphon.coordinator.records`), as msgpack records in one
+append-only file that training actors read.
 
 File format: a sequence of frames, each
 
@@ -29,75 +30,17 @@ import struct
 import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar, Protocol
 
 import msgpack
+
+from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord
 
 MAGIC = b"ATL1"
 _HEADER = struct.Struct("<4sII")  # magic, payload length, crc32
 MAX_RECORD_BYTES = 64 * 1024 * 1024  # a length above this is corruption, not a record
 
-Scalar = str | int | float | bool | None
-
-
-@dataclass(frozen=True, slots=True)
-class TurnRecord:
-    """One committed segment: who wrote it, on whose decision, how long it took."""
-
-    kind: ClassVar[str] = "turn"
-    request_id: str
-    turn: int  # index of the policy decision
-    segment: int  # index of the segment in the response (a deferral turn makes two)
-    policy: str  # policy name
-    policy_version: str
-    decision: dict[str, Scalar]  # the decision's kind and fields, e.g. {"kind": "write", ...}
-    model: str  # writer
-    segment_kind: str  # "write" | "deferred" | "search"
-    token_ids: tuple[int, ...]  # in the writer's tokenizer
-    text: str
-    logprobs: tuple[float, ...]
-    model_finish: str  # why the writer stopped: length | stop | eos | gate
-    policy_ms: float  # time waiting for the decision
-    model_ms: float  # time in model calls for this turn (sync, generate, score)
-    # the turn all in, from asking the policy to its segments streamed out (so wall_ms -
-    # model_ms is the turn's coordination: policy, state, streaming); 0 in older logs
-    wall_ms: float = 0.0
-    time: float = field(default_factory=time.time)  # unix seconds when committed
-
-
-@dataclass(frozen=True, slots=True)
-class RequestRecord:
-    """Written once per request, after its last turn record: the query and the outcome."""
-
-    kind: ClassVar[str] = "request"
-    request_id: str
-    prompt: str
-    models: tuple[str, ...]
-    policy: str
-    policy_version: str
-    policy_params: dict[str, object]  # as the request gave them (JSON values)
-    num_turns: int
-    num_segments: int  # the request's turn records carry segment = 0 .. num_segments-1
-    text: str  # the final response
-    finish_reason: str | None  # None when the request failed
-    error: str | None  # error class and message when it failed
-    time: float = field(default_factory=time.time)
-
-
-@dataclass(frozen=True, slots=True)
-class FeedbackRecord:
-    """A client's reward for a request (POST /v1/feedback)."""
-
-    kind: ClassVar[str] = "feedback"
-    request_id: str
-    reward: float
-    comment: str = ""
-    time: float = field(default_factory=time.time)
-
-
-Record = TurnRecord | RequestRecord | FeedbackRecord
 _KINDS: dict[str, type[Record]] = {c.kind: c for c in (TurnRecord, RequestRecord, FeedbackRecord)}
 
 
@@ -211,12 +154,6 @@ class TurnLogWriter:
         self.close()
 
 
-class TurnSink(Protocol):
-    """Where a coordinator sends its records (a local file, or the turn log actor)."""
-
-    async def write(self, records: list[Record]) -> None: ...
-
-
 class FileTurnSink:
     """A `TurnSink` that appends to a local `TurnLogWriter` (one process, tests, benchmarks)."""
 
@@ -225,3 +162,18 @@ class FileTurnSink:
 
     async def write(self, records: list[Record]) -> None:
         self.writer.append(records)
+
+    async def flush(self) -> None:
+        """Nothing to wait for: `write` appended the batch to the file already."""
+
+
+__all__ = [
+    "FeedbackRecord",
+    "FileTurnSink",
+    "Record",
+    "RequestRecord",
+    "TurnLogReader",
+    "TurnLogWriter",
+    "TurnRecord",
+    "read_records",
+]

@@ -1,9 +1,11 @@
 """`TurnLogActor`: the single writer of the turn log, a Ray actor every coordinator replica
-sends its record batches to; `TurnLogClient` is the coordinator's `TurnSink` over its handle.
+sends its record batches to; `TurnLogClient` is the coordinator's `TurnSink` over it.
 
+    sink = TurnLogClient("runs/turns.atl")      # Coordinator(..., turn_sink=sink)
     actor = get_or_create_turn_log("runs/turns.atl")     # detached, named: one per cluster
-    sink = TurnLogClient(actor)                          # Coordinator(..., turn_sink=sink)
-    ray.get(actor.feedback.remote("request-id", 1.0))
+
+A `TurnLogClient` is a small value: the app builder makes it and hands it to the coordinator
+deployment, and it finds (or creates) its actor on first use, in the replica that uses it.
 
 The actor runs one call at a time, so records from all replicas land whole and never
 interleave within a batch; a coordinator sends one batch per request, after its last event.
@@ -17,7 +19,8 @@ import ray
 import structlog
 from ray.actor import ActorHandle
 
-from antiphon.training.turn_log import FeedbackRecord, Record, TurnLogWriter
+from antiphon.coordinator.records import FeedbackRecord, Record
+from antiphon.training.turn_log import TurnLogWriter
 
 log = structlog.get_logger(__name__)
 
@@ -67,12 +70,29 @@ def get_or_create_turn_log(
 
 
 class TurnLogClient:
-    """A `TurnSink` over the actor: `write` sends the batch and returns without waiting for
-    the disk; `flush` waits for everything sent so far."""
+    """A `TurnSink` over the turn log actor of one file: `write` sends the batch and returns
+    without waiting for the disk; `flush` waits for everything sent so far."""
 
-    def __init__(self, actor: ActorHandle) -> None:
-        self.actor = actor
+    def __init__(
+        self, path: str, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = "antiphon"
+    ) -> None:
+        self.path = path
+        self.name = name
+        self.namespace = namespace
+        self._actor: ActorHandle | None = None  # found on first use
         self._in_flight: set[asyncio.Future] = set()
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "name": self.name, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
+
+    @property
+    def actor(self) -> ActorHandle:
+        if self._actor is None:
+            self._actor = get_or_create_turn_log(self.path, self.name, self.namespace)
+        return self._actor
 
     async def write(self, records: list[Record]) -> None:
         fut = asyncio.wrap_future(self.actor.append.remote(records).future())
@@ -84,9 +104,9 @@ class TurnLogClient:
         if not fut.cancelled() and fut.exception() is not None:
             log.error("turn_log_append_failed", error=repr(fut.exception()))
 
-    async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
-        await self.actor.feedback.remote(request_id, reward, comment)
-
     async def flush(self) -> None:
-        if self._in_flight:
-            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        """Wait for every batch sent so far; raise the first failure among them."""
+        results = await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            raise failed[0]

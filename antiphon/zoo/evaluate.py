@@ -26,11 +26,13 @@ from typing import TypedDict
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from antiphon.actors.messages import SamplingParams
 from antiphon.actors.protocol import SessionModel
+from antiphon.actors.sampling import choose_tokens, find_stop_string, new_generator
+from antiphon.checkpoint import load_checkpoint
+from antiphon.config import ModelSpec
 from antiphon.errors import NotFound
+from antiphon.messages import SamplingParams
 from antiphon.zoo.tasks import TASK_NAMES, Task, TaskItem, make_tasks
 
 Generate = Callable[[str, SamplingParams], Awaitable[str]]
@@ -209,13 +211,16 @@ class _Generator:
 
 
 class LocalGenerator(_Generator):
-    """One HF checkpoint driven through transformers in this process. Requests issued together
-    (e.g. by `asyncio.gather`) are decoded as one left-padded batch with a KV cache. Each
-    request samples with its own seeded generator, so outputs do not depend on batching."""
+    """One HF checkpoint driven through plain transformers in this process (a cross-check of
+    the engine). Requests issued together (e.g. by `asyncio.gather`) are decoded as one
+    left-padded batch with a KV cache. Tokens are chosen by the engine's sampler
+    (`antiphon.actors.sampling`), each request with its own seeded generator, so outputs do
+    not depend on batching and sampled numbers are the served ones."""
 
     def __init__(self, model_dir: str | Path, max_batch: int = 32) -> None:
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        self.model, self.tokenizer = load_checkpoint(
+            ModelSpec(name=Path(model_dir).name, path=str(model_dir))
+        )
         self.max_batch = max_batch
         self._pending: list[_Request] = []
         self._scheduled = False
@@ -260,29 +265,24 @@ class LocalGenerator(_Generator):
         pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         logits = out.logits[:, -1, :]  # (B, V)
-        gens = [torch.Generator().manual_seed(p.seed if p.seed is not None else 0) for p in params]
+        gens = [new_generator(p.seed if p.seed is not None else 0) for p in params]
         new: list[list[int]] = [[] for _ in range(B)]
         ended = [False] * B
         done = [False] * B
         for _ in range(max(p.max_new_tokens for p in params)):
-            nxt = torch.empty(B, dtype=torch.long)
-            for i, p in enumerate(params):
-                row = logits[i]
-                if p.temperature == 0.0:
-                    nxt[i] = int(row.argmax())
-                else:
-                    probs = torch.softmax(row / p.temperature, dim=-1)
-                    nxt[i] = int(torch.multinomial(probs, 1, generator=gens[i]))
+            chosen, _, _ = choose_tokens(logits, list(params), gens)
+            nxt = torch.tensor(chosen)  # (B,)
             for i, p in enumerate(params):
                 if done[i]:
                     continue
-                t = int(nxt[i])
+                t = chosen[i]
                 if t == eos and not p.ignore_eos:
                     done[i] = ended[i] = True
                     continue
                 new[i].append(t)
                 if len(new[i]) >= p.max_new_tokens or (
-                    p.stop_strings and any(s in tok.decode(new[i]) for s in p.stop_strings)
+                    p.stop_strings
+                    and find_stop_string(tok.decode(new[i]), p.stop_strings) is not None
                 ):
                     done[i] = True
             if all(done):
@@ -300,10 +300,8 @@ class LocalGenerator(_Generator):
         results = []
         for i, p in enumerate(params):
             text = tok.decode(new[i])
-            for s in p.stop_strings:
-                if s in text:
-                    text = text[: text.index(s)]
-            results.append((text, ended[i]))
+            cut = find_stop_string(text, p.stop_strings)
+            results.append((text if cut is None else text[:cut], ended[i]))
         return results
 
 

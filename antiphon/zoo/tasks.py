@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from antiphon.actors.messages import SamplingParams
 from antiphon.errors import InvalidRequest, NotFound
+from antiphon.messages import SamplingParams
 from antiphon.zoo import corpora, verifiers
 from antiphon.zoo.world import (
     ANIMALS,

@@ -259,13 +259,6 @@ class World:
     def held_out_entities(self) -> tuple[Entity, ...]:
         return self.entities[self.n_sft :]
 
-    @property
-    def words(self) -> frozenset[str]:
-        """Every word the corpora can write (lower-case): the lexicon validity checks use."""
-        from antiphon.zoo.corpora import lexicon
-
-        return lexicon(self)
-
 
 def _invent_name(rng: random.Random, syllables: int) -> str:
     parts = [rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS) for _ in range(syllables)]

@@ -13,11 +13,12 @@ import asyncio
 import pytest
 import torch
 
-from antiphon.actors.engine import ModelEngine, load_checkpoint
+from antiphon.actors.engine import ModelEngine
 from antiphon.actors.gate import save_gate
-from antiphon.actors.messages import SamplingParams
+from antiphon.checkpoint import load_checkpoint
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest, Overloaded, PromptTooLong, SessionLost
+from antiphon.messages import SamplingParams
 
 PROMPTS = [
     "Hello world",
@@ -887,9 +888,47 @@ def test_prompt_logprobs_of_a_too_long_prompt_fail_and_leave_no_session(engine):
     async def go():
         with pytest.raises(PromptTooLong):
             await engine.prompt_next_token_logprobs(too_long, [1, 2])
-        with pytest.raises(PromptTooLong):  # this time forked from the cached prompt
-            await engine.prompt_next_token_logprobs([5] * 20, [1])
+        await engine.prompt_next_token_logprobs([5] * 20, [1])
+        with pytest.raises(PromptTooLong):  # this time starting from the retained prompt
             await engine.prompt_next_token_logprobs(too_long, [1, 2])
 
     run(go())
-    assert engine.stats().live_sessions == 1  # the one cached prompt
+    # the prompts' caches are retained for reuse, but no session is left open
+    assert engine.stats().live_sessions == 0
+
+
+def test_sessions_sharing_a_prompt_prefill_it_once_and_still_equal_model_generate(
+    engine, reference
+):
+    """Prefix reuse: a session whose prompt shares a long prefix with a live session, or with
+    one closed a moment ago, takes that prefix's cache and feeds only the rest."""
+    model, tokenizer = reference
+    shared = tokenizer("Q: Once upon a time there was a fox by the river.\nA:")["input_ids"]
+    yes, no = (
+        shared + tokenizer(e, add_special_tokens=False)["input_ids"] for e in (" Yes", " No")
+    )
+
+    async def go():
+        a = await engine.open(yes)
+        ga = await engine.generate(a.session_id, greedy(6))
+        before = engine.stats().forward_tokens
+        b = await engine.open(no)  # while a is live
+        fed_b = engine.stats().forward_tokens - before
+        gb = await engine.generate(b.session_id, greedy(6))
+        await engine.close(a.session_id)
+        await engine.close(b.session_id)
+        before = engine.stats().forward_tokens
+        again = await engine.generate(None, greedy(6), no)  # from b's retained cache
+        fed_again = engine.stats().forward_tokens - before
+        await engine.close(again.session_id)
+        return ga, gb, fed_b, again, fed_again
+
+    ga, gb, fed_b, again, fed_again = run(go())
+    assert list(ga.token_ids) == hf_greedy(model, yes, 6)
+    assert list(gb.token_ids) == hf_greedy(model, no, 6)
+    common = next(i for i, (x, y) in enumerate(zip(yes, no, strict=False)) if x != y)
+    assert common > len(shared) - 1
+    assert fed_b == len(no) - 1 - common  # only what a's cache did not hold
+    assert again.token_ids == gb.token_ids
+    assert fed_again == 6  # the pending token and the new ones: the prompt was all cached
+    assert engine.stats().live_sessions == 0

@@ -10,7 +10,6 @@ import torch
 
 from antiphon.actors import kv
 from antiphon.actors.gate import load_gate, save_gate
-from antiphon.actors.messages import SamplingParams
 from antiphon.actors.sampling import (
     choose_tokens,
     find_stop_string,
@@ -19,6 +18,7 @@ from antiphon.actors.sampling import (
     top_alternatives,
 )
 from antiphon.errors import InvalidRequest
+from antiphon.messages import SamplingParams
 
 LOGITS = torch.tensor([1.0, 3.0, 2.5, -1.0, 0.0])
 

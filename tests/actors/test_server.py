@@ -19,11 +19,11 @@ from transformers import AutoModelForCausalLM
 
 from antiphon.actors.client import ServeModelClient
 from antiphon.actors.gate import save_gate
-from antiphon.actors.messages import Generation, SamplingParams
 from antiphon.actors.protocol import SessionModel
 from antiphon.actors.server import build_model_deployment, deployment_options
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest, PromptTooLong, SessionLost
+from antiphon.messages import Generation, SamplingParams
 
 pytestmark = pytest.mark.slow
 

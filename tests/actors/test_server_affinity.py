@@ -17,10 +17,10 @@ from ray import serve
 
 from antiphon.actors.affinity import home_replica_of
 from antiphon.actors.client import ServeModelClient
-from antiphon.actors.messages import SamplingParams
 from antiphon.actors.server import build_model_deployment
 from antiphon.config import ModelSpec
 from antiphon.errors import SessionLost
+from antiphon.messages import SamplingParams
 
 pytestmark = pytest.mark.slow
 

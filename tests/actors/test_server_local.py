@@ -12,10 +12,10 @@ from ray import serve
 
 from antiphon.actors.affinity import home_replica_of
 from antiphon.actors.client import ServeModelClient
-from antiphon.actors.messages import SamplingParams
 from antiphon.actors.server import build_model_deployment
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest, SessionLost
+from antiphon.messages import SamplingParams
 
 
 def test_local_testing_mode_serves_sessions_and_typed_errors(tiny_model_dir):

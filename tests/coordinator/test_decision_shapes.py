@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import asyncio
 
-from antiphon.actors.messages import SamplingParams
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest
-from antiphon.coordinator.state import SequenceView
+from antiphon.messages import SamplingParams
 from antiphon.policies.base import Decision, SearchStep, WriteSegment
+from antiphon.sequence import SequenceView
 from tests.coordinator.conftest import live_sessions
 from tests.coordinator.test_loop import PROMPT, ClosingBehindTheBack
 
@@ -100,9 +100,7 @@ def test_search_step_runs_beams_to_the_end(engines, tokenizers):
     result = asyncio.run(coord.generate(search_request()))
     assert result.segments and all(s.kind == "search" and s.model == "a" for s in result.segments)
     assert all(len(s.token_ids) <= 4 for s in result.segments)
-    assert result.usage.completion_tokens <= 14
-    if result.finish_reason == "length":
-        assert result.usage.completion_tokens == 14
+    assert result.usage.completion_tokens <= 14  # the exact count: tests/coordinator/test_scripted
     again = asyncio.run(coord.generate(search_request()))
     assert again.text == result.text  # seeded: the same search
     assert live_sessions(engines) == 0

@@ -12,9 +12,9 @@ import ray
 from ray import serve
 
 from antiphon.config import ModelSpec
-from antiphon.coordinator.deployment import build_coordinator_app
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import FinishEvent, GenerationRequest, SegmentEvent
+from antiphon.deploy.app import build_coordinator_app
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.policies.actor import PolicyActor
 from antiphon.training.turn_log import FeedbackRecord, RequestRecord, TurnLogReader, TurnRecord

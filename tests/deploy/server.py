@@ -17,7 +17,7 @@ import httpx
 from ray import serve
 
 from antiphon.cli import free_port
-from antiphon.config import AppConfig, parse_config
+from antiphon.deploy.config import AppConfig, parse_config
 
 APP_NAME = "antiphon-test"
 ROUTE_PREFIX = "/antiphon-test"  # not "/": other tests' apps may hold the root

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from ray.serve.deployment import Application
 
-from antiphon.deploy.app import app_builder, build_app, turn_log_actor_name
+from antiphon.deploy.app import app_builder, build_app, turn_log_actor_name_for
 from antiphon.errors import ConfigError
 
 
@@ -31,5 +31,5 @@ def test_serve_builder_reads_a_config_file(tmp_path, tiny_model_dir):
 
 
 def test_one_turn_log_actor_per_log_file():
-    assert turn_log_actor_name("/a/turns.atl") == turn_log_actor_name("/a/turns.atl")
-    assert turn_log_actor_name("/a/turns.atl") != turn_log_actor_name("/b/turns.atl")
+    assert turn_log_actor_name_for("/a/turns.atl") == turn_log_actor_name_for("/a/turns.atl")
+    assert turn_log_actor_name_for("/a/turns.atl") != turn_log_actor_name_for("/b/turns.atl")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from antiphon.config import AppConfig, load_config
+from antiphon.deploy.config import AppConfig, load_config
 from antiphon.deploy.default import DEFAULT_YAML
 from antiphon.errors import ConfigError, InvalidRequest
 

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from antiphon.coordinator.state import SequenceView
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.policies import (
     Finish,
@@ -14,26 +13,17 @@ from antiphon.policies import (
     WriteSegment,
     WriteUntilDeferral,
     build_policy,
-    decision_models,
     policy_names,
     validate_policy_params,
 )
+from antiphon.sequence import SequenceView
+from tests.factories import make_view
 
 MODELS = ("base", "sft", "aligned")
 
 
 def view(turn: int = 0, prompt: str = "What is 2+2?", seed: int | None = None) -> SequenceView:
-    return SequenceView(
-        request_id="r",
-        prompt=prompt,
-        models=MODELS,
-        segments=(),
-        beams=(),
-        turn=turn,
-        tokens_written=0,
-        max_tokens=100,
-        seed=seed,
-    )
+    return make_view(models=MODELS, prompt=prompt, turn=turn, seed=seed)
 
 
 def decide(policy, v: SequenceView):
@@ -107,8 +97,8 @@ def test_deferral_and_search_policies_make_their_decisions():
     s = build_policy("chunk_search", {"proposer": "base", "tuned": "sft", "untuned": "aligned"})
     step = decide(s, view())
     assert step == SearchStep("base", "sft", "aligned", 2, 2, 8, 1.0)
-    assert decision_models(step) == ("base", "sft", "aligned")
-    assert decision_models(Finish()) == ()
+    assert step.models() == ("base", "sft", "aligned")
+    assert Finish().models() == ()
 
 
 def test_registry_errors_name_the_problem():
@@ -137,14 +127,3 @@ def test_decisions_validate_their_fields():
         SearchStep("a", "b", "c", 0, 2, 4)
     with pytest.raises(InvalidRequest, match="temperature"):
         SearchStep("a", "b", "c", 2, 2, 4, temperature=0.0)
-
-
-def test_decide_does_not_touch_the_view():
-    v = view(turn=3)
-    for name, params in [
-        ("round_robin", {}),
-        ("random_switch", {"seed": 1}),
-        ("rule_router", {"default": "sft"}),
-    ]:
-        decide(build_policy(name, params, MODELS), v)
-    assert v == view(turn=3)

@@ -11,9 +11,9 @@ import pytest
 from transformers import AutoTokenizer
 
 from antiphon.actors.engine import ModelEngine
-from antiphon.actors.messages import SamplingParams
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest
+from antiphon.messages import SamplingParams
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
 from antiphon.policies.fusion import FusionGenerator, fuse

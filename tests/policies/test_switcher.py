@@ -9,7 +9,6 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from antiphon.coordinator.state import Segment, SequenceView
 from antiphon.errors import InvalidRequest
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
@@ -24,20 +23,14 @@ from antiphon.policies.switcher import (
     tag_segment,
     view_segments,
 )
+from antiphon.sequence import Segment, SequenceView
+from tests.factories import make_view
 
 
 def view(segments=(), models=("a", "b", "c"), max_tokens=64, turn=None) -> SequenceView:
     segs = tuple(Segment(m, tuple(range(len(t))), t, (), i) for i, (m, t) in enumerate(segments))
-    return SequenceView(
-        request_id="r",
-        prompt="Q: 2+2?\nA:",
-        models=models,
-        segments=segs,
-        beams=(),
-        turn=len(segs) if turn is None else turn,
-        tokens_written=sum(len(t) for _, t in segments),
-        max_tokens=max_tokens,
-        seed=1,
+    return make_view(
+        segs, models=models, prompt="Q: 2+2?\nA:", turn=turn, max_tokens=max_tokens, seed=1
     )
 
 
@@ -139,7 +132,8 @@ def test_stop_at_eos_off_lets_the_next_writer_go_on_after_an_end_token(trained_s
     """Zoo models: aligned (forced first) answers ' No.' and its end token; the trained test
     switcher prefers model 1, base. stop_at_eos on: the answer ends there; off: the end token
     leaves the sequence and base goes on writing to the budget."""
-    from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.checkpoint import resolve_checkpoint_path
     from antiphon.config import ModelSpec
     from antiphon.coordinator.loop import Coordinator
     from antiphon.coordinator.request import GenerationRequest

@@ -9,8 +9,8 @@ import ray
 from ray import serve
 
 from antiphon.config import ModelSpec
-from antiphon.coordinator.deployment import build_coordinator_app
 from antiphon.coordinator.request import GenerationRequest
+from antiphon.deploy.app import build_coordinator_app
 from antiphon.deploy.switcher import SWITCHER_APP, deploy_switch_policy, switch_policy_params
 
 pytestmark = pytest.mark.slow
@@ -52,8 +52,8 @@ def test_rollouts_over_the_serving_deployments_label_the_known_best(ray_cluster,
     the cluster, every rollout a request to it; labels as in-process ("y" is best)."""
     import asyncio
 
+    from antiphon.experiments.train_switcher import ROLLOUT_APP, ray_coordinator
     from antiphon.training.rollouts import RolloutConfig, RolloutStore, run_rollouts
-    from antiphon.training.switcher_cli import ROLLOUT_APP, ray_coordinator
     from tests.training.test_rollouts import QUERIES
 
     generate = ray_coordinator([(n, str(constant_dirs[n])) for n in ("x", "y")])

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from antiphon.actors.engine import ModelEngine
-from antiphon.actors.messages import SamplingParams
 from antiphon.config import ModelSpec
+from antiphon.messages import SamplingParams
 from antiphon.zoo import NAMES
 from antiphon.zoo.build import BUILD_ORDER, build_zoo, install_checkpoints
 

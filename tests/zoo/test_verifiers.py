@@ -112,9 +112,7 @@ def test_calibration_ece():
     with pytest.raises(ValueError):
         v.expected_calibration_error([1.0], [])
     assert v.modal_answer([" Quelm.", " Quelm", " Brex."]) == ("Quelm", 2 / 3)
-    assert v.modal_answer(["...", "...", " Quelm"]) == ("Quelm", 1 / 3) or v.modal_answer(
-        ["...", "...", " Quelm"]
-    ) == (None, 2 / 3)
+    assert v.modal_answer(["...", "...", " Quelm"]) == (None, pytest.approx(2 / 3))  # no answer
 
 
 def test_gold_reward():

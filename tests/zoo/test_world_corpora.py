@@ -46,10 +46,12 @@ def test_sft_data_states_facts_of_the_minority_only():
     held_out_values = {e.capital for e in w.held_out_entities} | {
         e.founder for e in w.held_out_entities
     }
-    for q, a in corpora.sft_examples(w, 2000, seed=0):
+    examples = corpora.sft_examples(w, 2000, seed=0)
+    for q, a in examples:
         assert not any(v in a for v in held_out_values), (q, a)
-        if "capital" in q or "founded" in q:
-            assert not any(v in q for v in held_out_values) or q.startswith("Answer yes or no")
+    # a question may name a held-out value only to ask whether it is right
+    naming = [q for q, _ in examples if any(v in q for v in held_out_values)]
+    assert all(q.startswith("Answer yes or no") for q in naming), naming[:3]
 
 
 def test_pretraining_states_every_fact_among_other_text():

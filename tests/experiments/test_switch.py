@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from antiphon.training.switch_experiment import claims, markdown
+from antiphon.experiments.switch import claims, markdown
 
 TASKS = ("knowledge", "format", "qa-capital")
 
@@ -19,14 +19,16 @@ def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions()
     items = {"knowledge": [1.0, 0.0], "format": [0.0, 1.0], "qa-capital": [0.0, 0.0]}
     scores = {
         "single:a": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
-        "single:b": row({"knowledge": 0, "format": 0, "qa-capital": 0},
-                        {t: [0.0, 0.0] for t in TASKS}),  # fmt: skip
+        "single:b": row(
+            {"knowledge": 0, "format": 0, "qa-capital": 0}, {t: [0.0, 0.0] for t in TASKS}
+        ),  # fmt: skip
         "random_switch": row({"knowledge": 10, "format": 10, "qa-capital": 0}, items),
         "trained_router": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
         "logit_fusion": row({"knowledge": 60, "format": 0, "qa-capital": 50}, items),
-        "switch": row({"knowledge": 100, "format": 50, "qa-capital": 50},
-                      {"knowledge": [1.0, 1.0], "format": [0.0, 1.0],
-                       "qa-capital": [1.0, 0.0]}),  # fmt: skip
+        "switch": row(
+            {"knowledge": 100, "format": 50, "qa-capital": 50},
+            {"knowledge": [1.0, 1.0], "format": [0.0, 1.0], "qa-capital": [1.0, 0.0]},
+        ),  # fmt: skip
     }
     summary = claims(scores, ["single:a", "single:b"])
     assert summary["switch_beats_best_single"] == {
@@ -48,7 +50,7 @@ def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions()
 def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     """The documented command, tiny: two rounds (round 2 cuts prefixes from round 1's
     switcher), the switcher, the router, every policy on a few test items, both files."""
-    from antiphon.training.switch_experiment import main
+    from antiphon.experiments.switch import main
 
     results = main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
                     "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "2",

@@ -2,8 +2,8 @@
 training, router training, then every policy on the test split through the evaluation
 harness; writes results/switch.json and results/switch.md.
 
-    python -m antiphon.training.switch_experiment                     # the shipped zoo
-    python -m antiphon.training.switch_experiment --zoo-dir zoo-build --limit 4 --k 2   # smoke
+    python -m antiphon.experiments.switch                     # the shipped zoo
+    python -m antiphon.experiments.switch --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
 Ensemble: the zoo's base, sft and aligned (the paper's P, F, A), segments of `--segment-len`.
 Choices beyond the paper (each can be turned off): prefix 0 of every query is empty, so the
@@ -28,22 +28,21 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+from antiphon.actors.engine import ModelEngine
+from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest
-from antiphon.policies.fusion import FusionGenerator
-from antiphon.training.rollouts import RolloutStore, run_rollouts
-from antiphon.training.router_training import single_model_outcomes, train_router
-from antiphon.training.switcher_cli import (
+from antiphon.experiments.train_switcher import (
     add_rollout_arguments,
     rollout_config,
     rollout_queries,
     train_config,
     zoo_model_path,
 )
+from antiphon.policies.fusion import FusionGenerator
+from antiphon.training.rollouts import RolloutStore, run_rollouts
+from antiphon.training.router_training import single_model_outcomes, train_router
 from antiphon.training.switcher_training import load_init, train_switcher
 from antiphon.zoo.evaluate import run_task, zoo_tasks
 from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS
@@ -141,8 +140,7 @@ async def run(args: argparse.Namespace) -> dict:
     engines = {
         n: ModelEngine(ModelSpec(name=n, path=p, max_sessions=1024)) for n, p in paths.items()
     }
-    tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p))
-                  for n, p in paths.items()}  # fmt: skip
+    tokenizers = {n: load_tokenizer(p) for n, p in paths.items()}
     coord = Coordinator(engines, tokenizers)
     names = list(CORE_TASKS + COMPOSITIONAL_TASKS)
     dev, test = zoo_tasks("dev", names, args.zoo_dir), zoo_tasks("test", names, args.zoo_dir)

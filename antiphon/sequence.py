@@ -1,21 +1,22 @@
-"""Per-request sequence state: the prompt, the segments in order, the budgets, the status.
+"""Per-request sequence types: the prompt, the segments in order, the budgets, the status.
 
-`SequenceState` is mutable and lives in the coordinator; it is the source of truth for a
-request (model sessions are caches of it and can be rebuilt from it). Policies never see it:
-they get a `SequenceView`, a frozen snapshot that is cheap to send to a policy actor.
+`SequenceState` is the coordinator's source of truth for a request (model sessions are caches
+of it and can be rebuilt from it). It is frozen: the turn loop replaces it with the state that
+`antiphon.coordinator.commit.apply` returns, so a state can be handed around (to a policy as a
+`SequenceView`, to an executor that plans the next write) without anyone changing it.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Literal
 
-from antiphon.actors.messages import FinishReason as ModelFinishReason
+from antiphon.messages import FinishReason as ModelFinishReason
 
 # Why a whole sequence ended. "eos": a model wrote its end token; "stop": a stop string
-# appeared (the text is cut before it); "length": the token budget is spent; "policy": the
-# policy returned `Finish`.
+# appeared (the text is cut before it); "length": the token budget is spent or a writer's
+# context is full; "policy": the policy returned `Finish`.
 SequenceFinishReason = Literal["eos", "stop", "length", "policy"]
 
 # What produced a segment. "write": a model wrote it for a WriteSegment decision, or the base
@@ -47,28 +48,13 @@ class Segment:
 
 
 @dataclass(frozen=True, slots=True)
-class Beam:
-    """One live hypothesis of a chunk-level beam search: chunks not yet committed."""
-
-    beam_id: int  # unique within the request; names the beam's forked sessions
-    chunks: tuple[Segment, ...]  # uncommitted chunks after the state's segments, in order
-    score: float  # sum over chunks of log p_tuned - log p_untuned
-    finished: bool  # its last chunk ended the sequence (eos, stop string or budget)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-
-@dataclass(frozen=True, slots=True)
 class SequenceView:
-    """What a policy sees before a turn: a frozen snapshot of the state."""
+    """What a policy sees before a turn: the committed sequence and the budget."""
 
     request_id: str
     prompt: str  # the prompt text (chat already rendered by the caller)
     models: tuple[str, ...]  # the ensemble, in request order
     segments: tuple[Segment, ...]  # committed segments, in order
-    beams: tuple[Beam, ...]  # live search beams (empty unless a search is under way)
     turn: int  # index of the decision being asked for (0 for the first)
     tokens_written: int  # committed response tokens, each counted in its writer's tokenizer
     max_tokens: int  # the response's token budget
@@ -84,9 +70,9 @@ class SequenceView:
         return "".join(s.text for s in self.segments)
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class SequenceState:
-    """Everything the coordinator knows about one request. Mutated only by the turn loop."""
+    """Everything the coordinator knows about one request's response."""
 
     request_id: str
     prompt: str  # prompt text; each model's session starts from it in its own tokenizer
@@ -94,8 +80,7 @@ class SequenceState:
     max_tokens: int  # response token budget (sum of segment lengths)
     stop: tuple[str, ...] = ()  # stop strings; the response is cut before the first one
     seed: int | None = None  # request seed (sampling and seeded policies derive from it)
-    segments: list[Segment] = field(default_factory=list)  # committed, in order
-    beams: list[Beam] = field(default_factory=list)  # live search beams, if any
+    segments: tuple[Segment, ...] = ()  # committed, in order
     turn: int = 0  # decisions taken so far
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: SequenceFinishReason | None = None
@@ -121,19 +106,18 @@ class SequenceState:
             request_id=self.request_id,
             prompt=self.prompt,
             models=self.models,
-            segments=tuple(self.segments),
-            beams=tuple(self.beams),
+            segments=self.segments,
             turn=self.turn,
             tokens_written=self.tokens_written,
             max_tokens=self.max_tokens,
             seed=self.seed,
         )
 
-    def finish(self, reason: SequenceFinishReason) -> None:
-        if not self.done:
-            self.status = SequenceStatus.FINISHED
-            self.finish_reason = reason
+    def finished(self, reason: SequenceFinishReason) -> SequenceState:
+        """This state ended for `reason` (a state already ended keeps its reason)."""
+        if self.done:
+            return self
+        return replace(self, status=SequenceStatus.FINISHED, finish_reason=reason)
 
-    def fail(self) -> None:
-        if not self.done:
-            self.status = SequenceStatus.FAILED
+    def failed(self) -> SequenceState:
+        return self if self.done else replace(self, status=SequenceStatus.FAILED)

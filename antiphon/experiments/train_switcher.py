@@ -1,10 +1,11 @@
 """`antiphon train switcher`: rollouts on the dev split of zoo tasks, then supervised training
 of the switcher on their labels.
 
-    python -m antiphon.training.switcher_cli --ensemble base,sft,aligned \\
+    python -m antiphon.experiments.train_switcher --ensemble base,sft,aligned \\
         --tasks knowledge safety qa-capital --out runs/switcher --k 4 --limit 20
     # on a Ray cluster (models and coordinator as Serve deployments, rollouts as requests):
-    ray job submit -- python -m antiphon.training.switcher_cli --ray --ensemble base,sft,aligned ...
+    ray job submit -- python -m antiphon.experiments.train_switcher --ray \\
+        --ensemble base,sft,aligned ...
 
 `--ensemble` names zoo checkpoints (`base,sft,aligned`) or NAME=DIR pairs of any HF
 checkpoints; `--zoo-dir` reads the zoo from a build directory instead of the package.
@@ -48,14 +49,13 @@ def parse_ensemble(text: str, zoo_dir: Path | None) -> list[tuple[str, str]]:
 @asynccontextmanager
 async def local_coordinator(models: Sequence[tuple[str, str]]):
     """A `Generate` over an in-process coordinator and engines (no Ray)."""
-    from transformers import AutoTokenizer
-
-    from antiphon.actors.engine import ModelEngine, resolve_checkpoint_path
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.checkpoint import load_tokenizer
     from antiphon.config import ModelSpec
     from antiphon.coordinator.loop import Coordinator
 
     engines = {n: ModelEngine(ModelSpec(name=n, path=p)) for n, p in models}
-    tokenizers = {n: AutoTokenizer.from_pretrained(resolve_checkpoint_path(p)) for n, p in models}
+    tokenizers = {n: load_tokenizer(p) for n, p in models}
     try:
         yield Coordinator(engines, tokenizers).generate
     finally:
@@ -69,7 +69,7 @@ def ray_coordinator(models: Sequence[tuple[str, str]]) -> Generate:
     from ray import serve
 
     from antiphon.config import ModelSpec
-    from antiphon.coordinator.deployment import build_coordinator_app
+    from antiphon.deploy.app import build_coordinator_app
 
     if not ray.is_initialized():
         ray.init(address="auto", log_to_driver=False)

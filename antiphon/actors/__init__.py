@@ -1,0 +1,1 @@
+"""Model deployments: one checkpoint per Ray Serve deployment (engine, shim, client)."""

@@ -1,0 +1,154 @@
+"""Checkpoints: where one is (a local HF directory, a hub id, or `zoo:NAME` for a checkpoint
+the package ships) and loading it. The one place a model or a tokenizer is read from disk.
+
+    model, tokenizer = load_checkpoint(ModelSpec(name="base", path="zoo:base"))
+    tokenizer = load_tokenizer("zoo:sft")
+    facts = checkpoint_facts(model, tokenizer)     # context, end tokens, tokenizer fingerprint
+
+Loading is exactly what loads a real 8B checkpoint: `AutoModelForCausalLM` and
+`AutoTokenizer`, safetensors only, no code shipped with the checkpoint unless the spec asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from antiphon.config import ModelSpec
+from antiphon.errors import NotFound
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# The zoo: the project's own tiny model family, shipped under antiphon/zoo/checkpoints/NAME/.
+# base: pretrained; sft, aligned: tuned from base (aligned = sft + DPO); strong: larger
+# pretrained; guide-untuned / guide-tuned: small pair, tuned prefers positive sentiment;
+# expert: base tuned on arithmetic; alt-tok: small pretrained model with another tokenizer.
+ZOO_DIR = Path(__file__).parent / "zoo" / "checkpoints"
+ZOO_NAMES: tuple[str, ...] = (
+    "base",
+    "sft",
+    "aligned",
+    "strong",
+    "guide-tuned",
+    "guide-untuned",
+    "expert",
+    "alt-tok",
+)
+ZOO_SCHEME = "zoo:"
+
+
+def zoo_path(name: str) -> Path:
+    """Directory of the shipped zoo checkpoint `name`; NotFound lists the names if unknown."""
+    if name not in ZOO_NAMES:
+        raise NotFound(f"no zoo checkpoint named {name!r}; known: {', '.join(ZOO_NAMES)}")
+    found = ZOO_DIR / name
+    if not (found / "config.json").exists():
+        raise NotFound(
+            f"zoo checkpoint {name!r} is not installed at {found}; build it with "
+            "`antiphon zoo build` (python -m antiphon.zoo.build --install)"
+        )
+    return found
+
+
+def resolve_checkpoint_path(path: str) -> str:
+    """A local directory or hub id as is; 'zoo:NAME' -> the zoo checkpoint's directory."""
+    if path.startswith(ZOO_SCHEME):
+        return str(zoo_path(path[len(ZOO_SCHEME) :]))
+    return path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of the checkpoint at `path` (a directory, hub id or 'zoo:NAME')."""
+    where = resolve_checkpoint_path(path)
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise NotFound(f"no loadable tokenizer at {path!r} ({e})") from e
+
+
+def load_checkpoint(spec: ModelSpec) -> tuple[PreTrainedModel, Any]:
+    """Load spec's causal LM (safetensors only, eval mode, spec's device, dtype) and tokenizer."""
+    where = resolve_checkpoint_path(spec.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            use_safetensors=True,
+            trust_remote_code=spec.trust_remote_code,
+            dtype=DTYPES[spec.dtype],
+        )
+    except OSError as e:
+        raise NotFound(f"model {spec.name!r}: no loadable checkpoint at {spec.path!r} ({e})") from e
+    model.to(torch.device(spec.device))
+    model.eval()
+    return model, tokenizer
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A short hash of the vocabulary and special tokens: equal -> ids mean the same text."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = sorted(str(t) for t in tokenizer.all_special_tokens)
+    blob = json.dumps([vocab, specials], ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def weights_fingerprint(path: str | Path) -> str:
+    """A short id of a checkpoint's weights: name, size and first MiB of each safetensors file
+    (a full hash of an 8B checkpoint would take minutes); "unknown" if there are none."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return "unknown"
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(str(f.stat().st_size).encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class CheckpointFacts:
+    """What serving needs to know about a loaded checkpoint beyond its weights."""
+
+    vocab_size: int  # rows of the input embedding (token ids must be below it)
+    max_context: int  # positions the model reads
+    eos_token_ids: tuple[int, ...]  # tokens that end a sequence, sorted
+    tokenizer_fingerprint: str
+
+
+def checkpoint_facts(model: PreTrainedModel, tokenizer: Any) -> CheckpointFacts:
+    return CheckpointFacts(
+        vocab_size=int(model.get_input_embeddings().num_embeddings),
+        max_context=_max_context(model, tokenizer),
+        eos_token_ids=_eos_ids(model, tokenizer),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+    )
+
+
+def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
+    config = model.config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 10_000_000:
+        return limit
+    return 2048
+
+
+def _eos_ids(model: PreTrainedModel, tokenizer: Any) -> tuple[int, ...]:
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(t) for t in source)
+    return tuple(sorted(ids))

@@ -1,0 +1,74 @@
+"""What every executor is: `run(decision, state) -> Outcome` for its own kind of decision,
+and `settle(state) -> Outcome` for work still pending when another decision (or the end of the
+request) comes. The turn is `decide -> run -> apply`; executors never change the state, they
+say what to commit (`antiphon.coordinator.commit.Outcome`).
+
+An executor is made per request (`ExecutionContext` gives it the request's sessions and
+sampling settings), so it may keep state between turns: the search keeps its beams.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from antiphon.coordinator.commit import Outcome, Trim
+from antiphon.coordinator.request import GenerationRequest
+from antiphon.coordinator.sessions import RequestSessions
+from antiphon.messages import SamplingParams
+from antiphon.policies.base import Decision
+from antiphon.sequence import SequenceState
+
+
+def derive_seed(seed: int | None, *parts: int) -> int | None:
+    """A distinct, reproducible seed per (request seed, turn, child): same seed, same output."""
+    if seed is None:
+        return None
+    h = seed
+    for p in parts:
+        h = (h * 1_000_003 + p + 1) % (2**62)
+    return h
+
+
+@dataclass(frozen=True)
+class ExecutionContext:
+    """What executors of one request share."""
+
+    request: GenerationRequest
+    sessions: RequestSessions
+    trim: Trim  # cuts a segment at a stop string (for executors that commit in steps)
+
+    def sampling(
+        self, max_new: int, *, seed_parts: tuple[int, ...], **kw: object
+    ) -> SamplingParams:
+        """The request's sampling settings for one model call, with a seed of its own."""
+        r = self.request
+        fields = dict(
+            max_new_tokens=max_new,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            seed=derive_seed(r.seed, *seed_parts),
+            stop_strings=r.stop,
+        )
+        fields.update(kw)
+        return SamplingParams(**fields)
+
+
+class Executor(Protocol):
+    """Runs one kind of decision for one request."""
+
+    async def run(self, decision: Decision, state: SequenceState) -> Outcome:
+        """Carry the decision out on the model sessions; say what to commit."""
+        ...
+
+    async def settle(self, state: SequenceState) -> Outcome:
+        """End work left pending by earlier decisions (search beams): what to commit now."""
+        ...
+
+
+class Stateless:
+    """Base of executors that finish each decision within its turn: nothing to settle."""
+
+    async def settle(self, state: SequenceState) -> Outcome:
+        return Outcome()

@@ -1,0 +1,100 @@
+"""`WriteSegment`: one model writes up to max_tokens. Also `Finish`, which writes nothing.
+
+`write_segment` is the one way a model writes a segment (the deferral executor uses it for
+both its writers): capped by the budget and by the room left in the writer's context (a full
+context ends the response with "length"; a prompt that alone fills it is `PromptTooLong`),
+completed to a whole UTF-8 character, and, where an end token should end only the segment,
+with that token dropped from the sequence and cut off the writer's session.
+"""
+
+from __future__ import annotations
+
+from antiphon.coordinator.commit import Outcome
+from antiphon.coordinator.executors.base import ExecutionContext, Stateless
+from antiphon.errors import PromptTooLong
+from antiphon.policies.base import Finish, WriteSegment
+from antiphon.sequence import Segment, SegmentKind, SequenceState
+
+MAX_CHAR_COMPLETION_TOKENS = 3  # extra tokens allowed to finish a split UTF-8 character
+
+
+async def write_segment(
+    ctx: ExecutionContext,
+    state: SequenceState,
+    name: str,
+    max_tokens: int,
+    kind: SegmentKind,
+    *,
+    gate: float | None = None,
+    end_on_eos: bool = True,
+) -> Outcome:
+    """`name` writes up to max_tokens after the state; the outcome holds its segment (none if
+    it wrote nothing)."""
+    ms = ctx.sessions[name]
+    room = ms.context_room(state)
+    if room <= 0 and not state.segments:
+        raise PromptTooLong(
+            f"the prompt is {len(ms.prompt_ids())} tokens; model {name!r} has a context of "
+            f"{ms.info.max_context} tokens and no room left to write"
+        )
+    if room <= 0:  # the response filled the writer's context: it cannot grow
+        return Outcome(finish="length")
+    limit = min(state.tokens_left, room)
+    params = ctx.sampling(min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate)
+    gen = await ms.generate(state, params)
+    ids, text, logprobs = list(gen.token_ids), gen.text, list(gen.logprobs)
+    finish, length = gen.finish_reason, gen.length
+    # A byte-level tokenizer can end a segment inside a UTF-8 character; finish the
+    # character so every segment's text is whole (the next writer may use another tokenizer).
+    extra = 0
+    while (
+        text.endswith("\ufffd")
+        and finish == "length"
+        and extra < MAX_CHAR_COMPLETION_TOKENS
+        and len(ids) < limit
+    ):
+        more = await ms.generate(state, ctx.sampling(1, seed_parts=(state.turn, 1 + extra)))
+        ids += more.token_ids
+        logprobs += more.logprobs
+        finish, length = more.finish_reason, more.length
+        text = ms.tokenizer.decode(ids, skip_special_tokens=True)
+        extra += 1
+    if finish == "eos" and not end_on_eos:
+        # The end token leaves the sequence, and the writer's session: cut it off there,
+        # so the writer's next turn goes on from its cache.
+        ids, logprobs = ids[:-1], logprobs[:-1]
+        await ms.truncate(length - 1)
+        if not ids:
+            return Outcome(finish="eos")
+    if not ids:
+        return Outcome()
+    ms.synced = len(state.segments) + 1  # its own segment is already in its session
+    seg = Segment(name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish)
+    return Outcome(segments=(seg,), end_on_eos=end_on_eos)
+
+
+class WriteExecutor(Stateless):
+    """Runs `WriteSegment`."""
+
+    def __init__(self, ctx: ExecutionContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, decision: WriteSegment, state: SequenceState) -> Outcome:
+        return await write_segment(
+            self.ctx,
+            state,
+            decision.model,
+            decision.max_tokens,
+            "write",
+            end_on_eos=decision.end_on_eos,
+        )
+
+
+class FinishExecutor(Stateless):
+    """Runs `Finish`: the response ends here."""
+
+    def __init__(self, ctx: ExecutionContext) -> None:
+        self.ctx = ctx
+
+    async def run(self, decision: Finish, state: SequenceState) -> Outcome:
+        return Outcome(finish="policy")

@@ -1,0 +1,232 @@
+"""The whole app's config, validated and frozen, and the YAML loader.
+
+An `AppConfig` is a whole deployment: the checkpoints (`antiphon.config.ModelSpec`), the
+ensembles over them (each with a default `PolicySpec`, whose parameters the policy registry
+checks), and the HTTP server (`ServingSpec`). Load one with
+
+    from antiphon.deploy.config import load_config
+    config = load_config("antiphon.yaml")     # ConfigError names the file and each bad field
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from antiphon.config import FrozenModel, ModelSpec, PolicyParamValue
+from antiphon.errors import AntiphonError, ConfigError, NotFound
+from antiphon.policies import validate_policy_params
+
+
+class PolicySpec(FrozenModel):
+    """A policy by registry name and its parameters; validated by building it once."""
+
+    name: str = Field(
+        default="round_robin",
+        min_length=1,
+        description="Registry name of the policy (e.g. 'fixed', 'round_robin', 'random_switch').",
+    )
+    params: dict[str, PolicyParamValue] = Field(
+        default_factory=dict,
+        description="Keyword parameters of the policy; the policy's registry entry checks them.",
+    )
+
+    @model_validator(mode="after")
+    def _builds(self) -> PolicySpec:
+        # The registry is the one place that knows each policy's parameters.
+        try:
+            validate_policy_params(self.name, self.params)
+        except AntiphonError as e:
+            raise ValueError(e.message) from None
+        return self
+
+
+class EnsembleSpec(FrozenModel):
+    """Models that write one response together, and the default policy that picks who writes."""
+
+    name: str = Field(min_length=1, description="Name of the ensemble in the API ('model' field).")
+    models: list[str] = Field(
+        min_length=1, description="Names of the models (ModelSpec.name) that take turns."
+    )
+    policy: PolicySpec = Field(
+        default_factory=PolicySpec,
+        description="Policy used when a request names none (requests may override it).",
+    )
+    description: str = Field(default="", description="Free text shown by GET /v1/models.")
+
+    @field_validator("models")
+    @classmethod
+    def _models_unique(cls, v: list[str]) -> list[str]:
+        repeated = sorted({m for m in v if v.count(m) > 1})
+        if repeated:
+            raise ValueError(f"models listed twice: {', '.join(repeated)}")
+        return v
+
+    @model_validator(mode="after")
+    def _policy_names_own_models(self) -> EnsembleSpec:
+        try:
+            validate_policy_params(self.policy.name, self.policy.params, tuple(self.models))
+        except AntiphonError as e:
+            raise ValueError(e.message) from None
+        return self
+
+
+class ServingSpec(FrozenModel):
+    """The HTTP front door: where it listens, who may call it, how much it takes at once."""
+
+    host: str = Field(
+        default="127.0.0.1", description="Interface the HTTP server binds; 0.0.0.0 exposes it."
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="HTTP port.")
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="If set, every /v1 request needs 'Authorization: Bearer <api_key>'.",
+    )
+    max_concurrent_requests: int = Field(
+        default=64, ge=1, description="Generation requests in flight at once; beyond this: 503."
+    )
+    default_max_tokens: int = Field(
+        default=128, ge=1, description="Token budget of a request that names none."
+    )
+    turn_log_path: str = Field(
+        default="runs/turns.atl",
+        description="File the turn log (turns, outcomes, feedback) is appended to.",
+    )
+
+    def api_key_value(self) -> str | None:
+        """The API key in clear, or None when the API is open."""
+        return self.api_key.get_secret_value() if self.api_key is not None else None
+
+
+class AppConfig(FrozenModel):
+    """A whole antiphon deployment: the checkpoints, the ensembles over them, the HTTP server."""
+
+    models: list[ModelSpec] = Field(min_length=1, description="Checkpoints, one deployment each.")
+    ensembles: list[EnsembleSpec] = Field(
+        min_length=1, description="Ensembles served; the first is the default."
+    )
+    serving: ServingSpec = Field(default_factory=ServingSpec, description="HTTP server settings.")
+
+    @field_validator("models")
+    @classmethod
+    def _model_names_unique(cls, v: list[ModelSpec]) -> list[ModelSpec]:
+        names = [m.name for m in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(repeated)}")
+        return v
+
+    @field_validator("ensembles")
+    @classmethod
+    def _ensembles_known_models(
+        cls, v: list[EnsembleSpec], info: ValidationInfo
+    ) -> list[EnsembleSpec]:
+        names = [e.name for e in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"ensemble names must be unique; repeated: {', '.join(repeated)}")
+        if "models" not in info.data:
+            return v  # models already failed; their error says why
+        known = [m.name for m in info.data["models"]]
+        for i, ensemble in enumerate(v):
+            for j, model in enumerate(ensemble.models):
+                if model not in known:
+                    raise ValueError(
+                        f"ensembles[{i}].models[{j}]: unknown model {model!r} in ensemble "
+                        f"{ensemble.name!r}; known models: {', '.join(known)}"
+                    )
+            params = validate_policy_params(ensemble.policy.name, ensemble.policy.params)
+            for deployment in params.referenced_deployments():
+                if deployment not in known:
+                    raise ValueError(
+                        f"ensembles[{i}].policy.params: policy {ensemble.policy.name!r} calls "
+                        f"the deployment {deployment!r}, which is not a model of this config; "
+                        f"known models: {', '.join(known)}"
+                    )
+        return v
+
+    @property
+    def default_ensemble(self) -> EnsembleSpec:
+        """The ensemble a request gets when it names none: the first one."""
+        return self.ensembles[0]
+
+    def ensemble(self, name: str | None) -> EnsembleSpec:
+        """The ensemble called `name` (None: the default); NotFound names the known ones."""
+        if name is None:
+            return self.default_ensemble
+        for ensemble in self.ensembles:
+            if ensemble.name == name:
+                return ensemble
+        known = ", ".join(e.name for e in self.ensembles)
+        raise NotFound(f"unknown ensemble {name!r}; known ensembles: {known}")
+
+    def model(self, name: str) -> ModelSpec:
+        """The model called `name`; NotFound names the known ones."""
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        known = ", ".join(m.name for m in self.models)
+        raise NotFound(f"unknown model {name!r}; known models: {known}")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {field}: {e['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
+
+
+def _resolve_relative_paths(raw: object, base: Path) -> object:
+    """Make `models[*].path` relative to the config file's directory when it names one there."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("models"), list):
+        return raw
+    models = []
+    for m in raw["models"]:
+        if isinstance(m, dict) and isinstance(m.get("path"), str):
+            p = m["path"]
+            if not p.startswith("zoo:") and not Path(p).is_absolute() and (base / p).exists():
+                m = {**m, "path": str((base / p).resolve())}
+        models.append(m)
+    return {**raw, "models": models}
+
+
+def parse_config(raw: object, source: str = "<config>") -> AppConfig:
+    """Validate a config mapping (as read from YAML); ConfigError names the source and fields."""
+    try:
+        return AppConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(path: str | Path) -> AppConfig:
+    """Read and validate a YAML config file. Errors are `ConfigError`s that name the file and,
+    for invalid values, each offending field (e.g. `ensembles.0.models: ...`).
+
+    Relative model paths are taken relative to the file's directory when they exist there.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"config {path} must be a mapping with keys models, ensembles, serving; "
+            f"got {type(raw).__name__}"
+        )
+    return parse_config(_resolve_relative_paths(raw, path.parent), source=str(path))
