@@ -134,7 +134,7 @@ def fitting_budget(models: list[dict[str, str]], max_tokens: int) -> int:
     (one position spare: a session that fills its context cannot write)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from antiphon.actors.engine import resolve_checkpoint_path
+    from antiphon.checkpoint import resolve_checkpoint_path
 
     budget = max_tokens
     for m in models:
@@ -157,8 +157,8 @@ def main() -> None:
     from ray import serve
 
     from antiphon.cli import free_port
-    from antiphon.config import parse_config
     from antiphon.deploy.app import build_app
+    from antiphon.deploy.config import parse_config
 
     work = Path(tempfile.mkdtemp(prefix="antiphon-collab-"))
     models = two_models(work, args.zoo)

@@ -35,11 +35,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.factories
 
 from antiphon.actors.client import ServeModelClient  # noqa: E402
-from antiphon.actors.engine import ModelEngine, load_checkpoint  # noqa: E402
-from antiphon.actors.messages import SamplingParams  # noqa: E402
+from antiphon.actors.engine import ModelEngine
 from antiphon.actors.protocol import SessionModel  # noqa: E402
 from antiphon.actors.server import build_model_deployment  # noqa: E402
+from antiphon.checkpoint import load_checkpoint  # noqa: E402
 from antiphon.config import ModelSpec  # noqa: E402
+from antiphon.messages import SamplingParams  # noqa: E402
 from tests.factories import make_tiny_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"

@@ -82,7 +82,7 @@ def main() -> None:
     from ray import serve
 
     from antiphon.config import ModelSpec
-    from antiphon.coordinator.deployment import build_coordinator_app
+    from antiphon.deploy.app import build_coordinator_app
     from antiphon.deploy.default import write_random_model
     from antiphon.deploy.switcher import deploy_switch_policy, switch_policy_params
 
