@@ -14,12 +14,19 @@ How it works:
   replica, so the call fails fast and the caller reopens the session from its own state.
 
 Calls without a session id (info, open) are spread over replicas by power of two choices.
+
+Serve's base router hands the replica it chose to the pending request with the routed
+request's internal id; calls made concurrently while serving one request (a search step's
+generates) share that id, so it gave the replica to the wrong one and never finished the
+rest: every later call of that handle waited. This router hands it to the routed request
+itself (`_fulfill_next_pending_request`, the hook Serve's own routers override).
 """
 
 from __future__ import annotations
 
 import random
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 SESSION_ID_SEPARATOR = "~"  # not in Serve's replica ids (alphanumeric) nor in uuid hex
@@ -61,3 +68,15 @@ class SessionAffinityRouter(RequestRouter):
                 # Home replica gone: any replica answers SessionLost for this session.
         # Power of two choices; shuffled because Serve breaks queue-length ties by order.
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
+    ) -> None:
+        """Give the chosen replica to the request that was routed (its metadata object is
+        its own; its internal request id may be shared with concurrent calls)."""
+        for pending in self._pending_requests_to_fulfill:
+            if pending.metadata is request_metadata and not pending.future.done():
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return

@@ -97,6 +97,11 @@ class SearchStep:
         _positive(self.width, "SearchStep.width")
         _positive(self.successors, "SearchStep.successors")
         _positive(self.chunk_len, "SearchStep.chunk_len")
+        if len({self.proposer, self.tuned, self.untuned}) < 3:
+            raise InvalidRequest(
+                "SearchStep needs three different models (proposer, tuned, untuned), got "
+                f"{[self.proposer, self.tuned, self.untuned]}"
+            )
         if not self.temperature > 0.0:
             raise InvalidRequest(f"SearchStep.temperature must be > 0, got {self.temperature!r}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from antiphon.errors import InvalidRequest
 from antiphon.policies.base import Decision, SearchStep, WriteSegment, WriteUntilDeferral
@@ -224,6 +224,13 @@ class ChunkSearchParams(PolicyParams):
     successors: int = Field(default=2, ge=1, le=64, description="K: children per beam.")
     chunk_len: int = Field(default=8, ge=1, description="L: proposer tokens per chunk.")
     temperature: float = Field(default=1.0, gt=0.0, description="Proposer sampling temperature.")
+
+    @model_validator(mode="after")
+    def _three_models(self) -> ChunkSearchParams:
+        roles = [self.proposer, self.tuned, self.untuned]
+        if len(set(roles)) < 3:
+            raise ValueError(f"proposer, tuned and untuned must be three different models: {roles}")
+        return self
 
     def referenced_models(self) -> tuple[str, ...]:
         return (self.proposer, self.tuned, self.untuned)

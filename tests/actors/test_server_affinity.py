@@ -112,3 +112,31 @@ def test_lost_replica_fails_its_sessions_fast(model):
     assert outcomes and all(o == "lost" for o in outcomes)
     assert all(g.length == 4 + 2 for g in survivors)
     assert home_replica_of(fresh.session_id) != victim
+
+
+class RoundsFromAReplica:
+    """Calls a model deployment from inside a replica, as the coordinator does: every call
+    made while serving one request shares that request's internal request id."""
+
+    def __init__(self, model_handle) -> None:
+        self.model = ServeModelClient(model_handle)
+
+    async def rounds(self) -> tuple[list[str], list[int]]:
+        sessions = await open_sessions(self.model)
+        lengths = await asyncio.gather(*[one_round(self.model, s) for s in sessions])
+        return sessions, lengths
+
+
+def test_concurrent_calls_made_while_serving_one_request_each_reach_their_replica(
+    ray_cluster, tiny_model_dir
+):
+    spec = ModelSpec(name="tiny2-inner", path=str(tiny_model_dir), num_replicas=2)
+    caller = serve.deployment(RoundsFromAReplica, ray_actor_options={"num_cpus": 0})
+    handle = serve.run(caller.bind(build_model_deployment(spec)), name=f"{APP}-inner",
+                       route_prefix=None)  # fmt: skip
+    try:
+        sessions, lengths = handle.rounds.remote().result(timeout_s=NEVER_HANG_S)
+    finally:
+        serve.delete(f"{APP}-inner")
+    assert len({home_replica_of(s) for s in sessions}) == 2  # both replicas hold sessions
+    assert lengths == [4 + 4] * len(sessions)  # every call found its session: none was lost

@@ -4,7 +4,8 @@
 later calls reuse it while it answers (and redeploy if another test tore Serve down). The
 app: two tiny random checkpoints "a" and "b"; ensembles "pair" (round robin), "solo" and
 "switched", whose `switch` policy calls the trained test switcher (it prefers model 1),
-listed as a third model of the config and so a deployment of the same app; an API key; a
+listed as a third model of the config and so a deployment of the same app, and "trio" (a, b
+and the switcher's checkpoint writing, for policies of three models); an API key; a
 turn log in a temp dir; Serve's HTTP proxy on 127.0.0.1 and a free port.
 """
 
@@ -69,6 +70,11 @@ def server_config(model_a: Path, model_b: Path, switcher: Path, turn_log: Path) 
                             "segment_len": 4,
                         },
                     },
+                },
+                {  # three models: what a weak-to-strong search step needs
+                    "name": "trio",
+                    "models": ["a", "b", "switcher"],
+                    "policy": {"name": "round_robin", "params": {"segment_len": 4}},
                 },
             ],  # fmt: skip
             "serving": {

@@ -64,6 +64,23 @@ def test_switch_ensemble_calls_the_switcher_deployment_of_its_config(server):
     assert answer.text == fixed.json()["text"]
 
 
+def test_a_search_step_over_the_served_models_answers_and_the_server_goes_on(server):
+    """A chunk-level beam search step forks the proposer's session and samples its children
+    concurrently from within one coordinator request; those calls once shared Serve's
+    internal request id, and all but the first waited forever, with every later call."""
+    body = {"prompt": PROMPT, "ensemble": "trio", "max_tokens": 12, "seed": 3,
+            "policy": "chunk_search",
+            "policy_params": {"proposer": "a", "tuned": "b", "untuned": "switcher",
+                              "width": 2, "successors": 2, "chunk_len": 4}}  # fmt: skip
+    r = httpx.post(f"{server.url}/v1/generate", json=body, headers=server.headers, timeout=30)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert answer["segments"] and {s["model"] for s in answer["segments"]} == {"a"}
+    assert {s["kind"] for s in answer["segments"]} == {"search"}
+    after = post(server, "/v1/generate", {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 4})
+    assert after.status_code == 200, after.text
+
+
 def test_generate_stream_is_one_event_per_segment_then_done(server):
     body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12}
     whole = GenerateResponse.model_validate(post(server, "/v1/generate", body).json())
@@ -105,7 +122,7 @@ def oai(server) -> openai.OpenAI:
 
 def test_openai_models_lists_the_ensembles(oai):
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["pair", "solo", "switched"]
+    assert [m.id for m in models.data] == ["pair", "solo", "switched", "trio"]
     assert models.data[0].model_extra["antiphon_models"] == ["a", "b"]
 
 

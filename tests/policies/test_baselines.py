@@ -127,3 +127,7 @@ def test_decisions_validate_their_fields():
         SearchStep("a", "b", "c", 0, 2, 4)
     with pytest.raises(InvalidRequest, match="temperature"):
         SearchStep("a", "b", "c", 2, 2, 4, temperature=0.0)
+    with pytest.raises(InvalidRequest, match="three different models"):
+        SearchStep("a", "b", "a", 2, 2, 4)
+    with pytest.raises(InvalidRequest, match=r"policy_params.*three different models"):
+        build_policy("chunk_search", {"proposer": "a", "tuned": "b", "untuned": "b"})
