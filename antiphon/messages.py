@@ -6,6 +6,7 @@ These are the only argument and result types of the engine's session operations
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,13 +14,18 @@ from antiphon.errors import InvalidRequest
 
 FinishReason = Literal["length", "stop", "eos", "gate"]
 
+# A temperature this small samples the argmax anyway, and dividing logits by it overflows
+# (softmax of inf is nan): below it, tokens are chosen greedily.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """How `generate` picks tokens. temperature == 0 means greedy."""
 
     max_new_tokens: int = 32  # upper bound on tokens this call writes
-    temperature: float = 0.0  # 0: argmax; > 0: sample from softmax(logits / temperature)
+    # 0 (or below GREEDY_BELOW): argmax; else sample from softmax(logits / temperature)
+    temperature: float = 0.0
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # keep the k most likely tokens; 0: all
     seed: int | None = None  # same seed, same session, same params -> same tokens
@@ -34,8 +40,10 @@ class SamplingParams:
             raise InvalidRequest(
                 f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}"
             )
-        if not self.temperature >= 0.0:
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise InvalidRequest(
+                f"temperature must be a finite number >= 0, got {self.temperature!r}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:

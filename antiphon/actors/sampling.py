@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from antiphon.messages import SamplingParams
+from antiphon.messages import GREEDY_BELOW, SamplingParams
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -55,7 +55,7 @@ def choose_tokens(
     """
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     tokens = torch.argmax(logits, dim=-1)  # (B,) greedy choice for every row
-    sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
+    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if sampled:
         tokens = tokens.cpu()
         for i in sampled:

@@ -48,7 +48,9 @@ class GenerationRequest(BaseModel):
         default_factory=dict, description="The policy's parameters (validated by its registry)."
     )
     max_tokens: int = Field(default=256, ge=1, description="Response token budget.")
-    temperature: float = Field(default=0.0, ge=0.0, description="0 means greedy.")
+    temperature: float = Field(
+        default=0.0, ge=0.0, allow_inf_nan=False, description="0 (or below 1e-5) means greedy."
+    )
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus mass kept.")
     top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0: all.")
     seed: int | None = Field(default=None, description="Seed for sampling and seeded policies.")

@@ -71,7 +71,10 @@ class SamplingFields(BaseModel):
         default=None, ge=1, description="Token budget of the whole response (default: server's)."
     )
     temperature: float | None = Field(
-        default=None, ge=0.0, description="0 or unset: greedy; > 0: sample at this temperature."
+        default=None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="0 or unset: greedy; > 0: sample at this temperature (below 1e-5: greedy).",
     )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass kept.")
     top_k: int | None = Field(default=None, ge=0, description="Keep the k best tokens; 0: all.")

@@ -106,3 +106,18 @@ def test_turns_and_feedback_reach_the_one_log(served):
         assert len(summary) == 1 and summary[0].num_segments == len(turns)
     feedback = [x for x in records if isinstance(x, FeedbackRecord)]
     assert [(f.request_id, f.reward) for f in feedback] == [(requests[0].request_id, 0.5)]
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_none_of_the_requests_batched_with_it(served):
+    """Dividing logits by 5e-324 overflowed to nan and failed the whole decode batch."""
+    handle, _ = served
+    normal = [req(prompt=f"{PROMPT}{i} ", policy="round_robin", seed=i) for i in range(8)]
+    alone = [handle.generate.remote(r).result() for r in normal]
+    tiny = req(policy="round_robin", temperature=5e-324, seed=1)
+    greedy = handle.generate.remote(req(policy="round_robin")).result()
+    together = [handle.generate.remote(r) for r in [tiny, *normal]]  # batched on the engines
+    tiny_result, *batched = [r.result() for r in together]
+    assert tiny_result.text == greedy.text
+    assert [r.text for r in batched] == [r.text for r in alone]
+    with pytest.raises(InvalidRequest, match="temperature"):
+        GenerationRequest.parse({"prompt": "x", "models": ["a"], "temperature": float("inf")})
