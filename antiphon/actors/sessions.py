@@ -231,10 +231,16 @@ class SessionTable:
         if not self.prefix_reuse or len(target) - session.n_cached < REUSE_MIN_TOKENS:
             return 0
         best_len, best_kv = session.n_cached, None
+        least = session.n_cached + REUSE_MIN_TOKENS - 1  # a useful cache matches up to here
         caches = [(s.token_ids, s.n_cached, s.kv) for s in self.live.values() if s.kv]
         caches += [(c.token_ids, len(c.token_ids), c.kv) for c in self.retained.values()]
         for tokens, cached, kv in caches:
-            if cached <= best_len or tokens[0] != target[0]:
+            if best_len == len(target):
+                break
+            # One position rules most caches out at once: to beat the best so far a cache
+            # must match there too (sessions that share only a system prompt differ there).
+            probe = max(least, best_len)
+            if cached <= probe or tokens[probe] != target[probe]:
                 continue
             n = min(shared_prefix(tokens, target), cached)
             if n > best_len:

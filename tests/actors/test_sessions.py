@@ -124,3 +124,13 @@ def test_fork_and_truncate_share_and_cut_the_cache():
     t.truncate(parent, 4)
     assert parent.token_ids == PREFIX[:4] and parent.n_cached == 3
     assert t.tokens_held == len(child.token_ids) + 4
+
+
+def test_of_several_caches_the_one_sharing_the_longest_prefix_is_taken():
+    t = table()
+    target = list(range(1, 61))
+    for shared in (20, 45, 30):  # the longest is neither first nor last
+        cached_session(t, target[:shared] + [900 + shared] * 10)
+    newcomer = t.new(list(target), [], 0)
+    assert t.reuse_prefix(newcomer) == 45
+    assert newcomer.kv[0][0].flatten().tolist() == target[:45]
