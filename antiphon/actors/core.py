@@ -159,7 +159,7 @@ class EngineCore:
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         return as_token_ids(list(ids), self.vocab_size, "prompt")
 
-    # -- the head of a session's queue ---------------------------------------
+    # -- the head of a session's queue -----------------------------------------------------
 
     def _advance(self, session: Session) -> Row | None:
         """Complete the head calls that need no model; return the forward row of the first
@@ -251,7 +251,7 @@ class EngineCore:
     def _info_of(self, session: Session) -> tuple[str, int]:
         return session.session_id, len(session.token_ids)
 
-    # -- one step ------------------------------------------------------------
+    # -- one step ----------------------------------------------------------------------------
 
     def step(self) -> None:
         """Admit at every head, then one forward pass over the planned rows."""

@@ -201,7 +201,33 @@ class SwitchParams(PolicyParams):
         return (self.switcher_deployment,)
 
 
-def _switcher_model(params: SwitchParams) -> IndexScorer:
+class _Switchers:
+    """The switcher models and tokenizers of this process, shared by every `switch` policy
+    over the same checkpoint: policies differ by their parameters (a seed per request, a
+    segment length) and are cheap; a switcher model is an engine or a deployment client.
+
+    Keyed by the fingerprint of the weights too, so a checkpoint rewritten in place gets a
+    new engine, and a policy's version always names the weights its model loaded."""
+
+    def __init__(self) -> None:
+        self.models: dict[tuple[str, str, str | None, str | None], IndexScorer] = {}
+        self.tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
+
+    def model(self, params: SwitchParams, version: str) -> IndexScorer:
+        path = resolve_checkpoint_path(params.switcher_path)
+        key = (path, version, params.switcher_deployment, params.switcher_app)
+        if key not in self.models:
+            self.models[key] = _connect(params)
+        return self.models[key]
+
+    def tokenizer(self, params: SwitchParams, version: str) -> PreTrainedTokenizerBase:
+        path = resolve_checkpoint_path(params.switcher_path)
+        if (path, version) not in self.tokenizers:
+            self.tokenizers[path, version] = load_tokenizer(path)
+        return self.tokenizers[path, version]
+
+
+def _connect(params: SwitchParams) -> IndexScorer:
     """The switcher's model: a client of its deployment, or an engine in this process."""
     if params.switcher_deployment is not None:
         from ray import serve
@@ -216,12 +242,15 @@ def _switcher_model(params: SwitchParams) -> IndexScorer:
     return ModelEngine(ModelSpec(name="switcher", path=params.switcher_path))
 
 
+SWITCHERS = _Switchers()
+
+
 class Switch:
     """Before each segment, the switcher's distribution over the ensemble picks the writer.
 
-    Built once per parameters (the coordinator's `PolicyCache`): the tokenizer is loaded and
-    the model connected (or, with no deployment, loaded in this process) once, and the
-    version is the fingerprint of the weights at `switcher_path` then."""
+    Built once per parameters (the coordinator's `PolicyCache`); its model and tokenizer
+    come from `SWITCHERS` (one per checkpoint), and its version is the fingerprint of the
+    weights that model loaded."""
 
     name = "switch"
 
@@ -232,9 +261,9 @@ class Switch:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.params = params
-        self.model = model if model is not None else _switcher_model(params)
-        self.tokenizer = tokenizer or load_tokenizer(params.switcher_path)
         self.version = weights_fingerprint(resolve_checkpoint_path(params.switcher_path))
+        self.model = model if model is not None else SWITCHERS.model(params, self.version)
+        self.tokenizer = tokenizer or SWITCHERS.tokenizer(params, self.version)
         self._max_context: int | None = None  # the switcher model's, fetched on first use
 
     async def distribution(self, view: SequenceView) -> list[float]:

@@ -128,6 +128,19 @@ def test_policy_reads_the_switcher_once_per_turn_and_forces_first_and_last(tiny_
     assert scorer.calls == 2  # distribution + one decide: the forced turns cost nothing
 
 
+def test_policies_over_one_switcher_share_its_model_whatever_their_parameters(tmp_path):
+    """Rollouts build a policy per request seed: each must not load the switcher again."""
+    from tests.factories import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "switcher", seed=7))
+    policies = [build_policy("switch", {"switcher_path": path, "seed": s}, ("a", "b"))
+                for s in range(5)]  # fmt: skip
+    assert len({id(p) for p in policies}) == 5  # one policy per parameters...
+    assert len({id(p.model) for p in policies}) == 1  # ...one engine for the checkpoint
+    assert len({id(p.tokenizer) for p in policies}) == 1
+    assert {p.version for p in policies} == {policies[0].version} != {"unknown"}
+
+
 def test_stop_at_eos_off_lets_the_next_writer_go_on_after_an_end_token(trained_switcher):
     """Zoo models: aligned (forced first) answers ' No.' and its end token; the trained test
     switcher prefers model 1, base. stop_at_eos on: the answer ends there; off: the end token
