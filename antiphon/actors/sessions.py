@@ -227,9 +227,10 @@ class SessionTable:
         """Take the longest cached prefix another cache shares with this session's tokens
         (all but the pending last one), if it covers REUSE_MIN_TOKENS more than the session's
         own cache; return the positions gained."""
-        target = session.token_ids[:-1]
-        if not self.prefix_reuse or len(target) - session.n_cached < REUSE_MIN_TOKENS:
+        uncached = len(session.token_ids) - 1 - session.n_cached  # checked first: every call asks
+        if not self.prefix_reuse or uncached < REUSE_MIN_TOKENS:
             return 0
+        target = session.token_ids[:-1]
         best_len, best_kv = session.n_cached, None
         least = session.n_cached + REUSE_MIN_TOKENS - 1  # a useful cache matches up to here
         caches = [(s.token_ids, s.n_cached, s.kv) for s in self.live.values() if s.kv]

@@ -10,7 +10,6 @@ The weights directory holds `router.safetensors` (weight (n, dim), bias (n,)) an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import zlib
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
+from antiphon.checkpoint import weights_fingerprint
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.policies.base import Decision, WriteSegment
 from antiphon.policies.baselines import PolicyParams
@@ -87,8 +87,7 @@ class TrainedRouter:
     def __init__(self, params: TrainedRouterParams) -> None:
         self.params = params
         self.router = RouterWeights.load(params.weights)
-        blob = (Path(params.weights) / WEIGHTS_FILE).read_bytes()
-        self.version = hashlib.sha256(blob).hexdigest()[:12]
+        self.version = weights_fingerprint(params.weights)  # read once: built once
 
     async def decide(self, view: SequenceView) -> Decision:
         model = self.router.route(view.prompt)
