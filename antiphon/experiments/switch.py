@@ -1,6 +1,7 @@
 """The Switch Generation experiment on the zoo, end to end: rollouts on dev, switcher
 training, router training, then every policy on the test split through the evaluation
-harness; writes results/switch.json and results/switch.md.
+harness; writes results/switch.json, results/switch.md and results/switch.png (every score
+with its 95% bootstrap interval over the test items).
 
     python -m antiphon.experiments.switch                     # the shipped zoo
     python -m antiphon.experiments.switch --zoo-dir zoo-build --limit 4 --k 2   # smoke
@@ -44,7 +45,7 @@ from antiphon.policies.fusion import FusionGenerator
 from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
 from antiphon.training.switcher_training import load_init, train_switcher
-from antiphon.zoo.evaluate import run_task, zoo_tasks
+from antiphon.zoo.evaluate import EvalResult, plot, run_task, score_interval, zoo_tasks
 from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS
 
 ENSEMBLE = ("base", "sft", "aligned")
@@ -71,17 +72,19 @@ def coordinator_generate(coord: Coordinator, policy: str, params: dict):
 
 
 async def evaluate_policies(generators: dict, tasks: dict, seed: int) -> dict:
-    """{policy: {task: (score, per-item mean verified score)}}."""
-    out: dict[str, dict[str, tuple[float, list[float]]]] = {}
+    """{policy: {task: (score, per-item mean verified score, 95% interval of the score)}}."""
+    out: dict[str, dict[str, tuple[float, list[float], tuple[float, float]]]] = {}
     for name, generate in generators.items():
         out[name] = {}
         for task in tasks.values():
             outputs = await run_task(generate, task, seed=seed, concurrency=16)
             per_item = [sum(task.verify(it, o) for o in outs) / len(outs)
                         for it, outs in zip(task.items, outputs, strict=True)]  # fmt: skip
-            out[name][task.name] = (round(task.score(task.items, outputs), 2), per_item)
+            interval = score_interval(task, outputs, key=f"{name}:{task.name}")
+            score = round(task.score(task.items, outputs), 2)
+            out[name][task.name] = (score, per_item, interval)
         print(f"[switch] evaluated {name}: "
-              f"{ {t: s for t, (s, _) in out[name].items()} }", flush=True)  # fmt: skip
+              f"{ {t: s for t, (s, *_) in out[name].items()} }", flush=True)  # fmt: skip
     return out
 
 
@@ -128,6 +131,17 @@ def markdown(scores: dict, summary: dict, setup: dict) -> str:
     for p, row in scores.items():
         cells = " | ".join(f"{row[t][0]:.1f}" for t in tasks)
         lines.append(f"| {p} | {cells} | {summary['mean'][p]:.1f} |")
+    lines += [
+        "",
+        "95% intervals (percentile bootstrap over the test items, 1000 resamples, each scored "
+        "by the task's own metric):",
+        "",
+        "| policy | " + " | ".join(tasks) + " |",
+        "|---|" + "---:|" * len(tasks),
+    ]
+    for p, row in scores.items():
+        cells = " | ".join(f"{row[t][2][0]:.1f}-{row[t][2][1]:.1f}" for t in tasks)
+        lines.append(f"| {p} | {cells} |")
     lines += ["", "```", json.dumps({k: v for k, v in summary.items() if k != "mean"}, indent=2),
               "```", ""]  # fmt: skip
     return "\n".join(lines)
@@ -211,7 +225,8 @@ async def run(args: argparse.Namespace) -> dict:
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
         "setup": setup,
-        "scores": {p: {t: s for t, (s, _) in row.items()} for p, row in scores.items()},
+        "scores": {p: {t: s for t, (s, *_) in row.items()} for p, row in scores.items()},
+        "intervals": {p: {t: list(c[2]) for t, c in row.items()} for p, row in scores.items()},
         "summary": summary,
         "switcher_training": reports,
         "router_training": router_report,
@@ -224,6 +239,14 @@ async def run(args: argparse.Namespace) -> dict:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "switch.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.results / "switch.md").write_text(markdown(scores, summary, setup))
+    plot(
+        [
+            EvalResult(policy=p, ensemble="base+sft+aligned", task=t, score=c[0], interval=c[2])
+            for p, row in scores.items()
+            for t, c in row.items()
+        ],
+        args.results / "switch.png",
+    )
     print(markdown(scores, summary, setup))
     return results
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ from antiphon.zoo.tasks import TASK_NAMES, Task, TaskItem, make_tasks
 Generate = Callable[[str, SamplingParams], Awaitable[str]]
 
 
-class EvalResult(TypedDict):
+class EvalResult(TypedDict, total=False):
     """One row of the results: a policy over an ensemble on one task split."""
 
     policy: str
@@ -47,6 +48,30 @@ class EvalResult(TypedDict):
     split: str
     n: int
     score: float
+    interval: tuple[float, float]  # 95% bootstrap interval of the score, where computed
+
+
+def score_interval(
+    task: Task,
+    outputs: Sequence[Sequence[str]],
+    key: str,
+    resamples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the task's score: the items are resampled with
+    replacement and each resample is scored by the task's own metric (so validity x
+    diversity and calibration get theirs too). The draws are seeded by `key` (say, the
+    policy and the task), so a rerun gives the same interval."""
+    rng = random.Random(f"bootstrap:{key}")
+    n = len(task.items)
+    scores = []
+    for _ in range(resamples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        scores.append(task.score([task.items[i] for i in idx], [outputs[i] for i in idx]))
+    scores.sort()
+    low = scores[int((1 - level) / 2 * resamples)]
+    high = scores[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return round(low, 2), round(high, 2)
 
 
 def sample_seed(seed: int, task: str, item: int, sample: int) -> int:
@@ -165,12 +190,21 @@ def plot(results: Sequence[EvalResult], path: Path) -> Path:
 
     tasks = list(dict.fromkeys(r["task"] for r in results))
     rows = list(dict.fromkeys((r["policy"], r["ensemble"]) for r in results))
-    cell = {(r["policy"], r["ensemble"], r["task"]): r["score"] for r in results}
+    cell = {(r["policy"], r["ensemble"], r["task"]): r for r in results}
     width = 0.8 / max(1, len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(rows)) * 0.35 + 3), 4))
     for k, (p, e) in enumerate(rows):
         xs = [i + k * width for i in range(len(tasks))]
-        ax.bar(xs, [cell.get((p, e, t), 0.0) for t in tasks], width, label=f"{p}/{e}")
+        got = [cell.get((p, e, t), {}) for t in tasks]
+        heights = [r.get("score", 0.0) for r in got]
+        errors = None
+        if all("interval" in r for r in got):  # error bars from the 95% intervals
+            pairs = list(zip(heights, got, strict=True))
+            errors = [
+                [h - r["interval"][0] for h, r in pairs],
+                [r["interval"][1] - h for h, r in pairs],
+            ]
+        ax.bar(xs, heights, width, yerr=errors, capsize=2, label=f"{p}/{e}")
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=30, ha="right")
     ax.set_ylabel("score")
     ax.set_ylim(0, 100)

@@ -12,7 +12,7 @@ TASKS = ("knowledge", "format", "qa-capital")
 
 
 def row(scores: dict[str, float], per_item: dict[str, list[float]]) -> dict:
-    return {t: (scores[t], per_item[t]) for t in TASKS}
+    return {t: (scores[t], per_item[t], (scores[t] - 5, scores[t] + 5)) for t in TASKS}
 
 
 def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions():
@@ -44,6 +44,7 @@ def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions()
     assert summary["share_switch_solves_pct"] == 50.0
     table = markdown(scores, summary, {"k": 1})
     assert "| switch | 100.0 | 50.0 | 50.0 | 66.7 |" in table
+    assert "| switch | 95.0-105.0 | 45.0-55.0 | 45.0-55.0 |" in table  # the intervals table
 
 
 @pytest.mark.slow
@@ -65,3 +66,7 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     saved = json.loads((tmp_path / "results" / "switch.json").read_text())
     assert saved["summary"] == results["summary"]
     assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()
+    assert set(saved["intervals"]) == set(saved["scores"])  # an interval for every score
+    for row in saved["intervals"].values():
+        assert all(0.0 <= low <= high <= 100.0 for low, high in row.values())
+    assert (tmp_path / "results" / "switch.png").stat().st_size > 0

@@ -18,6 +18,7 @@ from antiphon.zoo.evaluate import (
     markdown_table,
     oracle_switch,
     plot,
+    score_interval,
     write_json,
 )
 from antiphon.zoo.tasks import TaskItem, make_tasks
@@ -123,3 +124,17 @@ def test_oracle_finds_the_switch_sequence_no_single_model_has():
         ).score
         == 1.0
     )
+
+
+def test_score_intervals_are_reproducible_and_cover_the_spread_of_the_items():
+    tasks = make_tasks(world_for("tiny", 0), "test", ["knowledge", "creativity"])
+    knowledge, creativity = tasks["knowledge"], tasks["creativity"]
+    right = [[" " + it.reference] for it in knowledge.items]
+    half = [[o[0] if i % 2 else " nothing"] for i, o in enumerate(right)]
+    assert score_interval(knowledge, right, key="k") == (100.0, 100.0)  # no spread, no width
+    low, high = score_interval(knowledge, half, key="k")
+    assert score_interval(knowledge, half, key="k") == (low, high)  # seeded by the key
+    assert low < knowledge.score(knowledge.items, half) < high
+    stories = [["A fox ran to the river."] * creativity.samples for _ in creativity.items]
+    s_low, s_high = score_interval(creativity, stories, key="c")  # the task's own metric
+    assert 0.0 <= s_low <= s_high <= 100.0
