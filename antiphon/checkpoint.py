@@ -12,6 +12,7 @@ Loading is exactly what loads a real 8B checkpoint: `AutoModelForCausalLM` and
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,14 @@ def load_checkpoint(spec: ModelSpec) -> tuple[PreTrainedModel, Any]:
     model.to(torch.device(spec.device))
     model.eval()
     return model, tokenizer
+
+
+def cache_argument(model: PreTrainedModel) -> str:
+    """The name under which the model's forward takes (and its output returns) the KV cache:
+    `cache` from transformers 5.24 (`past_key_values` is deprecated there, to be removed in
+    5.40), `past_key_values` before. Asked once per loaded model, not per call."""
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

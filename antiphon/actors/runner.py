@@ -19,6 +19,7 @@ from transformers import PreTrainedModel
 from antiphon.actors import kv as kvcache
 from antiphon.actors.calls import Call
 from antiphon.actors.sessions import Session
+from antiphon.checkpoint import cache_argument
 
 Logits = torch.Tensor  # (positions, V) for one row of a prefill pass, (B, V) for a decode pass
 
@@ -49,6 +50,7 @@ class ModelRunner:
 
     def __init__(self, model: PreTrainedModel, max_context: int, capture_head_input: bool) -> None:
         self.model = model
+        self.cache_argument = cache_argument(model)  # the forward's name for the KV cache
         self.device = next(model.parameters()).device
         self.max_context = max_context
         self.forward_passes = 0  # model calls since start (a batched call counts once)
@@ -167,9 +169,9 @@ class ModelRunner:
             input_ids=torch.tensor(input_ids, device=self.device),
             attention_mask=mask,
             position_ids=torch.tensor(positions, device=self.device),
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
+            **{self.cache_argument: cache},
         )
         self.forward_passes += 1
         self.forward_tokens += sum(len(r.tokens) for r in rows)

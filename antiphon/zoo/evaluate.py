@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from antiphon.actors.protocol import SessionModel
 from antiphon.actors.sampling import choose_tokens, find_stop_string, new_generator
-from antiphon.checkpoint import load_checkpoint
+from antiphon.checkpoint import cache_argument, load_checkpoint
 from antiphon.config import ModelSpec
 from antiphon.errors import NotFound
 from antiphon.messages import SamplingParams
@@ -255,6 +255,7 @@ class LocalGenerator(_Generator):
         self.model, self.tokenizer = load_checkpoint(
             ModelSpec(name=Path(model_dir).name, path=str(model_dir))
         )
+        self.cache_argument = cache_argument(self.model)
         self.max_batch = max_batch
         self._pending: list[_Request] = []
         self._scheduled = False
@@ -327,8 +328,8 @@ class LocalGenerator(_Generator):
                 input_ids=nxt[:, None],
                 attention_mask=mask,
                 position_ids=pos,
-                past_key_values=out.past_key_values,
                 use_cache=True,
+                **{self.cache_argument: out[self.cache_argument]},
             )
             logits = out.logits[:, -1, :]
         results = []
