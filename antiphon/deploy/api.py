@@ -25,13 +25,54 @@ from antiphon.config import PolicyParamValue
 Role = Literal["system", "user", "assistant"]
 
 
-class _Strict(BaseModel):
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters of one stop string
+
+
+def lone_surrogate(value: object, path: str = "") -> str | None:
+    """Where a JSON value holds text that is not valid Unicode (a lone UTF-16 surrogate, which
+    JSON's \\ud800 escapes allow), as a message naming the field; None if nowhere."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            char = f"U+{ord(value[e.start]):04X} at character {e.start}"
+            return f"{path or 'text'}: lone surrogate {char}; text must be valid Unicode"
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = lone_surrogate(key, path) if isinstance(key, str) else None
+        found = found or lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        if found:
+            return found
+    return None
+
+
+class _Body(BaseModel):
+    """A request body: every string in it (keys too) must be valid Unicode, so text that no
+    tokenizer or log can encode is a 400 naming the field, not a 500 further in."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: object) -> object:
+        problem = lone_surrogate(data)
+        if problem:
+            raise ValueError(problem)
+        return data
+
+
+class _Strict(_Body):
     """Native API bodies: unknown keys are client mistakes (400 naming the key)."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class _Lenient(BaseModel):
+class _Lenient(_Body):
     """OpenAI API bodies: keys we do not implement (user, logit_bias, ...) are ignored, as
     OpenAI clients send some of them by default."""
 
@@ -64,7 +105,7 @@ class TextPart(_Lenient):
 ChatMessage.model_rebuild()
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(_Body):
     """Sampling options common to every generation endpoint."""
 
     max_tokens: int | None = Field(
@@ -99,6 +140,13 @@ class SamplingFields(BaseModel):
         stops = [v] if isinstance(v, str) else v
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        longest = max(stops, key=len, default="")
+        if len(longest) > MAX_STOP_LENGTH:
+            raise ValueError(
+                f"a stop string may have at most {MAX_STOP_LENGTH} characters, got {len(longest)}"
+            )
         return v
 
     def stop_strings(self) -> tuple[str, ...]:

@@ -93,6 +93,12 @@ class ServingSpec(FrozenModel):
     max_concurrent_requests: int = Field(
         default=64, ge=1, description="Generation requests in flight at once; beyond this: 503."
     )
+    max_body_bytes: int = Field(
+        default=1 << 20,
+        ge=1024,
+        description="Largest request body accepted (bytes); beyond: 413 before it is parsed. "
+        "1 MiB holds a prompt longer than any model's context.",
+    )
     default_max_tokens: int = Field(
         default=128, ge=1, description="Token budget of a request that names none."
     )

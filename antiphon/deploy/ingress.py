@@ -10,8 +10,12 @@ Routes (bodies in `antiphon.deploy.api`):
     POST /v1/feedback            a reward for a request id -> the turn log
 
 Every error answer is `{"error": {"message", "type", "param", "code"}}`. Client mistakes get
-4xx (antiphon errors by their `http_status`; malformed JSON and invalid fields 400), too many
-requests in flight 503, a missing or wrong API key 401. A streamed answer checks its request
+4xx (antiphon errors by their `http_status`; malformed JSON, invalid fields and text that is
+not valid Unicode 400; a body over `serving.max_body_bytes` 413 before it is parsed), too
+many requests in flight 503, a missing or wrong API key 401. Anything else is a 500 that
+names a reference into the server's log and nothing of the internals. A request's
+`policy_params` may not set what only the config may (paths, hub ids, deployments, patterns:
+`PolicyParams.config_only`). A streamed answer checks its request
 before the first byte is sent (the first event is awaited first), so a bad request still gets
 its 4xx; a failure after that arrives as a last `error` event.
 
@@ -37,6 +41,7 @@ from ray import serve
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedTokenizerBase
 
 from antiphon.checkpoint import load_tokenizer
@@ -54,6 +59,7 @@ from antiphon.deploy.chat import render_chat
 from antiphon.deploy.config import AppConfig, EnsembleSpec
 from antiphon.errors import AntiphonError, Overloaded, Unauthorized, antiphon_cause, unwrapped
 from antiphon.logging import configure_logging, get_logger, log_context
+from antiphon.policies.registry import check_request_params
 
 log = get_logger(__name__)
 
@@ -62,6 +68,7 @@ _ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     409: "conflict_error",
+    413: "invalid_request_error",
     503: "overloaded_error",
 }
 
@@ -107,6 +114,44 @@ class RequestSlots:
         self.in_flight -= 1
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 before it is parsed, at
+    once when its Content-Length says so, else when the bytes received pass the limit.
+
+    Not FastAPI's `max_body_size`: that answers a declared length in plain text, over the
+    one error body every other answer of this API has."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await body_too_large(self.limit)(scope, receive, send)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:  # FastAPI passes an HTTPException on to our handler
+                raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def body_too_large(limit: int) -> JSONResponse:
+    return error_response(
+        413, f"request body too large: the limit is {limit} bytes (serving.max_body_bytes)"
+    )
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -124,6 +169,15 @@ def error_response(
         )
     )
     return JSONResponse(body.model_dump(), status_code=status)
+
+
+def internal_error_message(exc: BaseException) -> str:
+    """What a client is told of a failure that is not its mistake: a reference to the server's
+    log, where the traceback goes. Never the exception's text: a Ray error carries the
+    remote traceback, process ids, node addresses and file paths."""
+    reference = uuid.uuid4().hex[:12]
+    log.error("internal_error", reference=reference, error=repr(exc), exc_info=exc)
+    return f"internal error (reference {reference}; the server's log has the details)"
 
 
 def _antiphon_error(exc: AntiphonError) -> JSONResponse:
@@ -153,7 +207,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     )  # fmt: skip
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
     """Map every exception to the one error body; client mistakes never become a 500."""
 
     async def on_antiphon_error(_: Request, exc: Exception) -> JSONResponse:
@@ -166,11 +220,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 413:
+            return body_too_large(max_body_bytes)
         return error_response(exc.status_code, str(exc.detail))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled_error", error=repr(exc))
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+        return error_response(500, internal_error_message(exc))
 
     app.add_exception_handler(AntiphonError, on_antiphon_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -190,11 +245,13 @@ def coordinator_request(
 ) -> GenerationRequest:
     """The coordinator request for an API body. The policy is the ensemble's unless the body
     names another; parameters given for the ensemble's own policy are merged over its defaults."""
-    if fields.policy is None or fields.policy == ensemble.policy.name:
-        policy = ensemble.policy.name
+    own_policy = fields.policy is None or fields.policy == ensemble.policy.name
+    policy = ensemble.policy.name if own_policy else fields.policy
+    check_request_params(policy, fields.policy_params or {}, own_policy)
+    if own_policy:
         params = {**ensemble.policy.params, **(fields.policy_params or {})}
     else:
-        policy, params = fields.policy, dict(fields.policy_params or {})
+        params = dict(fields.policy_params or {})
     return GenerationRequest.parse(
         {
             "request_id": uuid.uuid4().hex,
@@ -242,7 +299,7 @@ def _sse(data: str, event: str | None = None) -> bytes:
 def _error_json(exc: BaseException) -> str:
     err = antiphon_cause(exc)
     if err is None:
-        detail = api.ErrorDetail(message=f"internal error: {exc}", type="server_error")
+        detail = api.ErrorDetail(message=internal_error_message(exc), type="server_error")
     else:
         detail = api.ErrorDetail(
             message=err.message,
@@ -258,7 +315,8 @@ def _error_json(exc: BaseException) -> str:
 def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     """The FastAPI app of one ingress replica, calling `backend` for every generation."""
     app = FastAPI(title="antiphon", version=importlib.metadata.version("antiphon"))
-    install_error_handlers(app)
+    install_error_handlers(app, config.serving.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.serving.max_body_bytes)
     started = int(time.time())
     slots = RequestSlots(config.serving.max_concurrent_requests)
     api_key = config.serving.api_key_value()

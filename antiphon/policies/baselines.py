@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,6 +26,10 @@ class PolicyParams(BaseModel):
     """Base of every policy's parameters: unknown keys are errors, frozen after validation."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # Parameters that name files, hub ids, deployments or code (a regular expression is a
+    # program): only the server's config sets them, never a request's policy_params.
+    config_only: ClassVar[frozenset[str]] = frozenset()
 
     def referenced_models(self) -> tuple[str, ...]:
         """Model names these parameters mention (checked against the ensemble)."""
@@ -148,6 +153,8 @@ class RouteRule(PolicyParams):
 
 
 class RuleRouterParams(PolicyParams):
+    config_only: ClassVar[frozenset[str]] = frozenset({"rules"})  # patterns run on our CPU
+
     rules: tuple[RouteRule, ...] = Field(
         default=(), description="Tried in order; the first whose pattern matches picks the model."
     )

@@ -61,6 +61,28 @@ def policy_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def check_request_params(name: str, params: Mapping[str, object], own_policy: bool) -> None:
+    """InvalidRequest if a request's policy_params set what only the server's config may
+    (`PolicyParams.config_only`: paths, hub ids, deployments, patterns), or if the request
+    names a policy (not its ensemble's own) that cannot run without such a parameter."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise NotFound(f"unknown policy {name!r}; known policies: {list(policy_names())}")
+    config_only = entry.params.config_only
+    given = sorted(config_only & set(params))
+    if given:
+        raise InvalidRequest(
+            f"policy_params.{given[0]}: set by the server's config only, not by a request "
+            f"({name!r} takes {sorted(config_only)} from its ensemble's config)"
+        )
+    needed = sorted(k for k in config_only if entry.params.model_fields[k].is_required())
+    if needed and not own_policy:
+        raise InvalidRequest(
+            f"policy {name!r} needs {needed}, which only the server's config sets: name an "
+            f"ensemble configured with it (GET /v1/models lists each ensemble's policy)"
+        )
+
+
 def validate_policy_params(
     name: str, params: Mapping[str, object] | None = None, ensemble: tuple[str, ...] | None = None
 ) -> PolicyParams:

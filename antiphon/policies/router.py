@@ -14,6 +14,7 @@ import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from pydantic import Field
@@ -75,6 +76,8 @@ class RouterWeights:
 
 
 class TrainedRouterParams(PolicyParams):
+    config_only: ClassVar[frozenset[str]] = frozenset({"weights"})
+
     weights: str = Field(min_length=1, description="Directory of the router's weights.")
     segment_len: int = Field(default=32, ge=1, description="Tokens per segment (streaming unit).")
 

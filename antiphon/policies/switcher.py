@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import ClassVar, Literal, Protocol
 
 from pydantic import Field
 from transformers import PreTrainedTokenizerBase
@@ -156,6 +156,10 @@ class IndexScorer(Protocol):
 
 
 class SwitchParams(PolicyParams):
+    config_only: ClassVar[frozenset[str]] = frozenset(
+        {"switcher_path", "switcher_deployment", "switcher_app"}
+    )
+
     switcher_path: str = Field(
         min_length=1,
         description="The switcher checkpoint (local HF dir or 'zoo:NAME'); its tokenizer is "

@@ -213,6 +213,39 @@ CLIENT_MISTAKES = [
     ("feedback without id", "/v1/feedback", {"reward": 1.0}, 400, "request_id"),
     ("feedback bad reward", "/v1/feedback", {"request_id": "r", "reward": "good"}, 400, "reward"),
     ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
+    # text that is not valid Unicode (JSON allows lone surrogate escapes): 400, not 500
+    ("lone surrogate prompt", "/v1/generate", '{"prompt": "a\\ud800b"}', 400, "lone surrogate"),
+    ("lone surrogate stream", "/v1/completions",
+     '{"model": "pair", "prompt": "\\udfff", "stream": true}', 400, "prompt: lone surrogate"),
+    ("lone surrogate chat", "/v1/chat/completions",
+     '{"model": "pair", "messages": [{"role": "user", "content": "\\ud83d"}]}', 400,
+     "messages.0.content: lone surrogate"),
+    ("lone surrogate stop", "/v1/generate", '{"prompt": "a", "stop": ["\\udc00"]}', 400,
+     "stop.0: lone surrogate"),
+    ("lone surrogate feedback id", "/v1/feedback", '{"request_id": "\\ud800", "reward": 1}',
+     400, "request_id: lone surrogate"),
+    # sizes: refused before the work they would cost
+    ("body over the limit", "/v1/generate", {"prompt": "x" * (2 << 20)}, 413, "1048576 bytes"),
+    ("too many stop strings", "/v1/generate", {"prompt": "a", "stop": ["s"] * 17}, 400,
+     "at most 16 stop strings"),
+    ("stop string too long", "/v1/generate", {"prompt": "a", "stop": "s" * 257}, 400,
+     "at most 256 characters"),
+    # what a request may name comes from the config: no paths, hub ids or patterns
+    ("switch with a request's path", "/v1/generate",
+     {"prompt": "a", "ensemble": "switched",
+      "policy_params": {"switcher_path": "../../../../etc"}}, 400, "server's config only"),
+    ("switch with a hub id", "/v1/generate",
+     {"prompt": "a", "policy": "switch", "policy_params": {"switcher_path": "org/model"}}, 400,
+     "policy_params.switcher_path"),
+    ("switch outside its ensemble", "/v1/generate", {"prompt": "a", "policy": "switch"}, 400,
+     "name an ensemble configured with it"),
+    ("rule router with a request's pattern", "/v1/generate",
+     {"prompt": "a" * 40, "policy": "rule_router",
+      "policy_params": {"default": "a", "rules": [{"pattern": "(a+)+$", "model": "b"}]}}, 400,
+     "policy_params.rules"),
+    ("trained router with a request's weights", "/v1/generate",
+     {"prompt": "a", "policy": "trained_router", "policy_params": {"weights": "/etc"}}, 400,
+     "policy_params.weights"),
 ]  # fmt: skip
 
 
@@ -233,6 +266,20 @@ def test_client_mistake_gets_4xx_naming_it_and_server_goes_on(server, path, body
     # the server answers the next request
     ok = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+def test_a_body_over_the_limit_without_a_declared_length_is_refused_too(server):
+    def chunks():  # chunked transfer: no Content-Length to refuse it by
+        yield b'{"prompt": "'
+        for _ in range(3):
+            yield b"x" * (1 << 20)
+        yield b'"}'
+
+    headers = {**server.headers, "content-type": "application/json"}
+    r = httpx.post(f"{server.url}/v1/generate", content=chunks(), headers=headers, timeout=60)
+    assert r.status_code == 413, r.text
+    assert "1048576 bytes" in r.json()["error"]["message"]
+    assert post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2}).status_code == 200
 
 
 def test_body_without_json_content_type_is_named(server):
