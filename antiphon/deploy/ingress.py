@@ -2,7 +2,7 @@
 requests and coordinator results into API bodies.
 
 Routes (bodies in `antiphon.deploy.api`):
-    GET  /health                 liveness, no API key needed
+    GET  /health                 liveness; the one route open without the API key
     GET  /v1/models              the configured ensembles, OpenAI style
     POST /v1/generate            native API: text + segments; SSE with "stream": true
     POST /v1/completions         OpenAI completions (stream or not)
@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -112,6 +112,34 @@ class RequestSlots:
 
     def release(self) -> None:
         self.in_flight -= 1
+
+
+LIVENESS_PATH = "/health"  # the one route open without the API key (a probe has no key)
+
+
+class RequireApiKey:
+    """ASGI middleware: with an API key set, every route but the liveness probe (the API,
+    its docs and schema alike) needs 'Authorization: Bearer <key>', checked before a byte
+    of the body is read."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _route_path(scope) != LIVENESS_PATH:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                error = Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
+                await _antiphon_error(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path inside the app: Serve mounts it under its route prefix (the root path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
 
 
 class BodyLimit:
@@ -317,18 +345,12 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     app = FastAPI(title="antiphon", version=importlib.metadata.version("antiphon"))
     install_error_handlers(app, config.serving.max_body_bytes)
     app.add_middleware(BodyLimit, limit=config.serving.max_body_bytes)
+    api_key = config.serving.api_key_value()
+    if api_key is not None:  # added last, so it runs first: no key, no body read
+        app.add_middleware(RequireApiKey, api_key=api_key)
     started = int(time.time())
     slots = RequestSlots(config.serving.max_concurrent_requests)
-    api_key = config.serving.api_key_value()
-
-    async def require_api_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-            raise Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
-
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)])
+    v1 = APIRouter(prefix="/v1")
 
     @asynccontextmanager
     async def in_slot(request: GenerationRequest):
@@ -375,7 +397,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    @app.get("/health")
+    @app.get(LIVENESS_PATH)
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 

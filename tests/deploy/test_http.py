@@ -298,6 +298,17 @@ def test_api_key_is_enforced_but_health_is_open(server):
     assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
 
 
+def test_with_a_key_only_the_liveness_probe_is_open_and_no_body_is_read_first(server):
+    for path in ("/docs", "/openapi.json", "/redoc", "/v1/nothing"):
+        r = httpx.get(f"{server.url}{path}", timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        assert "API key" in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/openapi.json", headers=server.headers).status_code == 200
+    # the key is checked before the body: no key and a body over the limit is a 401, not a 413
+    big = {"prompt": "x" * (2 << 20)}
+    assert httpx.post(f"{server.url}/v1/generate", json=big, timeout=60).status_code == 401
+
+
 def test_feedback_lands_in_the_turn_log_beside_the_turns(server):
     answer = post(server, "/v1/generate", {"prompt": PROMPT, "max_tokens": 8}).json()
     r = post(server, "/v1/feedback", {"request_id": answer["id"], "reward": 0.5})
