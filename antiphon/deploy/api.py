@@ -29,15 +29,26 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters of one stop string
 
 
-def lone_surrogate(value: object, path: str = "") -> str | None:
-    """Where a JSON value holds text that is not valid Unicode (a lone UTF-16 surrogate, which
-    JSON's \\ud800 escapes allow), as a message naming the field; None if nowhere."""
+# The turn log (msgpack) holds integers in [-2**63, 2**64): a request's numbers must fit.
+INTEGER_RANGE = (-(2**63), 2**64 - 1)
+
+
+def unloggable(value: object, path: str = "") -> str | None:
+    """Where a JSON value holds what no tokenizer or turn log can take: text that is not
+    valid Unicode (a lone UTF-16 surrogate, which JSON's \\ud800 escapes allow) or an
+    integer outside 64 bits. A message naming the field; None if nowhere."""
+    where = path or "body"
     if isinstance(value, str):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
             char = f"U+{ord(value[e.start]):04X} at character {e.start}"
-            return f"{path or 'text'}: lone surrogate {char}; text must be valid Unicode"
+            return f"{where}: lone surrogate {char}; text must be valid Unicode"
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        low, high = INTEGER_RANGE
+        if not low <= value <= high:
+            return f"{where}: integer {value} outside [{low}, {high}]"
         return None
     if isinstance(value, dict):
         items = value.items()
@@ -46,21 +57,22 @@ def lone_surrogate(value: object, path: str = "") -> str | None:
     else:
         return None
     for key, item in items:
-        found = lone_surrogate(key, path) if isinstance(key, str) else None
-        found = found or lone_surrogate(item, f"{path}.{key}" if path else str(key))
+        found = unloggable(key, path) if isinstance(key, str) else None
+        found = found or unloggable(item, f"{path}.{key}" if path else str(key))
         if found:
             return found
     return None
 
 
 class _Body(BaseModel):
-    """A request body: every string in it (keys too) must be valid Unicode, so text that no
-    tokenizer or log can encode is a 400 naming the field, not a 500 further in."""
+    """A request body: every string (keys too) valid Unicode and every integer within 64
+    bits, so what no tokenizer or log can encode is a 400 naming the field, not a 500 or a
+    turn record dropped further in."""
 
     @model_validator(mode="before")
     @classmethod
-    def _valid_unicode(cls, data: object) -> object:
-        problem = lone_surrogate(data)
+    def _loggable(cls, data: object) -> object:
+        problem = unloggable(data)
         if problem:
             raise ValueError(problem)
         return data

@@ -63,6 +63,8 @@ from antiphon.policies.registry import check_request_params
 
 log = get_logger(__name__)
 
+RETRY_AFTER_S = 1  # a slot frees when any request in flight ends: seconds, not minutes
+
 _ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -196,7 +198,9 @@ def error_response(
             code=code,
         )
     )
-    return JSONResponse(body.model_dump(), status_code=status)
+    # A 503 is load shedding: say when to come back (the openai client waits that long).
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 def internal_error_message(exc: BaseException) -> str:

@@ -224,6 +224,12 @@ CLIENT_MISTAKES = [
      "stop.0: lone surrogate"),
     ("lone surrogate feedback id", "/v1/feedback", '{"request_id": "\\ud800", "reward": 1}',
      400, "request_id: lone surrogate"),
+    # numbers the turn log cannot hold: 400, not a record dropped
+    ("seed above 64 bits", "/v1/generate", {"prompt": "a", "seed": 2**64}, 400,
+     "seed: integer 18446744073709551616 outside"),
+    ("policy param above 64 bits", "/v1/generate",
+     {"prompt": "a", "policy": "random_switch", "policy_params": {"seed": -(2**70)}}, 400,
+     "policy_params.seed: integer"),
     # sizes: refused before the work they would cost
     ("body over the limit", "/v1/generate", {"prompt": "x" * (2 << 20)}, 413, "1048576 bytes"),
     ("too many stop strings", "/v1/generate", {"prompt": "a", "stop": ["s"] * 17}, 400,
@@ -352,6 +358,7 @@ def test_overload_gets_503_and_capacity_comes_back(server):
         r = post(server, "/v1/generate", {"prompt": "a", "max_tokens": 2})
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "overloaded_error"
+        assert r.headers["retry-after"] == "1"
     finally:
         release.set()
         for t in holders:
