@@ -57,7 +57,12 @@ class TurnLogActor:
 def get_or_create_turn_log(
     path: str, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = "antiphon"
 ) -> ActorHandle:
-    """The cluster's turn log actor `name`, created (detached, no CPU reserved) if missing."""
+    """The cluster's turn log actor `name`, created (detached, no CPU reserved) if missing.
+
+    If its process dies, Ray starts it again (it reopens the file, cutting a torn last frame)
+    and retries the calls that were in flight or sent meanwhile, so a crash loses no batch.
+    That is at-least-once: a batch the dead actor had written but not yet answered for is
+    written again after it."""
     remote_cls = ray.remote(TurnLogActor)
     return remote_cls.options(
         name=name,
@@ -66,6 +71,8 @@ def get_or_create_turn_log(
         lifetime="detached",
         num_cpus=0,
         max_concurrency=1,
+        max_restarts=-1,
+        max_task_retries=-1,
     ).remote(path)
 
 

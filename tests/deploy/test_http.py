@@ -9,8 +9,10 @@ import time
 import httpx
 import openai
 import pytest
+import ray
 
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
+from antiphon.deploy.app import turn_log_actor_name_for
 from antiphon.training.turn_log import FeedbackRecord, TurnRecord, read_records
 from tests.deploy.server import API_KEY, MAX_CONCURRENT, RunningServer
 
@@ -313,6 +315,33 @@ def test_with_a_key_only_the_liveness_probe_is_open_and_no_body_is_read_first(se
     # the key is checked before the body: no key and a body over the limit is a 401, not a 413
     big = {"prompt": "x" * (2 << 20)}
     assert httpx.post(f"{server.url}/v1/generate", json=big, timeout=60).status_code == 401
+
+
+def logged_request_ids(server: RunningServer, wanted: set[str], within_s: float) -> set[str]:
+    """The ids among `wanted` that have turn records in the log, waiting up to `within_s`
+    (turn records are sent after the answer, without waiting for the disk)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = {rec.request_id for rec, _ in read_records(server.turn_log)
+                 if isinstance(rec, TurnRecord)} & wanted  # fmt: skip
+        if found == wanted or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_a_killed_turn_log_actor_comes_back_and_no_turn_or_feedback_is_lost(server):
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 4}
+    before = [post(server, "/v1/generate", body).json()["id"] for _ in range(3)]
+    name = turn_log_actor_name_for(server.config.serving.turn_log_path)
+    actor = ray.get_actor(name, namespace="antiphon")  # made by the first request's records
+    ray.kill(actor, no_restart=False)  # as a crash: Ray may start it again
+    after = [post(server, "/v1/generate", body).json()["id"] for _ in range(3)]
+    r = post(server, "/v1/feedback", {"request_id": after[0], "reward": 1.0})
+    assert r.status_code == 200, r.text
+    assert logged_request_ids(server, {*before, *after}, within_s=60) == {*before, *after}
+    feedback = [rec for rec, _ in read_records(server.turn_log)
+                if isinstance(rec, FeedbackRecord) and rec.request_id == after[0]]  # fmt: skip
+    assert [f.reward for f in feedback] == [1.0]
 
 
 def test_feedback_lands_in_the_turn_log_beside_the_turns(server):
