@@ -132,6 +132,14 @@ def turn_records(
     return records
 
 
+FAILED_TEXT_KEPT = 1024  # characters of a failed request's prompt and error that are logged
+
+
+def preview(text: str, limit: int = FAILED_TEXT_KEPT) -> str:
+    """`text`, or its first `limit` characters and how many more there were."""
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more characters]"
+
+
 def request_record(
     state: SequenceState,
     policy: str,
@@ -139,10 +147,12 @@ def request_record(
     policy_params: Mapping[str, object],
     error: BaseException | None,
 ) -> RequestRecord:
-    """The record that closes a request's records: its query, how it ended, what decided."""
+    """The record that closes a request's records: its query, how it ended, what decided.
+    A failed request's prompt and error are cut to a preview: they serve diagnosis, not
+    training, and a rejected oversized prompt must not grow the log by its size."""
     return RequestRecord(
         request_id=state.request_id,
-        prompt=state.prompt,
+        prompt=state.prompt if error is None else preview(state.prompt),
         models=state.models,
         policy=policy,
         policy_version=policy_version,
@@ -151,7 +161,7 @@ def request_record(
         num_segments=len(state.segments),
         text=state.text,
         finish_reason=state.finish_reason,
-        error=None if error is None else f"{type(error).__name__}: {error}",
+        error=None if error is None else preview(f"{type(error).__name__}: {error}"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import httpx
 import openai
@@ -13,7 +14,7 @@ import ray
 
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
 from antiphon.deploy.app import turn_log_actor_name_for
-from antiphon.training.turn_log import FeedbackRecord, TurnRecord, read_records
+from antiphon.training.turn_log import FeedbackRecord, RequestRecord, TurnRecord, read_records
 from tests.deploy.server import API_KEY, MAX_CONCURRENT, RunningServer
 
 PROMPT = "Once upon a time"
@@ -342,6 +343,22 @@ def test_a_killed_turn_log_actor_comes_back_and_no_turn_or_feedback_is_lost(serv
     feedback = [rec for rec, _ in read_records(server.turn_log)
                 if isinstance(rec, FeedbackRecord) and rec.request_id == after[0]]  # fmt: skip
     assert [f.reward for f in feedback] == [1.0]
+
+
+def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):
+    marker = f"rejected-{uuid.uuid4().hex}"
+    r = post(server, "/v1/generate", {"prompt": marker + "y" * 200_000})
+    assert r.status_code == 400, r.text
+    deadline, found = time.monotonic() + 60, []
+    while not found and time.monotonic() < deadline:
+        records = read_records(server.turn_log) if server.turn_log.exists() else ()
+        found = [rec for rec, _ in records
+                 if isinstance(rec, RequestRecord) and rec.prompt.startswith(marker)]  # fmt: skip
+        time.sleep(0.2)
+    (record,) = found
+    assert record.error and record.finish_reason is None
+    assert len(record.prompt) < 1100 and record.prompt.endswith("more characters]")
+    assert len(record.error) < 1100
 
 
 def test_feedback_lands_in_the_turn_log_beside_the_turns(server):
