@@ -63,6 +63,7 @@ from antiphon.policies.registry import check_request_params
 
 log = get_logger(__name__)
 
+SHEDDING_HEADROOM = 1024  # requests past the slot limit that still reach the app to be refused
 RETRY_AFTER_S = 1  # a slot frees when any request in flight ends: seconds, not minutes
 
 _ERROR_TYPES = {
@@ -597,11 +598,16 @@ class Ingress:
 
 def build_ingress(config: AppConfig, coordinator: Application) -> Application:
     """The ingress deployment bound to the coordinator deployment."""
-    # Serve may hold more requests than our slot limit; the excess is refused with a 503 by us.
+    # Requests past our slot limit must reach the app to be refused at once (503 with
+    # Retry-After); had Serve's limit been near ours, its proxy would queue them instead until
+    # a slot freed, and the refusal would come seconds later. Past that headroom too, Serve
+    # refuses rather than queue without bound.
+    limit = config.serving.max_concurrent_requests
     options = {
         "name": "Ingress",
         "num_replicas": 1,
-        "max_ongoing_requests": config.serving.max_concurrent_requests * 2,
+        "max_ongoing_requests": limit + SHEDDING_HEADROOM,
+        "max_queued_requests": SHEDDING_HEADROOM,
         "ray_actor_options": {"num_cpus": 0},
     }
     return serve.deployment(Ingress, **options).bind(config, coordinator)
