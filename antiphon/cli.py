@@ -216,10 +216,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     from antiphon.client import Client
 
     with Client(args.url, api_key=args.api_key, timeout=10) as client:
-        if not client.health():
+        health = client.health()
+        if health is None:
             print(f"no antiphon server answers at {args.url}")
             return 1
-        print(f"antiphon server at {args.url}: healthy")
+        if health.status == "ok":
+            print(f"antiphon server at {args.url}: healthy")
+        else:
+            problems = "; ".join(f"{part}: {why}" for part, why in health.degraded.items())
+            print(f"antiphon server at {args.url}: degraded ({problems})")
         for card in client.models():
             print(f"  ensemble {card.id}: models {', '.join(card.antiphon_models)}; "
                   f"default policy {card.antiphon_policy}")  # fmt: skip

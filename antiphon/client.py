@@ -31,6 +31,7 @@ from antiphon.deploy.api import (
     ErrorBody,
     FeedbackResponse,
     GenerateResponse,
+    HealthBody,
     ModelCard,
     ModelList,
     Segment,
@@ -194,6 +195,16 @@ def _parse(response: httpx.Response, model: type[_T]) -> _T:
     return model.model_validate_json(response.content)
 
 
+def _health(response: httpx.Response) -> HealthBody | None:
+    """The health body of an answer, None if it is not one (no antiphon server there)."""
+    if response.status_code != 200:
+        return None
+    try:
+        return HealthBody.model_validate(response.json())
+    except ValueError:
+        return None
+
+
 class Client:
     """Blocking client of an antiphon server (`antiphon serve`)."""
 
@@ -257,12 +268,13 @@ class Client:
         """The ensembles the server offers."""
         return _parse(self._http.get("/v1/models"), ModelList).data
 
-    def health(self) -> bool:
-        """True if the server answers its health check."""
+    def health(self) -> HealthBody | None:
+        """The server's health check ("ok", or "degraded" and what is), None if no server
+        answers it."""
         try:
-            return self._http.get("/health").status_code == 200
+            return _health(self._http.get("/health"))
         except httpx.TransportError:
-            return False
+            return None
 
     def close(self) -> None:
         self._http.close()
@@ -339,12 +351,13 @@ class AsyncClient:
         """The ensembles the server offers."""
         return _parse(await self._http.get("/v1/models"), ModelList).data
 
-    async def health(self) -> bool:
-        """True if the server answers its health check."""
+    async def health(self) -> HealthBody | None:
+        """The server's health check ("ok", or "degraded" and what is), None if no server
+        answers it."""
         try:
-            return (await self._http.get("/health")).status_code == 200
+            return _health(await self._http.get("/health"))
         except httpx.TransportError:
-            return False
+            return None
 
     async def aclose(self) -> None:
         await self._http.aclose()

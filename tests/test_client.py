@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 import antiphon
-from antiphon.deploy.api import GenerateResponse, Segment
+from antiphon.deploy.api import GenerateResponse, HealthBody, Segment
 from antiphon.errors import InvalidRequest, NotFound, PromptTooLong, Unauthorized
 from antiphon.training.turn_log import FeedbackRecord, read_records
 from tests.deploy.server import API_KEY, RunningServer
@@ -78,7 +78,7 @@ def test_server_errors_are_typed(client, server):
         client.generate("x" * 600)
     with antiphon.Client(server.url) as anonymous, pytest.raises(Unauthorized):
         anonymous.models()
-    assert client.health()
+    assert client.health() == HealthBody(status="ok")
 
 
 def test_async_client_generate_stream_feedback(server):
@@ -96,7 +96,7 @@ def test_async_client_generate_stream_feedback(server):
             assert [m.id for m in await client.models()] == ["pair", "solo", "switched", "trio"]
             with pytest.raises(NotFound):
                 await client.generate(PROMPT, ensemble="nope")
-            assert await client.health()
+            assert await client.health() == HealthBody(status="ok")
         assert feedback_rewards(server, answers[1].id) == [-0.5]
 
     asyncio.run(main())

@@ -115,6 +115,11 @@ class CoordinatorServer:
         await self.turn_sink.write([FeedbackRecord(request_id, float(reward), comment)])
         await self.turn_sink.flush()
 
+    async def health(self) -> dict[str, str]:
+        """What of this replica's dependencies is degraded, by component; {} when none."""
+        problem = await self.turn_sink.problem() if self.turn_sink is not None else None
+        return {"turn_log": problem} if problem else {}
+
     async def flush_turn_log(self) -> None:
         """Wait until every record of this replica's finished requests is in the turn log
         (and their sessions are closed)."""

@@ -87,6 +87,10 @@ class TurnSink(Protocol):
         """Wait until everything sent so far has landed; raise if some of it failed to."""
         ...
 
+    async def problem(self) -> str | None:
+        """Why records cannot land right now, or None when they can (for /health)."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class TurnTiming:

@@ -381,6 +381,15 @@ class ModelList(BaseModel):
 # --- errors ----------------------------------------------------------------------------------
 
 
+class HealthBody(BaseModel):
+    """`GET /health`: "ok", or "degraded" with what is degraded (the server still answers)."""
+
+    status: Literal["ok", "degraded"] = Field(description="'ok' or 'degraded'.")
+    degraded: dict[str, str] = Field(
+        default_factory=dict, description="Component -> what is wrong with it (e.g. turn_log)."
+    )
+
+
 class ErrorDetail(BaseModel):
     """What went wrong, OpenAI style."""
 

@@ -2,7 +2,8 @@
 requests and coordinator results into API bodies.
 
 Routes (bodies in `antiphon.deploy.api`):
-    GET  /health                 liveness; the one route open without the API key
+    GET  /health                 liveness (always 200) and what is degraded behind it; the
+                                 one route open without the API key
     GET  /v1/models              the configured ensembles, OpenAI style
     POST /v1/generate            native API: text + segments; SSE with "stream": true
     POST /v1/completions         OpenAI completions (stream or not)
@@ -64,6 +65,7 @@ from antiphon.policies.registry import check_request_params
 log = get_logger(__name__)
 
 SHEDDING_HEADROOM = 1024  # requests past the slot limit that still reach the app to be refused
+HEALTH_TIMEOUT_S = 3.0  # a probe waits this long for the coordinator's own check
 RETRY_AFTER_S = 1  # a slot frees when any request in flight ends: seconds, not minutes
 
 _ERROR_TYPES = {
@@ -92,6 +94,10 @@ class Backend(Protocol):
 
     async def feedback(self, request_id: str, reward: float) -> None:
         """Log a reward for a request beside its turns."""
+        ...
+
+    async def health(self) -> dict[str, str]:
+        """What behind the app is degraded, by component; {} when nothing is."""
         ...
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
@@ -403,8 +409,16 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         return StreamingResponse(body(), media_type="text/event-stream")
 
     @app.get(LIVENESS_PATH)
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> api.HealthBody:
+        """Always 200 while this process answers (a liveness probe must not restart a front
+        door for a fault behind it); the body says what behind it is degraded."""
+        try:
+            degraded = await asyncio.wait_for(backend.health(), HEALTH_TIMEOUT_S)
+        except TimeoutError:
+            degraded = {"coordinator": f"no answer within {HEALTH_TIMEOUT_S:g} s"}
+        except Exception as exc:  # the coordinator's failure is what health reports
+            degraded = {"coordinator": f"{type(exc).__name__}"}
+        return api.HealthBody(status="degraded" if degraded else "ok", degraded=degraded)
 
     @v1.get("/models")
     async def models() -> api.ModelList:
@@ -584,6 +598,9 @@ class Ingress:
 
     async def feedback(self, request_id: str, reward: float) -> None:
         await unwrapped(self.coordinator.feedback.remote(request_id, reward))
+
+    async def health(self) -> dict[str, str]:
+        return await unwrapped(self.coordinator.health.remote())
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         # The first model reads the prompt first; its chat format is the ensemble's.

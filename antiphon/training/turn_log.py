@@ -137,6 +137,10 @@ class TurnLogWriter:
                 self.sync()
         return self.offset
 
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
     def sync(self) -> None:
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -165,6 +169,9 @@ class FileTurnSink:
 
     async def flush(self) -> None:
         """Nothing to wait for: `write` appended the batch to the file already."""
+
+    async def problem(self) -> str | None:
+        return "the turn log file is closed" if self.writer.closed else None
 
 
 __all__ = [

@@ -18,6 +18,7 @@ import asyncio
 import ray
 import structlog
 from ray.actor import ActorHandle
+from ray.exceptions import ActorDiedError
 
 from antiphon.coordinator.records import FeedbackRecord, Record
 from antiphon.training.turn_log import TurnLogWriter
@@ -102,9 +103,32 @@ class TurnLogClient:
         return self._actor
 
     async def write(self, records: list[Record]) -> None:
-        fut = asyncio.wrap_future(self.actor.append.remote(records).future())
-        self._in_flight.add(fut)
-        fut.add_done_callback(self._done)
+        task = asyncio.ensure_future(self._append(records))
+        self._in_flight.add(task)
+        task.add_done_callback(self._done)
+
+    async def _append(self, records: list[Record]) -> int:
+        try:
+            return await self.actor.append.remote(records)
+        except ActorDiedError:
+            # Dead for good (a crash is restarted by Ray, its calls retried): a new actor
+            # takes the file over, and the batch goes to it.
+            log.warning("turn_log_actor_replaced", name=self.name, path=self.path)
+            self._actor = None
+            return await self.actor.append.remote(records)
+
+    async def problem(self, timeout_s: float = 2.0) -> str | None:
+        """None if the actor answers within `timeout_s`; else what is wrong (a dead one is
+        replaced by the next write)."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self.actor.path.remote().future()),
+                                   timeout_s)  # fmt: skip
+        except ActorDiedError:
+            self._actor = None
+            return "the turn log actor died; the next request's records start a new one"
+        except TimeoutError:
+            return f"the turn log actor did not answer within {timeout_s:g} s"
+        return None
 
     def _done(self, fut: asyncio.Future) -> None:
         self._in_flight.discard(fut)

@@ -304,7 +304,7 @@ def test_api_key_is_enforced_but_health_is_open(server):
         assert r.status_code == 401
         assert "API key" in r.json()["error"]["message"]
     assert httpx.get(f"{server.url}/v1/models", headers=server.headers).status_code == 200
-    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok", "degraded": {}}
 
 
 def test_with_a_key_only_the_liveness_probe_is_open_and_no_body_is_read_first(server):
@@ -323,8 +323,8 @@ def logged_request_ids(server: RunningServer, wanted: set[str], within_s: float)
     (turn records are sent after the answer, without waiting for the disk)."""
     deadline = time.monotonic() + within_s
     while True:
-        found = {rec.request_id for rec, _ in read_records(server.turn_log)
-                 if isinstance(rec, TurnRecord)} & wanted  # fmt: skip
+        records = read_records(server.turn_log) if server.turn_log.exists() else ()
+        found = {rec.request_id for rec, _ in records if isinstance(rec, TurnRecord)} & wanted
         if found == wanted or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
@@ -343,6 +343,21 @@ def test_a_killed_turn_log_actor_comes_back_and_no_turn_or_feedback_is_lost(serv
     feedback = [rec for rec, _ in read_records(server.turn_log)
                 if isinstance(rec, FeedbackRecord) and rec.request_id == after[0]]  # fmt: skip
     assert [f.reward for f in feedback] == [1.0]
+
+
+def test_health_reports_a_dead_turn_log_and_its_replacement_loses_no_turn(server):
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 4}
+    assert post(server, "/v1/generate", body).status_code == 200
+    name = turn_log_actor_name_for(server.config.serving.turn_log_path)
+    ray.kill(ray.get_actor(name, namespace="antiphon"), no_restart=True)  # dead for good
+    health = httpx.get(f"{server.url}/health", timeout=30)
+    assert health.status_code == 200  # the front door lives: liveness is not readiness
+    assert health.json()["status"] == "degraded"
+    assert "the turn log actor" in health.json()["degraded"]["turn_log"]
+    # requests are still served, and their turns land in the log a new actor writes
+    ids = {post(server, "/v1/generate", body).json()["id"] for _ in range(2)}
+    assert logged_request_ids(server, ids, within_s=60) == ids
+    assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok", "degraded": {}}
 
 
 def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):
