@@ -15,7 +15,7 @@ import ray
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
 from antiphon.deploy.app import turn_log_actor_name_for
 from antiphon.training.turn_log import FeedbackRecord, RequestRecord, TurnRecord, read_records
-from tests.deploy.server import API_KEY, MAX_CONCURRENT, RunningServer
+from tests.deploy.server import API_KEY, APP_NAME, MAX_CONCURRENT, RunningServer
 
 PROMPT = "Once upon a time"
 
@@ -358,6 +358,49 @@ def test_health_reports_a_dead_turn_log_and_its_replacement_loses_no_turn(server
     ids = {post(server, "/v1/generate", body).json()["id"] for _ in range(2)}
     assert logged_request_ids(server, ids, within_s=60) == ids
     assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok", "degraded": {}}
+
+
+@pytest.mark.slow
+def test_killing_a_model_replica_loses_no_stream_in_flight(server):
+    """Serve starts a new replica; the coordinator reopens the sessions it held from the
+    sequence state (SessionLost) and every stream ends whole."""
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 48, "stream": True,
+            "policy_params": {"segment_len": 2}}  # fmt: skip
+    n_streams = MAX_CONCURRENT  # every slot the server has
+    started = threading.Barrier(n_streams + 1)
+    results: list[list[tuple[str, str]]] = [[] for _ in range(n_streams)]
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", f"{server.url}/v1/generate", json=body,
+                          headers=server.headers, timeout=300) as r:  # fmt: skip
+            events, event, data = results[i], "message", []
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line == "" and data:
+                    events.append((event, "\n".join(data)))
+                    if len(events) == 2:
+                        started.wait()  # every stream is under way before the kill
+                    event, data = "message", []
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=120)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    [replica] = [a for a in named if f"{APP_NAME}#a#" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    for t in threads:
+        t.join(timeout=300)
+    for events in results:
+        kinds = [kind for kind, _ in events]
+        assert "error" not in kinds and kinds[-1] == "done", events[-1]
+        done = GenerateResponse.model_validate_json(events[-1][1])
+        streamed = [SegmentEventBody.model_validate_json(d) for k, d in events if k == "segment"]
+        assert done.text == "".join(s.text for s in streamed)
+        assert done.usage.completion_tokens == 48 or done.finish_reason == "eos"
 
 
 def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):
