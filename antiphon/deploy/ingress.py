@@ -39,6 +39,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -67,6 +68,7 @@ log = get_logger(__name__)
 SHEDDING_HEADROOM = 1024  # requests past the slot limit that still reach the app to be refused
 HEALTH_TIMEOUT_S = 3.0  # a probe waits this long for the coordinator's own check
 RETRY_AFTER_S = 1  # a slot frees when any request in flight ends: seconds, not minutes
+COORDINATOR_ATTEMPTS = 2  # a request whose coordinator replica died runs once more
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -579,22 +581,37 @@ class Ingress:
         return create_api(self, self.config)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
+        # Nothing reached the client yet: a coordinator replica that died mid-request costs
+        # a second run on the replica Serve starts instead (same request, same seed).
+        for attempt in range(1, COORDINATOR_ATTEMPTS):
+            try:
+                return await unwrapped(self.coordinator.generate.remote(request))
+            except RayActorError as e:
+                log.warning("coordinator_lost_retrying", attempt=attempt, error=repr(e))
         return await unwrapped(self.coordinator.generate.remote(request))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
-        events = self.coordinator.options(stream=True).stream.remote(request)
-        finished = False
-        try:
-            while True:
-                try:
-                    event = await unwrapped(events.__anext__())
-                except StopAsyncIteration:
-                    finished = True
-                    return
-                yield event
-        finally:
-            if not finished:
-                events.cancel()  # the client left (or failed): stop the turn loop too
+        for attempt in range(1, COORDINATOR_ATTEMPTS + 1):
+            events = self.coordinator.options(stream=True).stream.remote(request)
+            finished, sent = False, 0
+            try:
+                while True:
+                    try:
+                        event = await unwrapped(events.__anext__())
+                    except StopAsyncIteration:
+                        finished = True
+                        return
+                    yield event
+                    sent += 1
+            except RayActorError as e:
+                # Before the first event the stream can start over on the replica Serve
+                # starts instead; after it, the client has text the new run would repeat.
+                if sent or attempt == COORDINATOR_ATTEMPTS:
+                    raise
+                log.warning("coordinator_lost_retrying", attempt=attempt, error=repr(e))
+            finally:
+                if not finished:
+                    events.cancel()  # the client left (or failed): stop the turn loop too
 
     async def feedback(self, request_id: str, reward: float) -> None:
         await unwrapped(self.coordinator.feedback.remote(request_id, reward))

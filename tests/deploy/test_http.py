@@ -403,6 +403,24 @@ def test_killing_a_model_replica_loses_no_stream_in_flight(server):
         assert done.usage.completion_tokens == 48 or done.finish_reason == "eos"
 
 
+@pytest.mark.slow
+def test_a_request_whose_coordinator_dies_before_answering_is_run_again(server):
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 400, "temperature": 0,
+            "policy_params": {"segment_len": 1}}  # fmt: skip
+    expected = post(server, "/v1/generate", body).json()
+    answers: list[httpx.Response] = []
+    caller = threading.Thread(target=lambda: answers.append(post(server, "/v1/generate", body)))
+    caller.start()
+    time.sleep(1.0)  # the request is some turns in (a whole answer takes several seconds)
+    named = ray.util.list_named_actors(all_namespaces=True)
+    [replica] = [a for a in named if f"{APP_NAME}#coordinator#" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    caller.join(timeout=300)
+    (answer,) = answers
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"] == expected["text"]  # greedy: the second run is the same
+
+
 def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):
     marker = f"rejected-{uuid.uuid4().hex}"
     r = post(server, "/v1/generate", {"prompt": marker + "y" * 200_000})
