@@ -67,7 +67,8 @@ def unloggable(value: object, path: str = "") -> str | None:
 class _Body(BaseModel):
     """A request body: every string (keys too) valid Unicode and every integer within 64
     bits, so what no tokenizer or log can encode is a 400 naming the field, not a 500 or a
-    turn record dropped further in."""
+    turn record dropped further in. Only the top-level bodies carry it (through `_Strict`
+    and `SamplingFields`): one walk covers the messages and parts inside."""
 
     @model_validator(mode="before")
     @classmethod
@@ -84,7 +85,7 @@ class _Strict(_Body):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class _Lenient(_Body):
+class _Lenient(BaseModel):
     """OpenAI API bodies: keys we do not implement (user, logit_bias, ...) are ignored, as
     OpenAI clients send some of them by default."""
 

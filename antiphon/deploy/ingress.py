@@ -170,7 +170,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await body_too_large(self.limit)(scope, receive, send)
+            await error_response(413, body_too_large(self.limit))(scope, receive, send)
             return
         received = 0
 
@@ -179,16 +179,14 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:  # FastAPI passes an HTTPException on to our handler
-                raise StarletteHTTPException(413)
+                raise StarletteHTTPException(413, detail=body_too_large(self.limit))
             return message
 
         await self.app(scope, counted, send)
 
 
-def body_too_large(limit: int) -> JSONResponse:
-    return error_response(
-        413, f"request body too large: the limit is {limit} bytes (serving.max_body_bytes)"
-    )
+def body_too_large(limit: int) -> str:
+    return f"request body too large: the limit is {limit} bytes (serving.max_body_bytes)"
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -248,7 +246,7 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     )  # fmt: skip
 
 
-def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
+def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the one error body; client mistakes never become a 500."""
 
     async def on_antiphon_error(_: Request, exc: Exception) -> JSONResponse:
@@ -261,8 +259,6 @@ def install_error_handlers(app: FastAPI, max_body_bytes: int) -> None:
 
     async def on_http_error(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        if exc.status_code == 413:
-            return body_too_large(max_body_bytes)
         return error_response(exc.status_code, str(exc.detail))
 
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -356,7 +352,7 @@ def _error_json(exc: BaseException) -> str:
 def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     """The FastAPI app of one ingress replica, calling `backend` for every generation."""
     app = FastAPI(title="antiphon", version=importlib.metadata.version("antiphon"))
-    install_error_handlers(app, config.serving.max_body_bytes)
+    install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=config.serving.max_body_bytes)
     api_key = config.serving.api_key_value()
     if api_key is not None:  # added last, so it runs first: no key, no body read

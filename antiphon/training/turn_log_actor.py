@@ -121,8 +121,7 @@ class TurnLogClient:
         """None if the actor answers within `timeout_s`; else what is wrong (a dead one is
         replaced by the next write)."""
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self.actor.path.remote().future()),
-                                   timeout_s)  # fmt: skip
+            await asyncio.wait_for(self.actor.path.remote(), timeout_s)
         except ActorDiedError:
             self._actor = None
             return "the turn log actor died; the next request's records start a new one"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -14,7 +15,13 @@ import ray
 
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
 from antiphon.deploy.app import turn_log_actor_name_for
-from antiphon.training.turn_log import FeedbackRecord, RequestRecord, TurnRecord, read_records
+from antiphon.training.turn_log import (
+    FeedbackRecord,
+    Record,
+    RequestRecord,
+    TurnRecord,
+    read_records,
+)
 from tests.deploy.server import API_KEY, APP_NAME, MAX_CONCURRENT, RunningServer
 
 PROMPT = "Once upon a time"
@@ -24,19 +31,40 @@ def post(server: RunningServer, path: str, body: object, **kw) -> httpx.Response
     return httpx.post(f"{server.url}{path}", json=body, headers=server.headers, timeout=120, **kw)
 
 
-def sse_events(response: httpx.Response) -> list[tuple[str, str]]:
-    """(event, data) pairs of a server-sent-events body."""
-    events, event, data = [], "message", []
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-events body, as they arrive."""
+    event, data = "message", []
     for line in response.iter_lines():
         if line == "":
             if data:
-                events.append((event, "\n".join(data)))
+                yield event, "\n".join(data)
             event, data = "message", []
         elif line.startswith("event:"):
             event = line[6:].strip()
         elif line.startswith("data:"):
             data.append(line[5:].strip())
-    return events
+
+
+def records_when(
+    server: RunningServer, ready: Callable[[list[Record]], bool], within_s: float
+) -> list[Record]:
+    """The turn log's records once `ready(records)` holds, or at the deadline (records are
+    sent after the answer, without waiting for the disk)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        found = server.turn_log.exists()
+        records = [rec for rec, _ in read_records(server.turn_log)] if found else []
+        if ready(records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def kill_serve_replica(deployment: str) -> None:
+    """ray.kill, with no restart, the one replica of a deployment of the test app (Serve
+    starts another in its place)."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    [replica] = [a for a in named if f"{APP_NAME}#{deployment}#" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
 def test_generate_returns_text_and_segments_by_model(server):
@@ -91,7 +119,7 @@ def test_generate_stream_is_one_event_per_segment_then_done(server):
                       headers=server.headers, timeout=120) as r:  # fmt: skip
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = list(sse_events(r))
     kinds = [e for e, _ in events]
     assert kinds == ["segment"] * (len(events) - 1) + ["done"]
     segments = [SegmentEventBody.model_validate_json(d) for _, d in events[:-1]]
@@ -318,16 +346,14 @@ def test_with_a_key_only_the_liveness_probe_is_open_and_no_body_is_read_first(se
     assert httpx.post(f"{server.url}/v1/generate", json=big, timeout=60).status_code == 401
 
 
+def turn_request_ids(records: list[Record]) -> set[str]:
+    return {rec.request_id for rec in records if isinstance(rec, TurnRecord)}
+
+
 def logged_request_ids(server: RunningServer, wanted: set[str], within_s: float) -> set[str]:
-    """The ids among `wanted` that have turn records in the log, waiting up to `within_s`
-    (turn records are sent after the answer, without waiting for the disk)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        records = read_records(server.turn_log) if server.turn_log.exists() else ()
-        found = {rec.request_id for rec, _ in records if isinstance(rec, TurnRecord)} & wanted
-        if found == wanted or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
+    """The ids among `wanted` that have turn records in the log, waiting up to `within_s`."""
+    records = records_when(server, lambda rs: wanted <= turn_request_ids(rs), within_s)
+    return turn_request_ids(records) & wanted
 
 
 def test_a_killed_turn_log_actor_comes_back_and_no_turn_or_feedback_is_lost(server):
@@ -373,25 +399,16 @@ def test_killing_a_model_replica_loses_no_stream_in_flight(server):
     def stream(i: int) -> None:
         with httpx.stream("POST", f"{server.url}/v1/generate", json=body,
                           headers=server.headers, timeout=300) as r:  # fmt: skip
-            events, event, data = results[i], "message", []
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line == "" and data:
-                    events.append((event, "\n".join(data)))
-                    if len(events) == 2:
-                        started.wait()  # every stream is under way before the kill
-                    event, data = "message", []
+            for event in sse_events(r):
+                results[i].append(event)
+                if len(results[i]) == 2:
+                    started.wait()  # every stream is under way before the kill
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    named = ray.util.list_named_actors(all_namespaces=True)
-    [replica] = [a for a in named if f"{APP_NAME}#a#" in a["name"]]
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    kill_serve_replica("a")
     for t in threads:
         t.join(timeout=300)
     for events in results:
@@ -412,9 +429,7 @@ def test_a_request_whose_coordinator_dies_before_answering_is_run_again(server):
     caller = threading.Thread(target=lambda: answers.append(post(server, "/v1/generate", body)))
     caller.start()
     time.sleep(1.0)  # the request is some turns in (a whole answer takes several seconds)
-    named = ray.util.list_named_actors(all_namespaces=True)
-    [replica] = [a for a in named if f"{APP_NAME}#coordinator#" in a["name"]]
-    ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+    kill_serve_replica("coordinator")
     caller.join(timeout=300)
     (answer,) = answers
     assert answer.status_code == 200, answer.text
@@ -425,13 +440,12 @@ def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):
     marker = f"rejected-{uuid.uuid4().hex}"
     r = post(server, "/v1/generate", {"prompt": marker + "y" * 200_000})
     assert r.status_code == 400, r.text
-    deadline, found = time.monotonic() + 60, []
-    while not found and time.monotonic() < deadline:
-        records = read_records(server.turn_log) if server.turn_log.exists() else ()
-        found = [rec for rec, _ in records
-                 if isinstance(rec, RequestRecord) and rec.prompt.startswith(marker)]  # fmt: skip
-        time.sleep(0.2)
-    (record,) = found
+
+    def rejected(records: list[Record]) -> list[RequestRecord]:
+        return [rec for rec in records
+                if isinstance(rec, RequestRecord) and rec.prompt.startswith(marker)]  # fmt: skip
+
+    (record,) = rejected(records_when(server, rejected, within_s=60))
     assert record.error and record.finish_reason is None
     assert len(record.prompt) < 1100 and record.prompt.endswith("more characters]")
     assert len(record.error) < 1100
@@ -442,13 +456,8 @@ def test_feedback_lands_in_the_turn_log_beside_the_turns(server):
     r = post(server, "/v1/feedback", {"request_id": answer["id"], "reward": 0.5})
     assert r.status_code == 200, r.text
     assert r.json() == {"request_id": answer["id"], "recorded": True}
-    records = []
-    for _ in range(100):  # turn records are sent after the answer, without waiting for disk
-        records = [rec for rec, _ in read_records(server.turn_log)
-                   if rec.request_id == answer["id"]]  # fmt: skip
-        if any(isinstance(rec, TurnRecord) for rec in records):
-            break
-        time.sleep(0.1)
+    logged = records_when(server, lambda rs: answer["id"] in turn_request_ids(rs), within_s=10)
+    records = [rec for rec in logged if rec.request_id == answer["id"]]
     feedback = [rec for rec in records if isinstance(rec, FeedbackRecord)]
     assert [f.reward for f in feedback] == [0.5]
     turns = [rec for rec in records if isinstance(rec, TurnRecord)]

@@ -19,7 +19,7 @@ RAY_LIKE = (
 
 def failing_app() -> FastAPI:
     app = FastAPI()
-    install_error_handlers(app, max_body_bytes=1 << 20)
+    install_error_handlers(app)
 
     @app.get("/boom")
     async def boom() -> None:
