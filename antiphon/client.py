@@ -260,7 +260,8 @@ class Client:
         return GenerationStream(self._http, _generate_body(prompt, messages, True, options))
 
     def feedback(self, request_id: str, reward: float) -> FeedbackResponse:
-        """Log a reward for a finished request (its `id`) beside its turns."""
+        """Log a reward for a finished request (its `id`) beside its turns; NotFound for an id
+        the turn log does not hold."""
         body = {"request_id": request_id, "reward": reward}
         return _parse(self._http.post("/v1/feedback", json=body), FeedbackResponse)
 
@@ -343,7 +344,8 @@ class AsyncClient:
         return AsyncGenerationStream(self._http, _generate_body(prompt, messages, True, options))
 
     async def feedback(self, request_id: str, reward: float) -> FeedbackResponse:
-        """Log a reward for a finished request (its `id`) beside its turns."""
+        """Log a reward for a finished request (its `id`) beside its turns; NotFound for an id
+        the turn log does not hold."""
         body = {"request_id": request_id, "reward": reward}
         return _parse(await self._http.post("/v1/feedback", json=body), FeedbackResponse)
 

@@ -58,6 +58,11 @@ def test_feedback_reaches_the_turn_log(client, server):
     assert feedback_rewards(server, answer.id) == [1.0]
 
 
+def test_feedback_for_an_id_never_served_is_not_found(client):
+    with pytest.raises(NotFound, match="no request with id 'nobody' in the turn log"):
+        client.feedback("nobody", 1.0)
+
+
 def test_models_lists_ensembles(client):
     assert [(m.id, m.antiphon_models) for m in client.models()] == [
         ("pair", ["a", "b"]),

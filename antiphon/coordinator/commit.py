@@ -105,15 +105,7 @@ def release(state: SequenceState, released: int) -> tuple[list[SegmentEvent], in
         end += len(segments[upto].text)
         upto += 1
     events = [
-        SegmentEvent(
-            request_id=state.request_id,
-            index=i,
-            turn=seg.turn,
-            model=seg.model,
-            kind=seg.kind,
-            text=seg.text,
-            token_count=len(seg.token_ids),
-        )
+        SegmentEvent(request_id=state.request_id, index=i, segment=seg)
         for i, seg in enumerate(segments[released:upto], start=released)
     ]
     return events, upto

@@ -107,13 +107,14 @@ class CoordinatorServer:
             yield event
 
     async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
-        """Log a client's reward beside the request's turns; returns once it has landed."""
+        """Log a client's reward beside the request's turns; returns once it has landed.
+        NotFound when the turn log holds no request of that id."""
         if not request_id:
             raise InvalidRequest("request_id must be non-empty")
         if self.turn_sink is None:
             raise InvalidRequest("this deployment has no turn log to record feedback in")
-        await self.turn_sink.write([FeedbackRecord(request_id, float(reward), comment)])
-        await self.turn_sink.flush()
+        await self.coordinator.drain()  # requests of this replica that ended: records sent
+        await self.turn_sink.feedback(FeedbackRecord(request_id, float(reward), comment))
 
     async def health(self) -> dict[str, str]:
         """What of this replica's dependencies is degraded, by component; {} when none."""

@@ -159,10 +159,11 @@ class _Run:
         self.ctx = ExecutionContext(request, self.sessions, coord.trim)
         self.executors: dict[type, Executor] = {}  # one per kind of decision, made on first use
         self.active: Executor | None = None  # ran the last decision; may hold pending work
-        self.released = 0  # segments already streamed
+        self.released = len(request.resume)  # segments already streamed (by a replica that died)
         self.decisions: dict[int, Decision] = {}  # per turn
         self.timings: dict[int, TurnTiming] = {}  # per turn
-        self.commit_times: list[float] = []  # unix time each of state.segments was committed
+        # unix time each of state.segments was committed (resumed ones: when resumed)
+        self.commit_times: list[float] = [time.time()] * len(request.resume)
 
     async def turns(self) -> AsyncIterator[StreamEvent]:
         self.state = replace(self.state, status=SequenceStatus.RUNNING)

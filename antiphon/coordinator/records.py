@@ -83,6 +83,11 @@ class TurnSink(Protocol):
         """Send a batch; it may land after this returns."""
         ...
 
+    async def feedback(self, record: FeedbackRecord) -> None:
+        """Log a client's reward once it has landed; NotFound when the log holds no request
+        of its id."""
+        ...
+
     async def flush(self) -> None:
         """Wait until everything sent so far has landed; raise if some of it failed to."""
         ...

@@ -18,7 +18,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from antiphon.errors import InvalidRequest, validation_message
 from antiphon.sequence import Segment, SegmentKind, SequenceFinishReason, SequenceState
@@ -57,6 +65,11 @@ class GenerationRequest(BaseModel):
     stop: tuple[str, ...] = Field(
         default=(), max_length=16, description="Stop strings; the text is cut before the first."
     )
+    resume: tuple[Segment, ...] = Field(
+        default=(),
+        description="Segments already streamed to the client by a coordinator replica that "
+        "died mid-request: the run continues after them (set by the ingress, never by a body).",
+    )
 
     @field_validator("models")
     @classmethod
@@ -67,6 +80,13 @@ class GenerationRequest(BaseModel):
             raise ValueError("model names must be non-empty")
         return v
 
+    @model_validator(mode="after")
+    def _resumed_by_the_ensemble(self) -> GenerationRequest:
+        strangers = sorted({s.model for s in self.resume} - set(self.models))
+        if strangers:
+            raise ValueError(f"resumed segments written by models {strangers} not in the ensemble")
+        return self
+
     @field_validator("stop")
     @classmethod
     def _stop_non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -75,7 +95,8 @@ class GenerationRequest(BaseModel):
         return v
 
     def initial_state(self) -> SequenceState:
-        """The sequence state this request starts from: nothing written yet."""
+        """The sequence state this request starts from: nothing written yet, or the resumed
+        segments and the turn after the last of them."""
         return SequenceState(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -83,6 +104,8 @@ class GenerationRequest(BaseModel):
             max_tokens=self.max_tokens,
             stop=self.stop,
             seed=self.seed,
+            segments=self.resume,
+            turn=max(s.turn for s in self.resume) + 1 if self.resume else 0,
         )
 
     @classmethod
@@ -96,15 +119,35 @@ class GenerationRequest(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class SegmentEvent:
-    """Streamed once per committed segment, in order."""
+    """Streamed once per committed segment, in order. It carries the whole segment (token ids
+    included), so whoever relays a stream can resume it on another coordinator replica."""
 
     request_id: str
     index: int  # position of the segment in the response (0, 1, ...)
-    turn: int  # index of the decision that produced it
-    model: str  # who wrote it
-    kind: SegmentKind
-    text: str  # the segment's text (already cut at a stop string if one ended the response)
-    token_count: int  # its tokens, in the writer's tokenizer
+    segment: Segment  # committed: text already cut at a stop string if one ended the response
+
+    @property
+    def turn(self) -> int:
+        """Index of the decision that produced the segment."""
+        return self.segment.turn
+
+    @property
+    def model(self) -> str:
+        """Who wrote it."""
+        return self.segment.model
+
+    @property
+    def kind(self) -> SegmentKind:
+        return self.segment.kind
+
+    @property
+    def text(self) -> str:
+        return self.segment.text
+
+    @property
+    def token_count(self) -> int:
+        """Its tokens, in the writer's tokenizer."""
+        return len(self.segment.token_ids)
 
 
 @dataclass(frozen=True, slots=True)

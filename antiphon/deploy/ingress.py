@@ -8,7 +8,8 @@ Routes (bodies in `antiphon.deploy.api`):
     POST /v1/generate            native API: text + segments; SSE with "stream": true
     POST /v1/completions         OpenAI completions (stream or not)
     POST /v1/chat/completions    OpenAI chat completions (stream or not)
-    POST /v1/feedback            a reward for a request id -> the turn log
+    POST /v1/feedback            a reward for a request id -> the turn log (404 for an id
+                                 the log does not hold)
 
 Every error answer is `{"error": {"message", "type", "param", "code"}}`. Client mistakes get
 4xx (antiphon errors by their `http_status`; malformed JSON, invalid fields and text that is
@@ -18,7 +19,9 @@ names a reference into the server's log and nothing of the internals. A request'
 `policy_params` may not set what only the config may (paths, hub ids, deployments, patterns:
 `PolicyParams.config_only`). A streamed answer checks its request
 before the first byte is sent (the first event is awaited first), so a bad request still gets
-its 4xx; a failure after that arrives as a last `error` event.
+its 4xx; a failure after that arrives as a last `error` event. A coordinator replica that
+dies mid-request costs a second run on the replica Serve starts instead; a stream is resumed
+after the segments it had sent.
 
 The FastAPI app is built per replica by `create_api(backend, config)` from any `Backend`; the
 `Ingress` deployment is the backend that calls the coordinator through its Serve handle.
@@ -62,6 +65,7 @@ from antiphon.deploy.config import AppConfig, EnsembleSpec
 from antiphon.errors import AntiphonError, Overloaded, Unauthorized, antiphon_cause, unwrapped
 from antiphon.logging import configure_logging, get_logger, log_context
 from antiphon.policies.registry import check_request_params
+from antiphon.sequence import Segment
 
 log = get_logger(__name__)
 
@@ -587,9 +591,15 @@ class Ingress:
         return await unwrapped(self.coordinator.generate.remote(request))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamEvent]:
+        # A coordinator replica that dies mid-stream costs a second run on the replica Serve
+        # starts instead, resumed after the segments the client already has (the events carry
+        # them whole): the client sees one stream, with nothing repeated and nothing missing.
+        streamed: list[Segment] = []
         for attempt in range(1, COORDINATOR_ATTEMPTS + 1):
+            if streamed:
+                request = request.model_copy(update={"resume": tuple(streamed)})
             events = self.coordinator.options(stream=True).stream.remote(request)
-            finished, sent = False, 0
+            finished = False
             try:
                 while True:
                     try:
@@ -598,13 +608,13 @@ class Ingress:
                         finished = True
                         return
                     yield event
-                    sent += 1
+                    if isinstance(event, SegmentEvent):
+                        streamed.append(event.segment)
             except RayActorError as e:
-                # Before the first event the stream can start over on the replica Serve
-                # starts instead; after it, the client has text the new run would repeat.
-                if sent or attempt == COORDINATOR_ATTEMPTS:
+                if attempt == COORDINATOR_ATTEMPTS:
                     raise
-                log.warning("coordinator_lost_retrying", attempt=attempt, error=repr(e))
+                log.warning("coordinator_lost_resuming", attempt=attempt,
+                            segments_streamed=len(streamed), error=repr(e))  # fmt: skip
             finally:
                 if not finished:
                     events.cancel()  # the client left (or failed): stop the turn loop too

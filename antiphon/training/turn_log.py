@@ -36,6 +36,7 @@ from pathlib import Path
 import msgpack
 
 from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord
+from antiphon.errors import NotFound
 
 MAGIC = b"ATL1"
 _HEADER = struct.Struct("<4sII")  # magic, payload length, crc32
@@ -86,16 +87,6 @@ def read_records(path: str | Path, offset: int = 0) -> Iterator[tuple[Record, in
             yield got
 
 
-def last_good_offset(path: str | Path) -> int:
-    """Offset just after the last complete, valid frame (0 for an empty or missing file)."""
-    offset = 0
-    if not os.path.exists(path):
-        return 0
-    for _, offset in read_records(path):  # noqa: B007  (we want the last offset)
-        pass
-    return offset
-
-
 class TurnLogReader:
     """Iterates (record, next_offset) from `offset`; iterate again later to read new records."""
 
@@ -118,7 +109,13 @@ class TurnLogWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.fsync_every_s = fsync_every_s
-        good = last_good_offset(self.path)
+        # One pass over what is there: where the last whole frame ends, and which requests
+        # the log holds (feedback is only taken for those).
+        good = 0
+        self.requests: set[str] = set()  # ids with a request record (finished or failed)
+        for record, good in TurnLogReader(self.path):  # noqa: B007  (the last offset is kept)
+            if isinstance(record, RequestRecord):
+                self.requests.add(record.request_id)
         if self.path.exists() and self.path.stat().st_size > good:
             with open(self.path, "r+b") as f:  # drop a torn tail before appending after it
                 f.truncate(good)
@@ -128,6 +125,7 @@ class TurnLogWriter:
 
     def append(self, records: Iterable[Record]) -> int:
         """Append a batch; return the offset after it."""
+        records = list(records)
         data = b"".join(encode_record(r) for r in records)
         if data:
             self._file.write(data)
@@ -135,7 +133,18 @@ class TurnLogWriter:
             self.offset += len(data)
             if time.monotonic() - self._last_fsync >= self.fsync_every_s:
                 self.sync()
+            self.requests.update(r.request_id for r in records if isinstance(r, RequestRecord))
         return self.offset
+
+    def append_feedback(self, record: FeedbackRecord) -> int:
+        """Append a client's feedback for a request the log holds; NotFound for any other
+        (a reward for no turns would train on nothing, and the client should hear so)."""
+        if record.request_id not in self.requests:
+            raise NotFound(
+                f"no request with id {record.request_id!r} in the turn log (a request's "
+                "records land just after its answer: feedback sent before then can be retried)"
+            )
+        return self.append([record])
 
     @property
     def closed(self) -> bool:
@@ -166,6 +175,9 @@ class FileTurnSink:
 
     async def write(self, records: list[Record]) -> None:
         self.writer.append(records)
+
+    async def feedback(self, record: FeedbackRecord) -> None:
+        self.writer.append_feedback(record)
 
     async def flush(self) -> None:
         """Nothing to wait for: `write` appended the batch to the file already."""

@@ -21,6 +21,7 @@ from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError
 
 from antiphon.coordinator.records import FeedbackRecord, Record
+from antiphon.errors import unwrapped
 from antiphon.training.turn_log import TurnLogWriter
 
 log = structlog.get_logger(__name__)
@@ -38,9 +39,10 @@ class TurnLogActor:
         """Append a batch; return the file offset after it."""
         return self.writer.append(records)
 
-    def feedback(self, request_id: str, reward: float, comment: str = "") -> int:
-        """Log a client's reward for a request beside its turns."""
-        return self.writer.append([FeedbackRecord(request_id, float(reward), comment)])
+    def feedback(self, record: FeedbackRecord) -> int:
+        """Log a client's reward for a request beside its turns (NotFound for a request the
+        log does not hold)."""
+        return self.writer.append_feedback(record)
 
     def sync(self) -> int:
         """fsync now; return the offset everything before which is on disk."""
@@ -116,6 +118,14 @@ class TurnLogClient:
             log.warning("turn_log_actor_replaced", name=self.name, path=self.path)
             self._actor = None
             return await self.actor.append.remote(records)
+
+    async def feedback(self, record: FeedbackRecord) -> None:
+        await self.flush()  # this replica's batches first: they may hold the request's records
+        try:
+            await unwrapped(self.actor.feedback.remote(record))
+        except ActorDiedError:  # dead for good, as in `_append`
+            self._actor = None
+            await unwrapped(self.actor.feedback.remote(record))
 
     async def problem(self, timeout_s: float = 2.0) -> str | None:
         """None if the actor answers within `timeout_s`; else what is wrong (a dead one is

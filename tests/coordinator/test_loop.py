@@ -14,6 +14,7 @@ from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import FinishEvent, GenerationRequest, SegmentEvent
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.messages import SamplingParams
+from antiphon.sequence import Segment
 from antiphon.training.turn_log import (
     FileTurnSink,
     RequestRecord,
@@ -290,3 +291,24 @@ def test_log_lines_carry_request_id_and_turn(engines, tokenizers, captured_logs)
     assert lost["request_id"] == req.request_id and lost["model"] == "a"
     assert lost["turn"] == 2 == [s.turn for s in result.segments if s.model == "a"][1]
     assert lost["log_level"] == "warning"
+
+
+def test_a_resumed_request_streams_only_what_follows_and_ends_like_the_whole_run(coordinator):
+    """What the ingress does when a coordinator dies mid-stream: the same request, resumed
+    after the segments already streamed, goes on from the next turn (the policy decides
+    from the view, so round robin hands the next turn to the next writer)."""
+    req = request(policy="round_robin", policy_params={"segment_len": 3})
+    whole, _ = asyncio.run(collect(coordinator, req))
+    sent = tuple(e.segment for e in whole[:3])
+    rest, finish = asyncio.run(collect(coordinator, req.model_copy(update={"resume": sent})))
+    assert [e.index for e in rest] == list(range(3, 3 + len(rest)))
+    assert [e.model for e in rest][:2] == [e.model for e in whole[3:5]]
+    assert finish.usage.completion_tokens == 23
+    # greedy, but the resumed writers read the sent segments in one prefill: the same tokens
+    assert [e.segment.token_ids for e in rest] == [e.segment.token_ids for e in whole[3:]]
+
+
+def test_resumed_segments_must_come_from_the_ensemble():
+    seg = Segment("c", (1,), "x", (0.0,), 0)
+    with pytest.raises(InvalidRequest, match=r"models \['c'\] not in the ensemble"):
+        GenerationRequest.parse({"prompt": PROMPT, "models": ["a", "b"], "resume": [seg]})

@@ -243,6 +243,8 @@ CLIENT_MISTAKES = [
      {"model": "pair", "prompt": TOO_LONG, "stream": True}, 400, "512"),
     ("feedback without id", "/v1/feedback", {"reward": 1.0}, 400, "request_id"),
     ("feedback bad reward", "/v1/feedback", {"request_id": "r", "reward": "good"}, 400, "reward"),
+    ("feedback for no request", "/v1/feedback", {"request_id": "never-served", "reward": 1.0},
+     404, "no request with id 'never-served' in the turn log"),
     ("unknown route", "/v1/nothing", {}, 404, "Not Found"),
     # text that is not valid Unicode (JSON allows lone surrogate escapes): 400, not 500
     ("lone surrogate prompt", "/v1/generate", '{"prompt": "a\\ud800b"}', 400, "lone surrogate"),
@@ -434,6 +436,51 @@ def test_a_request_whose_coordinator_dies_before_answering_is_run_again(server):
     (answer,) = answers
     assert answer.status_code == 200, answer.text
     assert answer.json()["text"] == expected["text"]  # greedy: the second run is the same
+
+
+@pytest.mark.slow
+def test_streams_whose_coordinator_dies_go_on_from_what_they_had_sent(server):
+    """The coordinator replica dies with every slot streaming: each stream is resumed on the
+    replica Serve starts instead, after the segments it had sent; nothing is repeated or
+    lost, and every segment of it has its turn record."""
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 160, "stream": True,
+            "policy_params": {"segment_len": 1}}  # fmt: skip
+    n_streams = MAX_CONCURRENT
+    started = threading.Barrier(n_streams + 1)
+    results: list[list[tuple[str, str]]] = [[] for _ in range(n_streams)]
+    sent_before_kill: list[int] = [0] * n_streams
+
+    def stream(i: int) -> None:
+        with httpx.stream("POST", f"{server.url}/v1/generate", json=body,
+                          headers=server.headers, timeout=300) as r:  # fmt: skip
+            for event in sse_events(r):
+                results[i].append(event)
+                if len(results[i]) == 3:
+                    sent_before_kill[i] = 3
+                    started.wait()  # every stream is under way before the kill
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=120)
+    kill_serve_replica("coordinator")
+    for t in threads:
+        t.join(timeout=300)
+    ids = set()
+    for events in results:
+        kinds = [kind for kind, _ in events]
+        assert "error" not in kinds and kinds[-1] == "done", events[-1]
+        done = GenerateResponse.model_validate_json(events[-1][1])
+        streamed = [SegmentEventBody.model_validate_json(d) for k, d in events if k == "segment"]
+        assert [s.index for s in streamed] == list(range(len(streamed)))  # none twice
+        assert done.text == "".join(s.text for s in streamed)
+        assert done.usage.completion_tokens == 160 or done.finish_reason == "eos"
+        ids.add(done.id)
+    records = records_when(server, lambda rs: ids <= turn_request_ids(rs), within_s=60)
+    for events in results:
+        done = GenerateResponse.model_validate_json(events[-1][1])
+        turns = [r for r in records if isinstance(r, TurnRecord) and r.request_id == done.id]
+        assert "".join(t.text for t in sorted(turns, key=lambda t: t.segment)) == done.text
 
 
 def test_a_rejected_prompt_is_logged_as_a_preview_not_whole(server):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from antiphon.errors import NotFound
 from antiphon.training.turn_log import (
     FeedbackRecord,
     RequestRecord,
@@ -75,6 +77,21 @@ def test_feedback_lands_beside_the_turns_after_reopening(tmp_path):
     write(path, [FeedbackRecord("req-1", 1.0, time=5.0)])  # a new writer appends
     got = [r for r, _ in read_records(path)]
     assert len(got) == 7 and got[-1] == FeedbackRecord("req-1", 1.0, time=5.0)
+
+
+def test_feedback_is_taken_only_for_a_request_the_log_holds_across_reopening(tmp_path):
+    path = tmp_path / "log.atl"
+    with TurnLogWriter(path, fsync_every_s=0) as w:
+        with pytest.raises(NotFound, match="no request with id 'req-1'"):
+            w.append_feedback(FeedbackRecord("req-1", 1.0))  # its turns are not there yet
+        w.append(RECORDS[:6])
+        w.append_feedback(FeedbackRecord("req-1", 1.0, time=5.0))
+    with TurnLogWriter(path, fsync_every_s=0) as w:  # a new writer knows it from the file
+        w.append_feedback(FeedbackRecord("req-1", -1.0, time=6.0))
+        with pytest.raises(NotFound):
+            w.append_feedback(FeedbackRecord("req-2", 1.0))
+    rewards = [r.reward for r, _ in read_records(path) if isinstance(r, FeedbackRecord)]
+    assert rewards == [1.0, -1.0]
 
 
 @settings(
