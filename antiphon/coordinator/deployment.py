@@ -23,11 +23,13 @@ turn.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import ray
 from ray import serve
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
@@ -90,6 +92,8 @@ class CoordinatorServer:
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
         self.turn_sink = turn_sink
+        self.model_handles = dict(model_handles)
+        self.policy_actors = dict(policy_actors or {})
         self.coordinator = Coordinator(
             models={s.name: ServeModelClient(model_handles[s.name]) for s in specs},
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
@@ -117,9 +121,56 @@ class CoordinatorServer:
         await self.turn_sink.feedback(FeedbackRecord(request_id, float(reward), comment))
 
     async def health(self) -> dict[str, str]:
-        """What of this replica's dependencies is degraded, by component; {} when none."""
-        problem = await self.turn_sink.problem() if self.turn_sink is not None else None
+        """What of this replica's dependencies is degraded, by component ("turn_log",
+        "model:NAME", "policy:NAME"); {} when none is."""
+        checks = [self._models_degraded(), self._policies_degraded()]
+        if self.turn_sink is not None:
+            checks.append(self._turn_log_degraded())
+        degraded: dict[str, str] = {}
+        for found in await asyncio.gather(*checks):
+            degraded.update(found)
+        return degraded
+
+    async def _turn_log_degraded(self) -> dict[str, str]:
+        assert self.turn_sink is not None
+        problem = await self.turn_sink.problem()
         return {"turn_log": problem} if problem else {}
+
+    async def _models_degraded(self) -> dict[str, str]:
+        """Model deployments Serve does not report healthy (a replica that died and is being
+        replaced, a failed deploy); one that is only scaling while a replica runs is fine."""
+        status = await asyncio.to_thread(serve.status)
+        degraded = {}
+        for name, handle in self.model_handles.items():
+            app = status.applications.get(handle.app_name)
+            deployment = app.deployments.get(handle.deployment_name) if app else None
+            if deployment is None:
+                degraded[f"model:{name}"] = "its deployment is not running"
+                continue
+            running = deployment.replica_states.get("RUNNING", 0)
+            scaling = deployment.status in ("UPSCALING", "DOWNSCALING") and running > 0
+            if deployment.status != "HEALTHY" and not scaling:
+                states = deployment.replica_states.items()
+                replicas = ", ".join(f"{n} {state.lower()}" for state, n in states)
+                degraded[f"model:{name}"] = (
+                    f"deployment {deployment.status.lower()} ({replicas or 'no replicas'})"
+                )
+        return degraded
+
+    async def _policies_degraded(self, timeout_s: float = 2.0) -> dict[str, str]:
+        """Policy actors that do not answer (Ray restarts one that crashed)."""
+
+        async def check(name: str, actor: ActorHandle) -> tuple[str, str | None]:
+            try:
+                await asyncio.wait_for(actor.describe.remote(), timeout_s)
+            except TimeoutError:
+                return name, f"the policy actor did not answer within {timeout_s:g} s"
+            except RayActorError as e:
+                return name, f"the policy actor is unavailable ({type(e).__name__})"
+            return name, None
+
+        found = await asyncio.gather(*(check(n, a) for n, a in self.policy_actors.items()))
+        return {f"policy:{name}": problem for name, problem in found if problem}
 
     async def flush_turn_log(self) -> None:
         """Wait until every record of this replica's finished requests is in the turn log

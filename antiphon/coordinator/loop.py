@@ -52,6 +52,8 @@ from antiphon.sequence import SequenceState, SequenceStatus
 
 log = get_logger(__name__)
 
+PROMPT_CHARS_IN_LOOP = 16_384  # a longer prompt is tokenized in a worker thread
+
 
 class Coordinator:
     """Runs requests over a fixed set of models. Safe to share between concurrent requests."""
@@ -108,7 +110,11 @@ class Coordinator:
         if todo:
             infos = await asyncio.gather(*(self.models[n].info() for n in todo))
             self.infos.update(zip(todo, infos, strict=True))
-        return _Run(self, request, policy)
+        run = _Run(self, request, policy)
+        if len(request.prompt) > PROMPT_CHARS_IN_LOOP:
+            # ~1 s a megabyte per tokenizer: off the event loop every other request runs on
+            await asyncio.to_thread(run.sessions.encode_prompt, request.models)
+        return run
 
     async def _drive(self, run: _Run) -> AsyncIterator[StreamEvent]:
         error: BaseException | None = None

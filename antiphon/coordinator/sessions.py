@@ -147,6 +147,12 @@ class RequestSessions:
             self._prompt_ids[name] = list(self.tokenizers[name](self.prompt)["input_ids"])
         return list(self._prompt_ids[name])
 
+    def encode_prompt(self, names: Sequence[str]) -> None:
+        """Tokenize the prompt for each of `names` now (in the caller's thread), so that
+        `prompt_ids` costs nothing later."""
+        for name in names:
+            self.prompt_ids(name)
+
     def fingerprint(self, name: str) -> str:
         return self.infos[name].tokenizer_fingerprint
 

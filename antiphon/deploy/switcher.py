@@ -13,13 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import ray
 from ray import serve
 from ray.actor import ActorHandle
 
 from antiphon.actors.server import build_model_deployment
 from antiphon.config import ModelSpec
-from antiphon.policies.actor import PolicyActor
+from antiphon.policies.actor import start_policy_actor
 
 SWITCHER_APP = "switcher"
 
@@ -40,8 +39,4 @@ def deploy_switch_policy(
     """Run the switcher's model deployment (Serve app 'switcher') and a policy actor hosting
     `switch` over it; return the actor (pass it to the coordinator as {"switch": actor})."""
     serve.run(build_model_deployment(spec), name=SWITCHER_APP, route_prefix=None)
-    return (
-        ray.remote(PolicyActor)
-        .options(num_cpus=0)
-        .remote("switch", switch_policy_params(spec, params))
-    )
+    return start_policy_actor("switch", switch_policy_params(spec, params))

@@ -1,7 +1,7 @@
 """A policy hosted in a Ray actor, shared by every coordinator replica; `PolicyClient` makes
 the actor look like a local `Policy`.
 
-    actor = ray.remote(PolicyActor).options(num_cpus=0).remote("round_robin", {"segment_len": 8})
+    actor = start_policy_actor("round_robin", {"segment_len": 8})
     policy = PolicyClient.connect(actor)          # a Policy: await policy.decide(view)
     ray.get(actor.set_policy.remote("switch", {...}))   # the next decisions use the new one
 
@@ -43,6 +43,18 @@ class PolicyActor:
     def describe(self) -> tuple[str, str, PolicyParams]:
         """(name, version, parameters) of the policy held now."""
         return self.policy.name, self.policy.version, self.params
+
+
+def start_policy_actor(name: str, params: Mapping[str, object] | None = None) -> ActorHandle:
+    """A `PolicyActor` hosting policy `name`. A crashed actor is started again by Ray and the
+    decisions in flight are asked again (a decision is a function of the view: asking twice
+    is safe), so a crash costs a stall, not a request. A restarted actor holds the policy it
+    was started with: a `set_policy` since is gone and must be made again."""
+    return (
+        ray.remote(PolicyActor)
+        .options(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+        .remote(name, params)
+    )
 
 
 class PolicyClient:

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 import structlog
 import structlog.testing
 
-from antiphon.coordinator.loop import Coordinator
+from antiphon.coordinator.loop import PROMPT_CHARS_IN_LOOP, Coordinator
 from antiphon.coordinator.request import FinishEvent, GenerationRequest, SegmentEvent
-from antiphon.errors import InvalidRequest, NotFound
+from antiphon.errors import InvalidRequest, NotFound, PromptTooLong
 from antiphon.messages import SamplingParams
 from antiphon.sequence import Segment
 from antiphon.training.turn_log import (
@@ -312,3 +313,30 @@ def test_resumed_segments_must_come_from_the_ensemble():
     seg = Segment("c", (1,), "x", (0.0,), 0)
     with pytest.raises(InvalidRequest, match=r"models \['c'\] not in the ensemble"):
         GenerationRequest.parse({"prompt": PROMPT, "models": ["a", "b"], "resume": [seg]})
+
+
+class ThreadNoting:
+    """A tokenizer that notes the thread of each call and passes it on to the real one."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.threads: list[str] = []
+
+    def __call__(self, text, **kw):
+        self.threads.append(threading.current_thread().name)
+        return self.tokenizer(text, **kw)
+
+
+def test_a_long_prompt_is_tokenized_off_the_event_loop(engines, tokenizers):
+    """A prompt of a megabyte takes about a second per tokenizer: not on the loop that runs
+    every other request."""
+    noting = {n: ThreadNoting(t) for n, t in tokenizers.items()}
+    coordinator = Coordinator(engines, noting)
+    long = request(prompt="y" * (PROMPT_CHARS_IN_LOOP + 1), max_tokens=2)
+    with pytest.raises(PromptTooLong):  # longer than the tiny models' context
+        asyncio.run(coordinator.generate(long))
+    first_calls = [noting[n].threads[0] for n in long.models]  # the prompt's, in each
+    assert first_calls and "MainThread" not in first_calls
+    short = {n: ThreadNoting(t) for n, t in tokenizers.items()}
+    asyncio.run(Coordinator(engines, short).generate(request(max_tokens=2)))
+    assert short["a"].threads[0] == "MainThread"  # a short one is not worth the hop

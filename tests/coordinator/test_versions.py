@@ -12,7 +12,7 @@ import torch
 
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.records import TurnRecord
-from antiphon.policies.actor import PolicyActor, PolicyClient
+from antiphon.policies.actor import PolicyClient, start_policy_actor
 from antiphon.policies.registry import PolicyCache
 from antiphon.policies.router import RouterWeights
 from antiphon.training.turn_log import FileTurnSink, TurnLogWriter, read_records
@@ -33,11 +33,7 @@ def test_a_weight_swap_mid_flight_labels_every_turn_with_the_weights_that_decide
 ):
     to_a, to_b = router_to("a", tmp_path / "to-a"), router_to("b", tmp_path / "to-b")
     params = {"segment_len": 2}
-    actor = (
-        ray.remote(PolicyActor)
-        .options(num_cpus=0)
-        .remote("trained_router", {"weights": to_a, **params})
-    )
+    actor = start_policy_actor("trained_router", {"weights": to_a, **params})
     try:
         client = PolicyClient.connect(actor)
         version_a = client.version

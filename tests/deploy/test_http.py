@@ -67,6 +67,38 @@ def kill_serve_replica(deployment: str) -> None:
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
 
 
+class HealthWatch:
+    """Polls /health in a thread while its block runs; `bodies` is every answer."""
+
+    def __init__(self, server: RunningServer, every_s: float = 0.2) -> None:
+        self.url, self.every_s = f"{server.url}/health", every_s
+        self.bodies: list[dict] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.bodies.append(httpx.get(self.url, timeout=30).json())
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> HealthWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def until_ok(self, within_s: float) -> dict:
+        """The first ok answer, or the last answer at the deadline."""
+        deadline = time.monotonic() + within_s
+        while True:
+            body = httpx.get(self.url, timeout=30).json()
+            if body["status"] == "ok" or time.monotonic() > deadline:
+                return body
+            time.sleep(self.every_s)
+
+
 def test_generate_returns_text_and_segments_by_model(server):
     r = post(server, "/v1/generate", {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12})
     assert r.status_code == 200, r.text
@@ -411,8 +443,9 @@ def test_killing_a_model_replica_loses_no_stream_in_flight(server):
         t.start()
     started.wait(timeout=120)
     kill_serve_replica("a")
-    for t in threads:
-        t.join(timeout=300)
+    with HealthWatch(server) as health:
+        for t in threads:
+            t.join(timeout=300)
     for events in results:
         kinds = [kind for kind, _ in events]
         assert "error" not in kinds and kinds[-1] == "done", events[-1]
@@ -420,6 +453,9 @@ def test_killing_a_model_replica_loses_no_stream_in_flight(server):
         streamed = [SegmentEventBody.model_validate_json(d) for k, d in events if k == "segment"]
         assert done.text == "".join(s.text for s in streamed)
         assert done.usage.completion_tokens == 48 or done.finish_reason == "eos"
+    # while its replica was being replaced /health said so, and says ok once it is back
+    assert any("model:a" in body["degraded"] for body in health.bodies), health.bodies
+    assert health.until_ok(within_s=60) == {"status": "ok", "degraded": {}}
 
 
 @pytest.mark.slow
@@ -464,8 +500,10 @@ def test_streams_whose_coordinator_dies_go_on_from_what_they_had_sent(server):
         t.start()
     started.wait(timeout=120)
     kill_serve_replica("coordinator")
-    for t in threads:
-        t.join(timeout=300)
+    with HealthWatch(server) as health:
+        for t in threads:
+            t.join(timeout=300)
+    assert any("coordinator" in body["degraded"] for body in health.bodies), health.bodies
     ids = set()
     for events in results:
         kinds = [kind for kind, _ in events]
