@@ -94,11 +94,12 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _http_port() -> int:
-    """The port Serve's proxy really listens on (Serve may have been started before us)."""
+def http_url(route_prefix: str) -> str:
+    """The URL of an app at `route_prefix`, on the port Serve's proxy really listens on
+    (Serve may have been started before us)."""
     from ray.serve.context import _get_global_client
 
-    return _get_global_client().http_config.port
+    return f"http://127.0.0.1:{_get_global_client().http_config.port}{route_prefix}"
 
 
 def ensure_server(model_a: Path, model_b: Path, switcher: Path, work_dir: Path) -> RunningServer:
@@ -111,7 +112,7 @@ def ensure_server(model_a: Path, model_b: Path, switcher: Path, work_dir: Path) 
     config = server_config(model_a, model_b, switcher, turn_log)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
-    url = f"http://127.0.0.1:{_http_port()}{ROUTE_PREFIX}"
+    url = http_url(ROUTE_PREFIX)
     assert _answers(url), f"test server at {url} does not answer"
     _server = RunningServer(url=url, config=config, turn_log=turn_log)
     return _server
