@@ -119,14 +119,21 @@ class RequestSlots:
         self.in_flight = 0
 
     def acquire(self) -> None:
-        if self.in_flight >= self.limit:
-            raise Overloaded(
-                f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry"
-            )
+        refusal = self.overloaded()
+        if refusal is not None:
+            raise refusal
         self.in_flight += 1
 
     def release(self) -> None:
         self.in_flight -= 1
+
+    def overloaded(self) -> Overloaded | None:
+        """The refusal a request would get now, or None while a slot is free."""
+        if self.in_flight < self.limit:
+            return None
+        return Overloaded(
+            f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry"
+        )
 
 
 LIVENESS_PATH = "/health"  # the one route open without the API key (a probe has no key)
@@ -155,6 +162,28 @@ def _route_path(scope: Scope) -> str:
     """The path inside the app: Serve mounts it under its route prefix (the root path)."""
     path, root = scope["path"], scope.get("root_path", "")
     return path[len(root) :] if root and path.startswith(root) else path
+
+
+GENERATION_PATHS = frozenset({"/v1/generate", "/v1/completions", "/v1/chat/completions"})
+
+
+class RefuseWhenFull:
+    """ASGI middleware: while every slot is taken, a generation request gets its 503 before
+    its body is read or parsed: past capacity the refusal is what must be fast. (A request
+    let through still takes its slot in the route, which refuses it if the last one went
+    meanwhile.)"""
+
+    def __init__(self, app: ASGIApp, slots: RequestSlots) -> None:
+        self.app = app
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _route_path(scope) in GENERATION_PATHS:
+            refusal = self.slots.overloaded()
+            if refusal is not None:
+                await _antiphon_error(refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -357,12 +386,14 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     """The FastAPI app of one ingress replica, calling `backend` for every generation."""
     app = FastAPI(title="antiphon", version=importlib.metadata.version("antiphon"))
     install_error_handlers(app)
+    slots = RequestSlots(config.serving.max_concurrent_requests)
+    # Middleware added last runs first: the key, then a full server's 503, then the body limit.
     app.add_middleware(BodyLimit, limit=config.serving.max_body_bytes)
+    app.add_middleware(RefuseWhenFull, slots=slots)
     api_key = config.serving.api_key_value()
-    if api_key is not None:  # added last, so it runs first: no key, no body read
+    if api_key is not None:
         app.add_middleware(RequireApiKey, api_key=api_key)
     started = int(time.time())
-    slots = RequestSlots(config.serving.max_concurrent_requests)
     v1 = APIRouter(prefix="/v1")
 
     @asynccontextmanager

@@ -575,6 +575,12 @@ def test_overload_gets_503_and_capacity_comes_back(server):
         assert r.status_code == 503, r.text
         assert r.json()["error"]["type"] == "overloaded_error"
         assert r.headers["retry-after"] == "1"
+        # refused before its body is read: even one that is not JSON gets the 503
+        junk = httpx.post(f"{server.url}/v1/chat/completions", content=b"\x00" * 10_000,
+                          headers=server.headers, timeout=30)  # fmt: skip
+        assert junk.status_code == 503 and junk.headers["retry-after"] == "1"
+        # what is not generation is still answered
+        assert httpx.get(f"{server.url}/v1/models", headers=server.headers).status_code == 200
     finally:
         release.set()
         for t in holders:
