@@ -19,7 +19,7 @@ error is raised as the antiphon error it names (`NotFound`, `InvalidRequest`,
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import TypeVar
 
 import httpx
@@ -124,6 +124,16 @@ class _SSEParser:
         elif field == "data":
             self.data.append(value)
         return None
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a server-sent-events body, from its lines as they arrive (e.g.
+    `sse_events(response.iter_lines())` of an httpx stream)."""
+    parser = _SSEParser()
+    for line in lines:
+        got = parser.feed(line)
+        if got is not None:
+            yield got
 
 
 def _segment_or_result(event: str, data: str) -> Segment | GenerateResponse:

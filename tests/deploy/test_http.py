@@ -13,6 +13,7 @@ import openai
 import pytest
 import ray
 
+from antiphon.client import sse_events as client_sse_events
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
 from antiphon.deploy.app import turn_log_actor_name_for
 from antiphon.training.turn_log import (
@@ -32,17 +33,8 @@ def post(server: RunningServer, path: str, body: object, **kw) -> httpx.Response
 
 
 def sse_events(response: httpx.Response) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs of a server-sent-events body, as they arrive."""
-    event, data = "message", []
-    for line in response.iter_lines():
-        if line == "":
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
+    """(event, data) pairs of a server-sent-events response, as they arrive."""
+    return client_sse_events(response.iter_lines())
 
 
 def records_when(
