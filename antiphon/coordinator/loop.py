@@ -52,8 +52,6 @@ from antiphon.sequence import SequenceState, SequenceStatus
 
 log = get_logger(__name__)
 
-PROMPT_CHARS_IN_LOOP = 16_384  # a longer prompt is tokenized in a worker thread
-
 
 class Coordinator:
     """Runs requests over a fixed set of models. Safe to share between concurrent requests."""
@@ -111,9 +109,7 @@ class Coordinator:
             infos = await asyncio.gather(*(self.models[n].info() for n in todo))
             self.infos.update(zip(todo, infos, strict=True))
         run = _Run(self, request, policy)
-        if len(request.prompt) > PROMPT_CHARS_IN_LOOP:
-            # ~1 s a megabyte per tokenizer: off the event loop every other request runs on
-            await asyncio.to_thread(run.sessions.encode_prompt, request.models)
+        await run.sessions.encode_prompt(request.models)
         return run
 
     async def _drive(self, run: _Run) -> AsyncIterator[StreamEvent]:
@@ -168,8 +164,7 @@ class _Run:
         self.released = len(request.resume)  # segments already streamed (by a replica that died)
         self.decisions: dict[int, Decision] = {}  # per turn
         self.timings: dict[int, TurnTiming] = {}  # per turn
-        # unix time each of state.segments was committed (resumed ones: when resumed)
-        self.commit_times: list[float] = [time.time()] * len(request.resume)
+        self.commit_times = [time.time()] * len(request.resume)  # per segment (resumed: now)
 
     async def turns(self) -> AsyncIterator[StreamEvent]:
         self.state = replace(self.state, status=SequenceStatus.RUNNING)

@@ -27,6 +27,8 @@ from antiphon.sequence import Segment, SequenceState
 
 log = get_logger(__name__)
 
+PROMPT_CHARS_IN_LOOP = 16_384  # a longer prompt is tokenized in a worker thread
+
 
 class ModelSession:
     """One model's session for one request, and how many of the state's segments it holds."""
@@ -147,11 +149,19 @@ class RequestSessions:
             self._prompt_ids[name] = list(self.tokenizers[name](self.prompt)["input_ids"])
         return list(self._prompt_ids[name])
 
-    def encode_prompt(self, names: Sequence[str]) -> None:
-        """Tokenize the prompt for each of `names` now (in the caller's thread), so that
-        `prompt_ids` costs nothing later."""
-        for name in names:
-            self.prompt_ids(name)
+    async def encode_prompt(self, names: Sequence[str]) -> None:
+        """Tokenize the prompt for each of `names` now, so that `prompt_ids` costs nothing
+        later; a long prompt (~1 s a megabyte per tokenizer) in a worker thread, off the
+        event loop that every other request runs on."""
+
+        def encode() -> None:
+            for name in names:
+                self.prompt_ids(name)
+
+        if len(self.prompt) > PROMPT_CHARS_IN_LOOP:
+            await asyncio.to_thread(encode)
+        else:
+            encode()
 
     def fingerprint(self, name: str) -> str:
         return self.infos[name].tokenizer_fingerprint

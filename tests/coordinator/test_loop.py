@@ -11,8 +11,9 @@ import pytest
 import structlog
 import structlog.testing
 
-from antiphon.coordinator.loop import PROMPT_CHARS_IN_LOOP, Coordinator
+from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import FinishEvent, GenerationRequest, SegmentEvent
+from antiphon.coordinator.sessions import PROMPT_CHARS_IN_LOOP
 from antiphon.errors import InvalidRequest, NotFound, PromptTooLong
 from antiphon.messages import SamplingParams
 from antiphon.sequence import Segment
