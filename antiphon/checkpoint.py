@@ -6,7 +6,8 @@ the package ships) and loading it. The one place a model or a tokenizer is read 
     facts = checkpoint_facts(model, tokenizer)     # context, end tokens, tokenizer fingerprint
 
 Loading is exactly what loads a real 8B checkpoint: `AutoModelForCausalLM` and
-`AutoTokenizer`, safetensors only, no code shipped with the checkpoint unless the spec asks.
+`AutoTokenizer`, safetensors only, no code shipped with the checkpoint unless the spec asks;
+a PEFT adapter directory (e.g. a switcher's LoRA) loads over the base it names.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ ZOO_NAMES: tuple[str, ...] = (
     "alt-tok",
 )
 ZOO_SCHEME = "zoo:"
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
 
 
 def zoo_path(name: str) -> Path:
@@ -64,9 +66,18 @@ def resolve_checkpoint_path(path: str) -> str:
     return path
 
 
+def tokenizer_source(where: str) -> str:
+    """Where a checkpoint's tokenizer is: its own directory, or for a PEFT adapter directory
+    that ships none (adapters often do not), the base model the adapter names."""
+    adapter = Path(where, ADAPTER_CONFIG)
+    if adapter.is_file() and not Path(where, "tokenizer_config.json").is_file():
+        return json.loads(adapter.read_text())["base_model_name_or_path"]
+    return where
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of the checkpoint at `path` (a directory, hub id or 'zoo:NAME')."""
-    where = resolve_checkpoint_path(path)
+    where = tokenizer_source(resolve_checkpoint_path(path))
     try:
         return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except OSError as e:
@@ -74,10 +85,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 
 def load_checkpoint(spec: ModelSpec) -> tuple[PreTrainedModel, Any]:
-    """Load spec's causal LM (safetensors only, eval mode, spec's device, dtype) and tokenizer."""
+    """Load spec's causal LM (safetensors only, eval mode, spec's device, dtype) and tokenizer.
+    A PEFT adapter directory (`adapter_config.json`) loads as its base with the adapter on
+    (transformers' PEFT integration), as the field's tools load one."""
     where = resolve_checkpoint_path(spec.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source(where), trust_remote_code=spec.trust_remote_code
+        )
         model = AutoModelForCausalLM.from_pretrained(
             where,
             use_safetensors=True,

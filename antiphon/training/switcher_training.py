@@ -1,6 +1,8 @@
 """Supervised training of the switcher on rollout labels: (tagged switcher prompt -> index of
-the best candidate). Full fine-tune (the zoo's small switcher) or LoRA (a large one; merged
-into the weights before saving). The result is an HF checkpoint the `switch` policy loads.
+the best candidate). Full fine-tune (the zoo's small switcher) or LoRA through `peft` (a large
+one). The result is an HF checkpoint the `switch` policy loads; with LoRA the adapter is merged
+into it, and saved alone too (`adapter/`: a PEFT adapter directory, which loads as any other
+checkpoint, merged into its base).
 
     examples = RolloutStore("runs/rollouts").examples()
     report = train_switcher(examples, init="zoo:sft", out_dir="runs/switcher",
@@ -24,14 +26,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from antiphon.checkpoint import load_tokenizer, resolve_checkpoint_path
 from antiphon.policies.switcher import index_token_ids, switcher_prompt_ids
-from antiphon.training.lora import add_lora, merge_lora
 from antiphon.training.rollouts import RolloutExample
 
 REPORT_FILE = "switcher_training.json"
+ADAPTER_DIR = "adapter"  # with LoRA: the PEFT adapter alone, beside the merged checkpoint
 
 
 @dataclass(frozen=True)
@@ -203,11 +206,11 @@ def train_switcher(
         majority = counts.index(max(counts))
         report.val_majority = sum(majority in e.best for e in val_enc) / len(val_enc)
 
-    params = (
-        add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha)
-        if cfg.lora_r
-        else list(model.parameters())
-    )
+    if cfg.lora_r:  # peft: the adapter is saved as the field's tools (and ours) load it
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(cfg.lora_targets), bias="none")  # fmt: skip
+        model = get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
     steps_per_epoch = max(1, -(-len(train_enc) // cfg.batch_size))
@@ -237,16 +240,18 @@ def train_switcher(
             bar.update(1)
             bar.set_postfix(loss=f"{report.losses[-1]:.3f}")
     bar.close()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.lora_r:
-        merge_lora(model)
+        model.save_pretrained(out / ADAPTER_DIR)  # adapter_config.json + its weights
+        tokenizer.save_pretrained(out / ADAPTER_DIR)
+        model = model.merge_and_unload()  # the served switcher: one plain checkpoint
     model.eval()
     if val_enc:
         report.val_accuracy, report.val_accuracy_by_task = accuracy(
             model, val_enc, index_ids, pad_id
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     report.seconds = round(time.time() - t0, 1)
     (out / REPORT_FILE).write_text(

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from antiphon.actors.engine import ModelEngine
+from antiphon.checkpoint import load_checkpoint
 from antiphon.config import ModelSpec
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
 from antiphon.training.switcher_training import (
+    ADAPTER_DIR,
     SwitcherTrainConfig,
     collate,
     encode,
@@ -61,6 +64,19 @@ def test_lora_trains_adapters_and_saves_merged_weights(tiny_model_dir, tmp_path)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(saved[key], base[key])  # the adapter was merged in
     assert torch.equal(saved["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    # the adapter alone is a PEFT adapter directory over the init checkpoint, and it loads as
+    # any checkpoint does (with the tokenizer of its base when it ships none), as the merged
+    adapter = tmp_path / ADAPTER_DIR
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert Path(config["base_model_name_or_path"]) == Path(tiny_model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (adapter / name).unlink()
+    unmerged, tokenizer = load_checkpoint(ModelSpec(name="adapter", path=str(adapter)))
+    merged, _ = load_checkpoint(ModelSpec(name="merged", path=str(tmp_path)))
+    ids = torch.tensor([tokenizer("Once upon a time")["input_ids"]])
+    with torch.no_grad():
+        assert torch.allclose(unmerged(ids).logits, merged(ids).logits, atol=1e-5)
 
 
 def test_policy_follows_the_trained_switcher(trained_switcher):
