@@ -130,7 +130,10 @@ class SamplingFields(_Body):
         allow_inf_nan=False,
         description="0 or unset: greedy; > 0: sample at this temperature (below 1e-5: greedy).",
     )
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass kept.")
+    top_p: float | None = Field(
+        default=None, ge=0.0, le=1.0,
+        description="Nucleus mass kept; 0 keeps only the most likely token (greedy).",
+    )  # fmt: skip
     top_k: int | None = Field(default=None, ge=0, description="Keep the k best tokens; 0: all.")
     seed: int | None = Field(default=None, description="Seed for sampling (reproducible runs).")
     stop: str | list[str] | None = Field(
@@ -256,37 +259,90 @@ class FeedbackResponse(BaseModel):
 # --- OpenAI-compatible API -------------------------------------------------------------------
 
 
+# OpenAI parameters antiphon does not implement (yet), each with the values that ask for
+# nothing, which are accepted: any other value is a 400 naming the parameter, never ignored.
+NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "web_search_options": (None,),
+}
+# OpenAI parameters about the account or its storage, not the answer: accepted, no effect.
+ACCEPTED_WITHOUT_EFFECT = (
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
+    "verbosity", "prompt_cache_key", "safety_identifier",
+)  # fmt: skip
+
+
+def _asks_nothing(value: object, off: tuple[object, ...]) -> bool:
+    """`value` is one of `off`, of the same type (so 0 is not False, nor True 1)."""
+    return any(value == v and type(value) is type(v) for v in off)
+
+
+class StreamOptions(BaseModel):
+    """`stream_options` of a streamed request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(
+        default=False,
+        description="Send one more chunk before [DONE]: `choices: []` and the usage.",
+    )
+    include_obfuscation: bool | None = Field(
+        default=None, description="Accepted, no effect (antiphon pads nothing)."
+    )
+
+
 class _OpenAIFields(SamplingFields, _Lenient):
     model: str = Field(description="Ensemble name (see GET /v1/models).")
     stream: bool = Field(default=False, description="Answer with server-sent events.")
-    n: int = Field(default=1, description="Choices per request; only 1 is supported.")
+    stream_options: StreamOptions | None = Field(
+        default=None, description="Streaming options (include_usage)."
+    )
 
-    @field_validator("n")
+    @model_validator(mode="before")
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
-        return v
+    def _nothing_ignored(cls, data: object) -> object:
+        """A parameter of the OpenAI API that antiphon does not implement is refused with a
+        400 naming it, unless its value asks for nothing."""
+        if isinstance(data, dict):
+            for name, off in NOT_IMPLEMENTED.items():
+                if name in data and not _asks_nothing(data[name], off):
+                    accepted = " or ".join(repr(v) for v in off if v is not None)
+                    raise ValueError(
+                        f"{name}: not supported by antiphon (got {data[name]!r}); leave it "
+                        f"out{f' or send {accepted}' if accepted else ''}"
+                    )
+        return data
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI); extra: policy, policy_params, top_k."""
 
     prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
-    echo: bool = Field(default=False, description="Not supported; must be false.")
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
         if isinstance(v, list) and len(v) != 1:
             raise ValueError("a list prompt must hold exactly one string (batches unsupported)")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
         return v
 
     def prompt_text(self) -> str:
@@ -351,9 +407,13 @@ class OpenAIResponse(BaseModel):
     created: int = Field(description="Unix time the request started.")
     model: str = Field(description="The ensemble that answered.")
     choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice] = Field(
-        description="One choice (n=1)."
+        description="One choice (n=1); none in a streamed usage chunk."
     )
-    usage: Usage | None = Field(default=None, description="Token counts (last chunk only).")
+    usage: Usage | None = Field(
+        default=None,
+        description="Token counts; streamed, only in the extra chunk `stream_options."
+        "include_usage` asks for (its `choices` empty).",
+    )
     antiphon_segments: list[Segment] = Field(
         default_factory=list,
         description="Who wrote what: the segments of the response (of this chunk when streaming).",

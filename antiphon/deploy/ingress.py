@@ -5,6 +5,7 @@ Routes (bodies in `antiphon.deploy.api`):
     GET  /health                 liveness (always 200) and what is degraded behind it; the
                                  one route open without the API key
     GET  /v1/models              the configured ensembles, OpenAI style
+    GET  /v1/models/{id}         one of them
     POST /v1/generate            native API: text + segments; SSE with "stream": true
     POST /v1/completions         OpenAI completions (stream or not)
     POST /v1/chat/completions    OpenAI chat completions (stream or not)
@@ -330,8 +331,9 @@ def coordinator_request(
             "policy": policy,
             "policy_params": params,
             "max_tokens": max_tokens or fields.max_tokens or config.serving.default_max_tokens,
-            "temperature": fields.temperature if fields.temperature is not None else 0.0,
-            "top_p": fields.top_p if fields.top_p is not None else 1.0,
+            # top_p 0 keeps only the most likely token: greedy, however hot
+            "temperature": 0.0 if fields.top_p == 0 else (fields.temperature or 0.0),
+            "top_p": fields.top_p or 1.0,
             "top_k": fields.top_k if fields.top_k is not None else 0,
             "seed": fields.seed,
             "stop": fields.stop_strings(),
@@ -453,20 +455,19 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             degraded = {"coordinator": f"{type(exc).__name__}"}
         return api.HealthBody(status="degraded" if degraded else "ok", degraded=degraded)
 
+    def model_card(ensemble: EnsembleSpec) -> api.ModelCard:
+        return api.ModelCard(
+            id=ensemble.name, created=started, antiphon_models=list(ensemble.models),
+            antiphon_policy=ensemble.policy.name, description=ensemble.description,
+        )  # fmt: skip
+
     @v1.get("/models")
     async def models() -> api.ModelList:
-        return api.ModelList(
-            data=[
-                api.ModelCard(
-                    id=e.name,
-                    created=started,
-                    antiphon_models=list(e.models),
-                    antiphon_policy=e.policy.name,
-                    description=e.description,
-                )  # fmt: skip
-                for e in config.ensembles
-            ]
-        )
+        return api.ModelList(data=[model_card(e) for e in config.ensembles])
+
+    @v1.get("/models/{model_id}")
+    async def model(model_id: str) -> api.ModelCard:
+        return model_card(config.ensemble(model_id))
 
     @v1.post("/generate", response_model=None)
     async def generate(body: api.GenerateRequest) -> api.GenerateResponse | StreamingResponse:
@@ -563,8 +564,11 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             if isinstance(event, SegmentEvent):
                 return [chunk(event.text, None, [_segment(event)], None)]
             assert isinstance(event, FinishEvent)
-            finish = openai_finish_reason(event.finish_reason)
-            return [chunk(None, finish, [], _usage(event.usage))]
+            last = [chunk(None, openai_finish_reason(event.finish_reason), [], None)]
+            if body.include_usage():  # as the API says: one more chunk, no choices, the usage
+                usage = response([], [], _usage(event.usage), obj).model_dump_json()
+                last.append(_sse(usage))
+            return last
 
         return await first_then_rest(
             request, encode, lambda e: _sse(_error_json(e)), tail=_sse("[DONE]")

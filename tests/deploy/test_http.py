@@ -228,6 +228,79 @@ def test_openai_client_errors_are_typed(oai):
         unauthenticated.models.list()
 
 
+MESSAGES = [{"role": "user", "content": "Hi"}]
+NOT_IMPLEMENTED = [  # (endpoint, what the official client sends, the parameter named)
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"n": 2}, "n"),
+    ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+     "tools"),
+    ("chat", {"tool_choice": "required"}, "tool_choice"),
+    ("chat", {"logit_bias": {"5": 10}}, "logit_bias"),
+    ("chat", {"presence_penalty": 0.5}, "presence_penalty"),
+    ("chat", {"frequency_penalty": -1.0}, "frequency_penalty"),
+    ("chat", {"modalities": ["text", "audio"]}, "modalities"),
+    ("chat", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
+    ("completions", {"echo": True}, "echo"),
+    ("completions", {"logprobs": 0}, "logprobs"),  # 0 asks for the chosen token's
+    ("completions", {"best_of": 3}, "best_of"),
+    ("completions", {"suffix": " end"}, "suffix"),
+    ("completions", {"presence_penalty": 1}, "presence_penalty"),
+]  # fmt: skip
+
+
+def openai_create(oai: openai.OpenAI, endpoint: str, **kw):
+    kw = {"max_tokens": 4, **kw}
+    if endpoint == "chat":
+        return oai.chat.completions.create(model="pair", messages=MESSAGES, **kw)
+    return oai.completions.create(model="pair", prompt=PROMPT, **kw)
+
+
+@pytest.mark.parametrize(("endpoint", "params", "name"), NOT_IMPLEMENTED)
+def test_an_openai_parameter_not_implemented_is_refused_by_name(oai, endpoint, params, name):
+    with pytest.raises(openai.BadRequestError, match=f"{name}: not supported by antiphon"):
+        openai_create(oai, endpoint, **params)
+
+
+def test_openai_parameters_that_ask_for_nothing_or_only_concern_the_account_are_taken(oai):
+    plain = openai_create(oai, "chat")
+    asked_nothing = openai_create(
+        oai, "chat", n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0,
+        logit_bias={}, response_format={"type": "text"}, tool_choice="none",
+        user="someone", metadata={"team": "a"}, store=False, service_tier="auto",
+    )  # fmt: skip
+    assert asked_nothing.choices[0].message.content == plain.choices[0].message.content
+    text = openai_create(oai, "completions", echo=False, best_of=1, suffix="")
+    assert text.choices[0].text == openai_create(oai, "completions").choices[0].text
+
+
+def test_a_stream_sends_its_usage_in_one_more_chunk_only_when_asked(oai):
+    whole = openai_create(oai, "chat")
+    asked = list(openai_create(oai, "chat", stream=True, stream_options={"include_usage": True}))
+    *answer, last = asked
+    assert last.choices == [] and last.usage.model_dump() == whole.usage.model_dump()
+    assert all(chunk.usage is None for chunk in answer)
+    assert "".join(c.choices[0].delta.content or "" for c in answer) == (
+        whole.choices[0].message.content
+    )
+    unasked = list(openai_create(oai, "completions", stream=True))
+    assert all(chunk.usage is None and chunk.choices for chunk in unasked)
+
+
+def test_a_model_is_retrieved_by_its_id(oai):
+    card = oai.models.retrieve("pair")
+    assert card.id == "pair" and card.model_extra["antiphon_models"] == ["a", "b"]
+    with pytest.raises(openai.NotFoundError, match="unknown ensemble 'nope'"):
+        oai.models.retrieve("nope")
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(oai):
+    greedy = openai_create(oai, "completions", temperature=0, max_tokens=16)
+    hot = openai_create(oai, "completions", temperature=1.5, top_p=0, seed=7, max_tokens=16)
+    assert hot.choices[0].text == greedy.choices[0].text
+
+
 TOO_LONG = "x" * 600  # the tiny models' context is 512
 
 CLIENT_MISTAKES = [
