@@ -26,6 +26,7 @@ Role = Literal["system", "user", "assistant"]
 
 
 MAX_STOP_STRINGS = 16
+MAX_CHOICES = 16  # n x prompts of one OpenAI request; each choice runs as its own request
 MAX_STOP_LENGTH = 256  # characters of one stop string
 
 
@@ -262,7 +263,6 @@ class FeedbackResponse(BaseModel):
 # OpenAI parameters antiphon does not implement (yet), each with the values that ask for
 # nothing, which are accepted: any other value is a 400 naming the parameter, never ignored.
 NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
-    "n": (None, 1),
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
@@ -313,6 +313,10 @@ class _OpenAIFields(SamplingFields, _Lenient):
     stream_options: StreamOptions | None = Field(
         default=None, description="Streaming options (include_usage)."
     )
+    n: int = Field(
+        default=1, ge=1, le=MAX_CHOICES,
+        description="Independent samples per prompt (choice k > 0 seeded from seed and k).",
+    )  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -336,18 +340,25 @@ class _OpenAIFields(SamplingFields, _Lenient):
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI); extra: policy, policy_params, top_k."""
 
-    prompt: str | list[str] = Field(description="The prompt (a list must hold exactly one).")
+    prompt: str | list[str] = Field(
+        description="The prompt, or a list of prompts (a batch: n choices for each)."
+    )
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("a list prompt must hold exactly one string (batches unsupported)")
-        return v
+    @model_validator(mode="after")
+    def _choices_bounded(self) -> CompletionRequest:
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ValueError("prompt: a list prompt must hold at least one string")
+        choices = len(self.prompts()) * self.n
+        if choices > MAX_CHOICES:
+            raise ValueError(
+                f"prompt: {len(self.prompts())} prompts x n={self.n} is {choices} choices; "
+                f"at most {MAX_CHOICES} per request"
+            )
+        return self
 
-    def prompt_text(self) -> str:
-        """The one prompt string."""
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str]:
+        """The prompts of the batch (one for a plain string)."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
 class ChatCompletionRequest(_OpenAIFields):
@@ -359,15 +370,20 @@ class ChatCompletionRequest(_OpenAIFields):
     )
 
 
+CHOICE_INDEX = "Choice k = prompt index x n + sample index; logged as request id-k (k > 0)."
+SEGMENTS = "Who wrote what: the choice's segments (of this chunk when streaming)."
+
+
 class CompletionChoice(BaseModel):
     """One choice of a text completion (or of a streamed chunk)."""
 
-    index: int = Field(default=0, description="Always 0 (n=1).")
+    index: int = Field(default=0, description=CHOICE_INDEX)
     text: str = Field(description="Completion text (of this chunk when streaming).")
     finish_reason: Literal["stop", "length"] | None = Field(
         default=None, description="Why it ended; null in chunks before the last."
     )
     logprobs: None = Field(default=None, description="Not supported; always null.")
+    antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 
 class ChatMessageOut(BaseModel):
@@ -380,21 +396,23 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     """The one choice of a chat completion."""
 
-    index: int = Field(default=0, description="Always 0 (n=1).")
+    index: int = Field(default=0, description=CHOICE_INDEX)
     message: ChatMessageOut = Field(description="The assistant's answer.")
     finish_reason: Literal["stop", "length"] = Field(description="Why it ended.")
     logprobs: None = Field(default=None, description="Not supported; always null.")
+    antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 
 class ChatChunkChoice(BaseModel):
     """The one choice of a streamed chat completion chunk."""
 
-    index: int = Field(default=0, description="Always 0 (n=1).")
+    index: int = Field(default=0, description=CHOICE_INDEX)
     delta: ChatMessageOut = Field(description="The new piece of the answer.")
     finish_reason: Literal["stop", "length"] | None = Field(
         default=None, description="Why it ended; null in chunks before the last."
     )
     logprobs: None = Field(default=None, description="Not supported; always null.")
+    antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 
 class OpenAIResponse(BaseModel):
@@ -407,16 +425,12 @@ class OpenAIResponse(BaseModel):
     created: int = Field(description="Unix time the request started.")
     model: str = Field(description="The ensemble that answered.")
     choices: list[CompletionChoice] | list[ChatChoice] | list[ChatChunkChoice] = Field(
-        description="One choice (n=1); none in a streamed usage chunk."
+        description="The choices (a streamed chunk: the one it extends; a usage chunk: none)."
     )
     usage: Usage | None = Field(
         default=None,
         description="Token counts; streamed, only in the extra chunk `stream_options."
         "include_usage` asks for (its `choices` empty).",
-    )
-    antiphon_segments: list[Segment] = Field(
-        default_factory=list,
-        description="Who wrote what: the segments of the response (of this chunk when streaming).",
     )
 
 

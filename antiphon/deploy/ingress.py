@@ -62,8 +62,16 @@ from antiphon.coordinator.request import (
 )
 from antiphon.deploy import api
 from antiphon.deploy.chat import render_chat
+from antiphon.deploy.choices import all_or_none, choice_request_id, choice_seed, merged
 from antiphon.deploy.config import AppConfig, EnsembleSpec
-from antiphon.errors import AntiphonError, Overloaded, Unauthorized, antiphon_cause, unwrapped
+from antiphon.errors import (
+    AntiphonError,
+    InvalidRequest,
+    Overloaded,
+    Unauthorized,
+    antiphon_cause,
+    unwrapped,
+)
 from antiphon.logging import configure_logging, get_logger, log_context
 from antiphon.policies.registry import check_request_params
 from antiphon.sequence import Segment
@@ -113,24 +121,30 @@ class Backend(Protocol):
 
 
 class RequestSlots:
-    """At most `limit` generation requests in flight on this replica; beyond: Overloaded."""
+    """At most `limit` generation requests in flight on this replica; beyond: Overloaded.
+    A request of several choices takes a slot for each."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.in_flight = 0
 
-    def acquire(self) -> None:
-        refusal = self.overloaded()
+    def acquire(self, count: int = 1) -> None:
+        if count > self.limit:
+            raise InvalidRequest(
+                f"{count} choices in one request, but the server runs at most {self.limit} "
+                "at once (serving.max_concurrent_requests): ask for fewer"
+            )
+        refusal = self.overloaded(count)
         if refusal is not None:
             raise refusal
-        self.in_flight += 1
+        self.in_flight += count
 
-    def release(self) -> None:
-        self.in_flight -= 1
+    def release(self, count: int = 1) -> None:
+        self.in_flight -= count
 
-    def overloaded(self) -> Overloaded | None:
-        """The refusal a request would get now, or None while a slot is free."""
-        if self.in_flight < self.limit:
+    def overloaded(self, count: int = 1) -> Overloaded | None:
+        """The refusal `count` more requests would get now, or None while slots are free."""
+        if self.in_flight + count <= self.limit:
             return None
         return Overloaded(
             f"server busy: {self.in_flight} requests in flight (limit {self.limit}); retry"
@@ -342,10 +356,16 @@ def coordinator_request(
 
 
 def _usage(usage: Usage) -> api.Usage:
+    return _choices_usage([usage], 1)
+
+
+def _choices_usage(usages: Sequence[Usage], n: int) -> api.Usage:
+    """The usage of a request of several choices: each prompt counted once (its n samples
+    share it), every choice's completion."""
+    prompt = sum(u.prompt_tokens for u in usages[::n])
+    completion = sum(u.completion_tokens for u in usages)
     return api.Usage(
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        total_tokens=usage.total_tokens,
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
 
 
@@ -399,38 +419,39 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
 
     @asynccontextmanager
-    async def in_slot(request: GenerationRequest):
-        slots.acquire()
+    async def in_slots(requests: Sequence[GenerationRequest]):
+        slots.acquire(len(requests))
         try:
-            with log_context(request_id=request.request_id):
+            with log_context(request_id=requests[0].request_id):
                 yield
         finally:
-            slots.release()
+            slots.release(len(requests))
 
     async def first_then_rest(
-        request: GenerationRequest,
-        encode: Callable[[StreamEvent], Awaitable[list[bytes]]],
+        requests: Sequence[GenerationRequest],
+        encode: Callable[[int, StreamEvent], Awaitable[list[bytes]]],
         on_error: Callable[[BaseException], bytes],
         tail: bytes = b"",
     ) -> StreamingResponse:
-        """Stream `encode(event)` per event; the first event is awaited before answering, so
-        an invalid request still gets its 4xx instead of a broken 200 stream."""
-        slots.acquire()
-        events = backend.stream(request)
+        """Stream `encode(choice, event)` per event of the requests (one per choice, merged
+        as they come); the first event is awaited before answering, so an invalid request
+        still gets its 4xx instead of a broken 200 stream."""
+        slots.acquire(len(requests))
+        events = merged([backend.stream(r) for r in requests])
         try:
             first = await anext(events)
         except BaseException:
-            slots.release()
+            slots.release(len(requests))
             await events.aclose()
             raise
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                with log_context(request_id=request.request_id):
-                    for chunk in await encode(first):
+                with log_context(request_id=requests[0].request_id):
+                    for chunk in await encode(*first):
                         yield chunk
-                    async for event in events:
-                        for chunk in await encode(event):
+                    async for choice, event in events:
+                        for chunk in await encode(choice, event):
                             yield chunk
                     if tail:
                         yield tail
@@ -438,8 +459,8 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                 log.warning("stream_failed", error=repr(exc))
                 yield on_error(exc)
             finally:
-                slots.release()
-                await events.aclose()  # a client that left early stops the turn loop
+                slots.release(len(requests))
+                await events.aclose()  # a client that left early stops the turn loops
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -480,7 +501,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         log.info("generate", request_id=request.request_id, ensemble=ensemble.name,
                  policy=request.policy, stream=body.stream)  # fmt: skip
         if not body.stream:
-            async with in_slot(request):
+            async with in_slots([request]):
                 result = await backend.generate(request)
             return api.GenerateResponse(
                 id=request.request_id, ensemble=ensemble.name, policy=result.policy,
@@ -490,7 +511,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 
         segments: list[api.Segment] = []
 
-        async def encode(event: StreamEvent) -> list[bytes]:
+        async def encode(_: int, event: StreamEvent) -> list[bytes]:
             if isinstance(event, SegmentEvent):
                 segment = _segment(event)
                 segments.append(segment)
@@ -504,80 +525,88 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             )  # fmt: skip
             return [_sse(done.model_dump_json(), "done")]
 
-        return await first_then_rest(request, encode, lambda e: _sse(_error_json(e), "error"))
+        return await first_then_rest([request], encode, lambda e: _sse(_error_json(e), "error"))
 
     async def openai_answer(
-        body: api.CompletionRequest | api.ChatCompletionRequest, prompt: str,
+        body: api.CompletionRequest | api.ChatCompletionRequest, prompts: list[str],
         ensemble: EnsembleSpec, chat: bool, max_tokens: int | None,
     ) -> dict[str, object] | StreamingResponse:  # fmt: skip
-        request = coordinator_request(body, prompt, ensemble, config, max_tokens)
+        """The OpenAI answer: one coordinator request per choice (n per prompt)."""
+        first = coordinator_request(body, prompts[0], ensemble, config, max_tokens)
+        requests = [
+            first.model_copy(
+                update={
+                    "request_id": choice_request_id(first.request_id, k),
+                    "prompt": prompts[k // body.n],
+                    "seed": choice_seed(first.seed, k),
+                }
+            )  # fmt: skip
+            for k in range(len(prompts) * body.n)
+        ]
         created = int(time.time())
-        log.info("openai", request_id=request.request_id, ensemble=ensemble.name,
-                 policy=request.policy, stream=body.stream, chat=chat)  # fmt: skip
+        log.info("openai", request_id=first.request_id, ensemble=ensemble.name, chat=chat,
+                 policy=first.policy, stream=body.stream, choices=len(requests))  # fmt: skip
 
-        def response(
-            choices: list[api.CompletionChoice] | list[api.ChatChoice] | list[api.ChatChunkChoice],
-            segments: list[api.Segment],
-            usage: api.Usage | None,
-            obj: str,
-        ) -> api.OpenAIResponse:
+        def response(choices: list, usage: api.Usage | None, obj: str) -> api.OpenAIResponse:
             return api.OpenAIResponse(
-                id=request.request_id, object=obj, created=created, model=ensemble.name,
-                choices=choices, usage=usage, antiphon_segments=segments,
+                id=first.request_id, object=obj, created=created, model=ensemble.name,
+                choices=choices, usage=usage,
             )  # fmt: skip
 
         if not body.stream:
-            async with in_slot(request):
-                result = await backend.generate(request)
-            finish = openai_finish_reason(result.finish_reason)
-            if chat:
-                message = api.ChatMessageOut(role="assistant", content=result.text)
-                choice = api.ChatChoice(message=message, finish_reason=finish)
-                obj = "chat.completion"
-            else:
-                choice = api.CompletionChoice(text=result.text, finish_reason=finish)
-                obj = "text_completion"
-            out = response([choice], _segments(result), _usage(result.usage), obj)
+            async with in_slots(requests):
+                results = await all_or_none([backend.generate(r) for r in requests])
+            choices = []
+            for k, result in enumerate(results):
+                finish, segments = openai_finish_reason(result.finish_reason), _segments(result)
+                if chat:
+                    message = api.ChatMessageOut(role="assistant", content=result.text)
+                    choices.append(api.ChatChoice(index=k, message=message, finish_reason=finish,
+                                                  antiphon_segments=segments))  # fmt: skip
+                else:
+                    choices.append(api.CompletionChoice(index=k, text=result.text,
+                                   finish_reason=finish, antiphon_segments=segments))  # fmt: skip
+            usage = _choices_usage([r.usage for r in results], body.n)
+            out = response(choices, usage, "chat.completion" if chat else "text_completion")
             return out.model_dump(mode="json")
 
         obj = "chat.completion.chunk" if chat else "text_completion"
-        sent_role = False
+        sent_role: set[int] = set()
+        usages: dict[int, Usage] = {}
 
-        def chunk(
-            text: str | None,
-            finish: str | None,
-            segments: list[api.Segment],
-            usage: api.Usage | None,
-        ) -> bytes:
-            nonlocal sent_role
+        def chunk(k: int, text: str | None, finish: str | None, segments: list) -> bytes:
             if chat:
                 delta = api.ChatMessageOut(content=text)
-                if not sent_role:
+                if k not in sent_role:
                     delta = api.ChatMessageOut(role="assistant", content=text or "")
-                    sent_role = True
-                choice = api.ChatChunkChoice(delta=delta, finish_reason=finish)
+                    sent_role.add(k)
+                choice = api.ChatChunkChoice(index=k, delta=delta, finish_reason=finish,
+                                             antiphon_segments=segments)  # fmt: skip
             else:
-                choice = api.CompletionChoice(text=text or "", finish_reason=finish)
-            return _sse(response([choice], segments, usage, obj).model_dump_json())
+                choice = api.CompletionChoice(index=k, text=text or "", finish_reason=finish,
+                                              antiphon_segments=segments)  # fmt: skip
+            return _sse(response([choice], None, obj).model_dump_json())
 
-        async def encode(event: StreamEvent) -> list[bytes]:
+        async def encode(k: int, event: StreamEvent) -> list[bytes]:
             if isinstance(event, SegmentEvent):
-                return [chunk(event.text, None, [_segment(event)], None)]
+                return [chunk(k, event.text, None, [_segment(event)])]
             assert isinstance(event, FinishEvent)
-            last = [chunk(None, openai_finish_reason(event.finish_reason), [], None)]
-            if body.include_usage():  # as the API says: one more chunk, no choices, the usage
-                usage = response([], [], _usage(event.usage), obj).model_dump_json()
-                last.append(_sse(usage))
+            last = [chunk(k, None, openai_finish_reason(event.finish_reason), [])]
+            usages[k] = event.usage
+            if body.include_usage() and len(usages) == len(requests):
+                # as the API says: one more chunk after the choices, none in it, the usage
+                usage = _choices_usage([usages[i] for i in range(len(requests))], body.n)
+                last.append(_sse(response([], usage, obj).model_dump_json()))
             return last
 
         return await first_then_rest(
-            request, encode, lambda e: _sse(_error_json(e)), tail=_sse("[DONE]")
+            requests, encode, lambda e: _sse(_error_json(e)), tail=_sse("[DONE]")
         )
 
     @v1.post("/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> dict[str, object] | StreamingResponse:
         ensemble = config.ensemble(body.model)
-        return await openai_answer(body, body.prompt_text(), ensemble, False, body.max_tokens)
+        return await openai_answer(body, body.prompts(), ensemble, False, body.max_tokens)
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(
@@ -586,7 +615,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         ensemble = config.ensemble(body.model)
         prompt = await backend.render_chat(ensemble, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await openai_answer(body, prompt, ensemble, True, max_tokens)
+        return await openai_answer(body, [prompt], ensemble, True, max_tokens)
 
     @v1.post("/feedback")
     async def feedback(body: api.FeedbackRequest) -> api.FeedbackResponse:

@@ -184,7 +184,7 @@ def test_openai_models_lists_the_ensembles(oai):
 def test_openai_completion_with_segments(oai):
     c = oai.completions.create(model="pair", prompt=PROMPT, max_tokens=8, temperature=0)
     assert c.object == "text_completion" and c.model == "pair"
-    segments = c.model_extra["antiphon_segments"]
+    segments = c.choices[0].model_extra["antiphon_segments"]
     assert c.choices[0].text == "".join(s["text"] for s in segments)
     assert [s["model"] for s in segments] == ["a", "b"][: len(segments)]
     assert c.choices[0].finish_reason in ("stop", "length")
@@ -197,8 +197,8 @@ def test_openai_completion_stream_matches_non_stream(oai):
     text = "".join(ch.choices[0].text for ch in chunks)
     assert text == whole.choices[0].text
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
-    writers = [s["model"] for ch in chunks for s in ch.model_extra["antiphon_segments"]]
-    assert writers == [s["model"] for s in whole.model_extra["antiphon_segments"]]
+    writers = [s["model"] for ch in chunks for s in ch.choices[0].model_extra["antiphon_segments"]]
+    assert writers == [s["model"] for s in whole.choices[0].model_extra["antiphon_segments"]]
 
 
 def test_openai_chat_and_chat_stream(oai):
@@ -207,7 +207,8 @@ def test_openai_chat_and_chat_stream(oai):
     assert chat.object == "chat.completion"
     assert chat.choices[0].message.role == "assistant"
     content = chat.choices[0].message.content
-    assert content == "".join(s["text"] for s in chat.model_extra["antiphon_segments"])
+    segments = chat.choices[0].model_extra["antiphon_segments"]
+    assert content == "".join(s["text"] for s in segments)
     stream = oai.chat.completions.create(model="pair", messages=messages, max_tokens=8, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -221,8 +222,6 @@ def test_openai_client_errors_are_typed(oai):
         oai.completions.create(model="nope", prompt=PROMPT, max_tokens=4)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         oai.completions.create(model="pair", prompt=PROMPT, max_tokens=0)
-    with pytest.raises(openai.BadRequestError, match="n"):
-        oai.completions.create(model="pair", prompt=PROMPT, max_tokens=4, n=2)
     unauthenticated = openai.OpenAI(base_url=oai.base_url, api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         unauthenticated.models.list()
@@ -232,7 +231,6 @@ MESSAGES = [{"role": "user", "content": "Hi"}]
 NOT_IMPLEMENTED = [  # (endpoint, what the official client sends, the parameter named)
     ("chat", {"logprobs": True}, "logprobs"),
     ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
-    ("chat", {"n": 2}, "n"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tools"),
@@ -266,7 +264,7 @@ def test_an_openai_parameter_not_implemented_is_refused_by_name(oai, endpoint, p
 def test_openai_parameters_that_ask_for_nothing_or_only_concern_the_account_are_taken(oai):
     plain = openai_create(oai, "chat")
     asked_nothing = openai_create(
-        oai, "chat", n=1, logprobs=False, presence_penalty=0, frequency_penalty=0.0,
+        oai, "chat", logprobs=False, presence_penalty=0, frequency_penalty=0.0,
         logit_bias={}, response_format={"type": "text"}, tool_choice="none",
         user="someone", metadata={"team": "a"}, store=False, service_tier="auto",
     )  # fmt: skip
@@ -286,6 +284,53 @@ def test_a_stream_sends_its_usage_in_one_more_chunk_only_when_asked(oai):
     )
     unasked = list(openai_create(oai, "completions", stream=True))
     assert all(chunk.usage is None and chunk.choices for chunk in unasked)
+
+
+def test_n_samples_are_independent_choices_seeded_from_the_request_and_their_index(oai, server):
+    kw = {"temperature": 1.0, "seed": 11, "max_tokens": 12}
+    one = openai_create(oai, "completions", **kw)
+    two = openai_create(oai, "completions", n=2, **kw)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text == one.choices[0].text  # choice 0 keeps the request's seed
+    assert two.choices[1].text != two.choices[0].text  # choice 1 a seed of its own
+    again = openai_create(oai, "completions", n=2, **kw)
+    assert [c.text for c in again.choices] == [c.text for c in two.choices]
+    assert two.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    assert two.usage.completion_tokens == sum(
+        sum(s["num_tokens"] for s in c.model_extra["antiphon_segments"]) for c in two.choices
+    )
+    # each choice is a request of its own in the turn log: feedback reaches it by id-k
+    r = post(server, "/v1/feedback", {"request_id": f"{two.id}-1", "reward": 1.0})
+    assert r.status_code == 200, r.text
+
+
+def test_a_list_prompt_is_a_batch_of_completions(oai):
+    prompts = [PROMPT, "The capital of"]
+    batch = oai.completions.create(model="pair", prompt=prompts, max_tokens=8, temperature=0)
+    alone = [oai.completions.create(model="pair", prompt=p, max_tokens=8, temperature=0)
+             for p in prompts]  # fmt: skip
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone]
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+
+
+def test_streamed_choices_interleave_each_in_order_and_end_with_one_usage_chunk(oai):
+    kw = {"temperature": 1.0, "seed": 5, "max_tokens": 12, "n": 2}
+    whole = oai.chat.completions.create(model="pair", messages=MESSAGES, **kw)
+    *chunks, usage = list(oai.chat.completions.create(
+        model="pair", messages=MESSAGES, stream=True,
+        stream_options={"include_usage": True}, **kw))  # fmt: skip
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason is not None
+        assert "".join(c.delta.content or "" for c in mine) == choice.message.content
+    assert usage.choices == [] and usage.usage.model_dump() == whole.usage.model_dump()
+
+
+def test_more_choices_than_the_server_runs_at_once_is_refused_by_name(oai):
+    with pytest.raises(openai.BadRequestError, match="serving.max_concurrent_requests"):
+        openai_create(oai, "chat", n=MAX_CONCURRENT + 1)
+    with pytest.raises(openai.BadRequestError, match="at most 16 per request"):
+        oai.completions.create(model="pair", prompt=[PROMPT] * 9, n=2, max_tokens=2)
 
 
 def test_a_model_is_retrieved_by_its_id(oai):
