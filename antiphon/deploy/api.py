@@ -266,7 +266,6 @@ NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
     "best_of": (None, 1),
     "echo": (None, False),
     "suffix": (None, ""),
-    "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
     "presence_penalty": (None, 0, 0.0),
@@ -343,6 +342,21 @@ class CompletionRequest(_OpenAIFields):
     prompt: str | list[str] = Field(
         description="The prompt, or a list of prompts (a batch: n choices for each)."
     )
+    logprobs: int | None = Field(
+        default=None,
+        description="0: each chosen token's log-prob under its writer (alternatives, >= 1, "
+        "are not supported yet).",
+    )
+
+    @field_validator("logprobs")
+    @classmethod
+    def _chosen_tokens_only(cls, v: int | None) -> int | None:
+        if v is not None and v != 0:
+            raise ValueError(
+                f"logprobs={v}: top alternatives are not supported by antiphon; 0 gives each "
+                "chosen token's log-prob"
+            )
+        return v
 
     @model_validator(mode="after")
     def _choices_bounded(self) -> CompletionRequest:
@@ -368,10 +382,43 @@ class ChatCompletionRequest(_OpenAIFields):
     max_completion_tokens: int | None = Field(
         default=None, ge=1, description="Newer name of max_tokens; wins if both are given."
     )
+    logprobs: bool | None = Field(
+        default=None, description="Each chosen token's log-prob under the model that wrote it."
+    )
+
+
+class TokenLogprob(BaseModel):
+    """One chosen token of a chat answer and its log-prob under the model that wrote it."""
+
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Its log-probability under its writer's sampling.")
+    bytes: list[int] = Field(description="The UTF-8 bytes of `token`.")
+    top_logprobs: list[dict[str, object]] = Field(
+        default_factory=list, description="Alternatives: not supported yet, always empty."
+    )
+    antiphon_model: str = Field(description="The model that wrote the token.")
+
+
+class ChatLogprobs(BaseModel):
+    """`logprobs` of a chat choice (or of a streamed chunk of it)."""
+
+    content: list[TokenLogprob] = Field(description="The chosen tokens, in order.")
+    refusal: None = Field(default=None, description="Always null.")
+
+
+class CompletionLogprobs(BaseModel):
+    """`logprobs` of a completion choice (or of a streamed chunk of it), legacy layout."""
+
+    tokens: list[str] = Field(description="The chosen tokens' texts.")
+    token_logprobs: list[float] = Field(description="Their log-probs under their writers.")
+    top_logprobs: None = Field(default=None, description="Alternatives: not supported yet.")
+    text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
+    antiphon_models: list[str] = Field(description="The model that wrote each token.")
 
 
 CHOICE_INDEX = "Choice k = prompt index x n + sample index; logged as request id-k (k > 0)."
 SEGMENTS = "Who wrote what: the choice's segments (of this chunk when streaming)."
+LOGPROBS = "With `logprobs` asked: its tokens' log-probs, each under the model that wrote it."
 
 
 class CompletionChoice(BaseModel):
@@ -382,7 +429,7 @@ class CompletionChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = Field(
         default=None, description="Why it ended; null in chunks before the last."
     )
-    logprobs: None = Field(default=None, description="Not supported; always null.")
+    logprobs: CompletionLogprobs | None = Field(default=None, description=LOGPROBS)
     antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 
@@ -399,7 +446,7 @@ class ChatChoice(BaseModel):
     index: int = Field(default=0, description=CHOICE_INDEX)
     message: ChatMessageOut = Field(description="The assistant's answer.")
     finish_reason: Literal["stop", "length"] = Field(description="Why it ended.")
-    logprobs: None = Field(default=None, description="Not supported; always null.")
+    logprobs: ChatLogprobs | None = Field(default=None, description=LOGPROBS)
     antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 
@@ -411,7 +458,7 @@ class ChatChunkChoice(BaseModel):
     finish_reason: Literal["stop", "length"] | None = Field(
         default=None, description="Why it ended; null in chunks before the last."
     )
-    logprobs: None = Field(default=None, description="Not supported; always null.")
+    logprobs: ChatLogprobs | None = Field(default=None, description=LOGPROBS)
     antiphon_segments: list[Segment] = Field(default_factory=list, description=SEGMENTS)
 
 

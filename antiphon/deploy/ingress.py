@@ -64,6 +64,12 @@ from antiphon.deploy import api
 from antiphon.deploy.chat import render_chat
 from antiphon.deploy.choices import all_or_none, choice_request_id, choice_seed, merged
 from antiphon.deploy.config import AppConfig, EnsembleSpec
+from antiphon.deploy.logprobs import (
+    WrittenToken,
+    chat_logprobs,
+    completion_logprobs,
+    written_tokens,
+)
 from antiphon.errors import (
     AntiphonError,
     InvalidRequest,
@@ -117,6 +123,10 @@ class Backend(Protocol):
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         """Prompt text of a conversation, in the ensemble's chat format."""
+        ...
+
+    async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text in `model`'s tokenizer ("" for special tokens)."""
         ...
 
 
@@ -532,6 +542,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         ensemble: EnsembleSpec, chat: bool, max_tokens: int | None,
     ) -> dict[str, object] | StreamingResponse:  # fmt: skip
         """The OpenAI answer: one coordinator request per choice (n per prompt)."""
+        logprobs = body.logprobs is not None and body.logprobs is not False  # 0 and True ask
         first = coordinator_request(body, prompts[0], ensemble, config, max_tokens)
         requests = [
             first.model_copy(
@@ -559,13 +570,18 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             choices = []
             for k, result in enumerate(results):
                 finish, segments = openai_finish_reason(result.finish_reason), _segments(result)
+                tokens = []
+                if logprobs:
+                    tokens = await written_tokens(result.segments, backend.token_texts)
                 if chat:
                     message = api.ChatMessageOut(role="assistant", content=result.text)
                     choices.append(api.ChatChoice(index=k, message=message, finish_reason=finish,
-                                                  antiphon_segments=segments))  # fmt: skip
+                        antiphon_segments=segments,
+                        logprobs=chat_logprobs(tokens) if logprobs else None))  # fmt: skip
                 else:
                     choices.append(api.CompletionChoice(index=k, text=result.text,
-                                   finish_reason=finish, antiphon_segments=segments))  # fmt: skip
+                        finish_reason=finish, antiphon_segments=segments,
+                        logprobs=completion_logprobs(tokens, 0) if logprobs else None))  # fmt: skip
             usage = _choices_usage([r.usage for r in results], body.n)
             out = response(choices, usage, "chat.completion" if chat else "text_completion")
             return out.model_dump(mode="json")
@@ -574,22 +590,34 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         sent_role: set[int] = set()
         usages: dict[int, Usage] = {}
 
-        def chunk(k: int, text: str | None, finish: str | None, segments: list) -> bytes:
+        offsets: dict[int, int] = {}  # choice -> characters streamed (completion logprobs)
+
+        def chunk(
+            k: int, text: str | None, finish: str | None, segments: list,
+            tokens: list[WrittenToken] | None = None,
+        ) -> bytes:  # fmt: skip
             if chat:
                 delta = api.ChatMessageOut(content=text)
                 if k not in sent_role:
                     delta = api.ChatMessageOut(role="assistant", content=text or "")
                     sent_role.add(k)
                 choice = api.ChatChunkChoice(index=k, delta=delta, finish_reason=finish,
-                                             antiphon_segments=segments)  # fmt: skip
+                    antiphon_segments=segments,
+                    logprobs=chat_logprobs(tokens) if tokens is not None else None)  # fmt: skip
             else:
                 choice = api.CompletionChoice(index=k, text=text or "", finish_reason=finish,
-                                              antiphon_segments=segments)  # fmt: skip
+                    antiphon_segments=segments,
+                    logprobs=completion_logprobs(tokens, offsets.get(k, 0))
+                    if tokens is not None else None)  # fmt: skip
+                offsets[k] = offsets.get(k, 0) + len(text or "")
             return _sse(response([choice], None, obj).model_dump_json())
 
         async def encode(k: int, event: StreamEvent) -> list[bytes]:
             if isinstance(event, SegmentEvent):
-                return [chunk(k, event.text, None, [_segment(event)])]
+                tokens = None
+                if logprobs:
+                    tokens = await written_tokens([event.segment], backend.token_texts)
+                return [chunk(k, event.text, None, [_segment(event)], tokens)]
             assert isinstance(event, FinishEvent)
             last = [chunk(k, None, openai_finish_reason(event.finish_reason), [])]
             usages[k] = event.usage
@@ -639,7 +667,7 @@ class Ingress:
         configure_logging("json")
         self.config = config
         self.coordinator = coordinator
-        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # chat rendering, lazily
+        self._tokenizers: dict[str, PreTrainedTokenizerBase] = {}  # chat, logprobs: lazily
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self, self.config)
@@ -691,13 +719,20 @@ class Ingress:
 
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         # The first model reads the prompt first; its chat format is the ensemble's.
-        name = ensemble.models[0]
+        return render_chat(messages, await self._tokenizer(ensemble.models[0]))
+
+    async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
+        tokenizer = await self._tokenizer(model)
+        return [tokenizer.decode([i], skip_special_tokens=True) for i in token_ids]
+
+    async def _tokenizer(self, name: str) -> PreTrainedTokenizerBase:
+        """Model `name`'s tokenizer, loaded on first use (off the event loop)."""
         if name not in self._tokenizers:
             spec = self.config.model(name)
             self._tokenizers[name] = await asyncio.to_thread(
                 load_tokenizer, spec.path, spec.trust_remote_code
             )
-        return render_chat(messages, self._tokenizers[name])
+        return self._tokenizers[name]
 
 
 def build_ingress(config: AppConfig, coordinator: Application) -> Application:

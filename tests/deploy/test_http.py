@@ -229,8 +229,7 @@ def test_openai_client_errors_are_typed(oai):
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
 NOT_IMPLEMENTED = [  # (endpoint, what the official client sends, the parameter named)
-    ("chat", {"logprobs": True}, "logprobs"),
-    ("chat", {"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "top_logprobs"),
     ("chat", {"response_format": {"type": "json_object"}}, "response_format"),
     ("chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
      "tools"),
@@ -241,7 +240,6 @@ NOT_IMPLEMENTED = [  # (endpoint, what the official client sends, the parameter 
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     ("chat", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
     ("completions", {"echo": True}, "echo"),
-    ("completions", {"logprobs": 0}, "logprobs"),  # 0 asks for the chosen token's
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"suffix": " end"}, "suffix"),
     ("completions", {"presence_penalty": 1}, "presence_penalty"),
@@ -253,6 +251,45 @@ def openai_create(oai: openai.OpenAI, endpoint: str, **kw):
     if endpoint == "chat":
         return oai.chat.completions.create(model="pair", messages=MESSAGES, **kw)
     return oai.completions.create(model="pair", prompt=PROMPT, **kw)
+
+
+def test_completion_logprob_alternatives_are_refused_by_name(oai):
+    with pytest.raises(openai.BadRequestError, match="logprobs=2: top alternatives"):
+        openai_create(oai, "completions", logprobs=2)
+
+
+def writers_by_token(choice) -> list[str]:
+    return [s["model"] for s in choice.model_extra["antiphon_segments"]
+            for _ in range(s["num_tokens"])]  # fmt: skip
+
+
+def test_chat_logprobs_name_each_token_and_its_writer_streamed_or_not(oai):
+    chat = openai_create(oai, "chat", logprobs=True, max_tokens=12)
+    choice = chat.choices[0]
+    content = choice.logprobs.content
+    assert "".join(t.token for t in content) == choice.message.content
+    assert all(t.logprob <= 0 and t.bytes == list(t.token.encode()) for t in content)
+    assert [t.model_extra["antiphon_model"] for t in content] == writers_by_token(choice)
+    assert set(writers_by_token(choice)) == {"a", "b"}  # round robin: both wrote
+    chunks = list(openai_create(oai, "chat", logprobs=True, max_tokens=12, stream=True))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    # the same tokens, scored in another batch: equal up to float noise
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-4)
+    assert openai_create(oai, "chat").choices[0].logprobs is None  # not asked, not sent
+
+
+def test_completion_logprobs_in_the_legacy_layout_with_offsets_and_writers(oai):
+    text = openai_create(oai, "completions", logprobs=0, max_tokens=12)
+    choice = text.choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.token_logprobs) == len(lp.tokens)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert lp.model_extra["antiphon_models"] == writers_by_token(choice)
+    chunks = list(openai_create(oai, "completions", logprobs=0, max_tokens=12, stream=True))
+    offsets = [o for c in chunks if c.choices[0].logprobs
+               for o in c.choices[0].logprobs.text_offset]  # fmt: skip
+    assert offsets == lp.text_offset  # a chunk's tokens start where the chunks before ended
 
 
 @pytest.mark.parametrize(("endpoint", "params", "name"), NOT_IMPLEMENTED)
