@@ -240,7 +240,7 @@ def cluster_processes(session_dir: str) -> list:
     replicas, the turn-log actor), plus any process whose command line names this cluster's
     session directory (one re-parented away from the tree would still count; another
     cluster's processes name their own session directory, so never count)."""
-    import psutil  # Ray ships it (ray/thirdparty_files, on sys.path once ray is imported)
+    import psutil  # in the lock (peft needs it); Ray also ships a copy
 
     me = psutil.Process()
     found = {p.pid: p for p in me.children(recursive=True)}
