@@ -39,7 +39,8 @@ from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.records import FeedbackRecord, TurnSink
 from antiphon.coordinator.request import GenerationRequest, GenerationResult, StreamEvent
-from antiphon.errors import InvalidRequest
+from antiphon.coordinator.scoring import prompt_logprobs
+from antiphon.errors import InvalidRequest, NotFound
 from antiphon.logging import configure_logging
 from antiphon.policies.actor import PolicyClient
 from antiphon.policies.base import Policy
@@ -109,6 +110,14 @@ class CoordinatorServer:
         """Call with `handle.options(stream=True).stream.remote(request)`."""
         async for event in self.coordinator.run(request):
             yield event
+
+    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
+        """The prompt's token ids in `model`'s tokenizer and each one's log-prob given those
+        before it (None for the first)."""
+        models, tokenizers = self.coordinator.models, self.coordinator.tokenizers
+        if model not in models:
+            raise NotFound(f"unknown model {model!r}; known models: {sorted(models)}")
+        return await prompt_logprobs(models[model], tokenizers[model], prompt)
 
     async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
         """Log a client's reward beside the request's turns; returns once it has landed.

@@ -264,7 +264,6 @@ class FeedbackResponse(BaseModel):
 # nothing, which are accepted: any other value is a 400 naming the parameter, never ignored.
 NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
     "best_of": (None, 1),
-    "echo": (None, False),
     "suffix": (None, ""),
     "top_logprobs": (None, 0),
     "logit_bias": (None, {}),
@@ -347,6 +346,15 @@ class CompletionRequest(_OpenAIFields):
         description="0: each chosen token's log-prob under its writer (alternatives, >= 1, "
         "are not supported yet).",
     )
+    echo: bool = Field(
+        default=False,
+        description="Answer with the prompt before the completion; with logprobs, the "
+        "prompt's under the ensemble's first model (the first token's null).",
+    )
+    max_tokens: int | None = Field(
+        default=None, ge=0,
+        description="Token budget of each completion; 0 (with echo): only the prompt, scored.",
+    )  # fmt: skip
 
     @field_validator("logprobs")
     @classmethod
@@ -357,6 +365,14 @@ class CompletionRequest(_OpenAIFields):
                 "chosen token's log-prob"
             )
         return v
+
+    @model_validator(mode="after")
+    def _echo_as_the_api_has_it(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 asks for no completion; only with echo=true")
+        if self.echo and self.stream:
+            raise ValueError("echo: not supported by antiphon with stream=true")
+        return self
 
     @model_validator(mode="after")
     def _choices_bounded(self) -> CompletionRequest:
@@ -410,7 +426,9 @@ class CompletionLogprobs(BaseModel):
     """`logprobs` of a completion choice (or of a streamed chunk of it), legacy layout."""
 
     tokens: list[str] = Field(description="The chosen tokens' texts.")
-    token_logprobs: list[float] = Field(description="Their log-probs under their writers.")
+    token_logprobs: list[float | None] = Field(
+        description="Their log-probs under their writers (an echoed prompt's first: null)."
+    )
     top_logprobs: None = Field(default=None, description="Alternatives: not supported yet.")
     text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
     antiphon_models: list[str] = Field(description="The model that wrote each token.")

@@ -68,6 +68,7 @@ from antiphon.deploy.logprobs import (
     WrittenToken,
     chat_logprobs,
     completion_logprobs,
+    prompt_tokens,
     written_tokens,
 )
 from antiphon.errors import (
@@ -127,6 +128,11 @@ class Backend(Protocol):
 
     async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
         """Each token's text in `model`'s tokenizer ("" for special tokens)."""
+        ...
+
+    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
+        """The prompt's token ids in `model`'s tokenizer and each one's log-prob given those
+        before it (None for the first)."""
         ...
 
 
@@ -537,6 +543,15 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 
         return await first_then_rest([request], encode, lambda e: _sse(_error_json(e), "error"))
 
+    async def echoed_prompts(prompts: list[str], model: str) -> list[list[WrittenToken]]:
+        """Each prompt's tokens with their log-probs under `model`; a slot each meanwhile."""
+        slots.acquire(len(prompts))
+        try:
+            scored = await all_or_none([backend.prompt_logprobs(model, p) for p in prompts])
+        finally:
+            slots.release(len(prompts))
+        return [await prompt_tokens(model, ids, lps, backend.token_texts) for ids, lps in scored]
+
     async def openai_answer(
         body: api.CompletionRequest | api.ChatCompletionRequest, prompts: list[str],
         ensemble: EnsembleSpec, chat: bool, max_tokens: int | None,
@@ -564,22 +579,36 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                 choices=choices, usage=usage,
             )  # fmt: skip
 
+        # echo (completions, never streamed): each prompt scored by the first model
+        echo = isinstance(body, api.CompletionRequest) and body.echo
+        echoed = await echoed_prompts(prompts, ensemble.models[0]) if echo else []
+        if echo and body.max_tokens == 0:  # the prompt alone: a harness's log-likelihood
+            choices = [
+                api.CompletionChoice(index=k, text=prompts[k // body.n], finish_reason="length",
+                    logprobs=completion_logprobs(echoed[k // body.n], 0) if logprobs else None)
+                for k in range(len(requests))
+            ]  # fmt: skip
+            scored = sum(len(tokens) for tokens in echoed)
+            usage = api.Usage(prompt_tokens=scored, completion_tokens=0, total_tokens=scored)
+            return response(choices, usage, "text_completion").model_dump(mode="json")
+
         if not body.stream:
             async with in_slots(requests):
                 results = await all_or_none([backend.generate(r) for r in requests])
             choices = []
             for k, result in enumerate(results):
                 finish, segments = openai_finish_reason(result.finish_reason), _segments(result)
-                tokens = []
+                tokens = echoed[k // body.n] if echo else []
                 if logprobs:
-                    tokens = await written_tokens(result.segments, backend.token_texts)
+                    tokens = tokens + await written_tokens(result.segments, backend.token_texts)
                 if chat:
                     message = api.ChatMessageOut(role="assistant", content=result.text)
                     choices.append(api.ChatChoice(index=k, message=message, finish_reason=finish,
                         antiphon_segments=segments,
                         logprobs=chat_logprobs(tokens) if logprobs else None))  # fmt: skip
                 else:
-                    choices.append(api.CompletionChoice(index=k, text=result.text,
+                    text = prompts[k // body.n] + result.text if echo else result.text
+                    choices.append(api.CompletionChoice(index=k, text=text,
                         finish_reason=finish, antiphon_segments=segments,
                         logprobs=completion_logprobs(tokens, 0) if logprobs else None))  # fmt: skip
             usage = _choices_usage([r.usage for r in results], body.n)
@@ -720,6 +749,9 @@ class Ingress:
     async def render_chat(self, ensemble: EnsembleSpec, messages: Sequence[api.ChatMessage]) -> str:
         # The first model reads the prompt first; its chat format is the ensemble's.
         return render_chat(messages, await self._tokenizer(ensemble.models[0]))
+
+    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
+        return await unwrapped(self.coordinator.prompt_logprobs.remote(model, prompt))
 
     async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
         tokenizer = await self._tokenizer(model)

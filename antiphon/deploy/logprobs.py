@@ -21,9 +21,9 @@ TokenTexts = Callable[[str, Sequence[int]], Awaitable[list[str]]]
 
 @dataclass(frozen=True, slots=True)
 class WrittenToken:
-    text: str  # in its writer's tokenizer; "" for an end token
-    logprob: float  # under its writer's sampling
-    model: str  # its writer
+    text: str  # in its writer's tokenizer; "" for a special token
+    logprob: float | None  # under its writer's sampling; None: a prompt's first token
+    model: str  # its writer (for a prompt token: the model that scored it)
 
 
 async def written_tokens(
@@ -38,6 +38,14 @@ async def written_tokens(
             for text, logprob in zip(texts, seg.logprobs, strict=True)
         ]
     return tokens
+
+
+async def prompt_tokens(
+    model: str, ids: Sequence[int], logprobs: Sequence[float | None], token_texts: TokenTexts
+) -> list[WrittenToken]:
+    """A prompt's tokens as scored by `model` (antiphon.coordinator.scoring)."""
+    texts = await token_texts(model, ids)
+    return [WrittenToken(t, lp, model) for t, lp in zip(texts, logprobs, strict=True)]
 
 
 def chat_logprobs(tokens: Sequence[WrittenToken]) -> api.ChatLogprobs:

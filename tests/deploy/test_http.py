@@ -12,6 +12,8 @@ import httpx
 import openai
 import pytest
 import ray
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from antiphon.client import sse_events as client_sse_events
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
@@ -239,7 +241,6 @@ NOT_IMPLEMENTED = [  # (endpoint, what the official client sends, the parameter 
     ("chat", {"frequency_penalty": -1.0}, "frequency_penalty"),
     ("chat", {"modalities": ["text", "audio"]}, "modalities"),
     ("chat", {"prediction": {"type": "content", "content": "x"}}, "prediction"),
-    ("completions", {"echo": True}, "echo"),
     ("completions", {"best_of": 3}, "best_of"),
     ("completions", {"suffix": " end"}, "suffix"),
     ("completions", {"presence_penalty": 1}, "presence_penalty"),
@@ -290,6 +291,39 @@ def test_completion_logprobs_in_the_legacy_layout_with_offsets_and_writers(oai):
     offsets = [o for c in chunks if c.choices[0].logprobs
                for o in c.choices[0].logprobs.text_offset]  # fmt: skip
     assert offsets == lp.text_offset  # a chunk's tokens start where the chunks before ended
+
+
+def test_echo_with_no_tokens_scores_the_prompt_under_the_first_model(oai, server):
+    """What evaluation harnesses ask for a log-likelihood: the prompt's log-probs, each
+    token's given those before it, under the ensemble's first model (here "a")."""
+    text = "Once upon a time, a fox"
+    got = oai.completions.create(model="pair", prompt=text, max_tokens=0, echo=True, logprobs=0)
+    choice = got.choices[0]
+    assert choice.text == text and got.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == text and lp.token_logprobs[0] is None
+    assert set(lp.model_extra["antiphon_models"]) == {"a"}
+    model_a = server.config.model("a").path
+    model = AutoModelForCausalLM.from_pretrained(model_a)
+    ids = AutoTokenizer.from_pretrained(model_a)(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)[0]
+    expected = [float(logits[i - 1, ids[0, i]]) for i in range(1, ids.shape[1])]
+    assert lp.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    assert got.usage.prompt_tokens == ids.shape[1]
+
+
+def test_echo_puts_the_prompt_before_the_completion_and_its_logprobs_first(oai):
+    plain = openai_create(oai, "completions", temperature=0, logprobs=0, max_tokens=6)
+    echoed = openai_create(oai, "completions", temperature=0, logprobs=0, max_tokens=6, echo=True)
+    assert echoed.choices[0].text == PROMPT + plain.choices[0].text
+    tokens = echoed.choices[0].logprobs.tokens
+    assert "".join(tokens) == echoed.choices[0].text
+    assert tokens[-len(plain.choices[0].logprobs.tokens) :] == plain.choices[0].logprobs.tokens
+    with pytest.raises(openai.BadRequestError, match="max_tokens: 0 asks for no completion"):
+        openai_create(oai, "completions", max_tokens=0)
+    with pytest.raises(openai.BadRequestError, match="echo: not supported by antiphon with stream"):
+        openai_create(oai, "completions", echo=True, stream=True)
 
 
 @pytest.mark.parametrize(("endpoint", "params", "name"), NOT_IMPLEMENTED)
