@@ -279,11 +279,9 @@ NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
     "prediction": (None,),
     "web_search_options": (None,),
 }
-# OpenAI parameters about the account or its storage, not the answer: accepted, no effect.
-ACCEPTED_WITHOUT_EFFECT = (
-    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
-    "verbosity", "prompt_cache_key", "safety_identifier",
-)  # fmt: skip
+# The OpenAI parameters about the account or its storage, not the answer (user, metadata,
+# store, service_tier, parallel_tool_calls, reasoning_effort, verbosity, prompt_cache_key,
+# safety_identifier) are taken with no effect, as every other unknown key (`_Lenient`).
 
 
 def _asks_nothing(value: object, off: tuple[object, ...]) -> bool:

@@ -579,9 +579,12 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                 choices=choices, usage=usage,
             )  # fmt: skip
 
-        # echo (completions, never streamed): each prompt scored by the first model
+        # echo (completions, never streamed): each prompt scored by the first model, where
+        # its log-probs or its token count are asked for (the echoed text is the prompt's)
         echo = isinstance(body, api.CompletionRequest) and body.echo
-        echoed = await echoed_prompts(prompts, ensemble.models[0]) if echo else []
+        echoed = []
+        if echo and (logprobs or body.max_tokens == 0):
+            echoed = await echoed_prompts(prompts, ensemble.models[0])
         if echo and body.max_tokens == 0:  # the prompt alone: a harness's log-likelihood
             choices = [
                 api.CompletionChoice(index=k, text=prompts[k // body.n], finish_reason="length",
@@ -598,9 +601,11 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             choices = []
             for k, result in enumerate(results):
                 finish, segments = openai_finish_reason(result.finish_reason), _segments(result)
-                tokens = echoed[k // body.n] if echo else []
+                tokens = []
                 if logprobs:
-                    tokens = tokens + await written_tokens(result.segments, backend.token_texts)
+                    tokens = (echoed[k // body.n] if echo else []) + await written_tokens(
+                        result.segments, backend.token_texts
+                    )
                 if chat:
                     message = api.ChatMessageOut(role="assistant", content=result.text)
                     choices.append(api.ChatChoice(index=k, message=message, finish_reason=finish,

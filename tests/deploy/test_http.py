@@ -601,13 +601,13 @@ def test_health_reports_a_dead_turn_log_and_its_replacement_loses_no_turn(server
     assert httpx.get(f"{server.url}/health", timeout=30).json() == {"status": "ok", "degraded": {}}
 
 
-@pytest.mark.slow
-def test_killing_a_model_replica_loses_no_stream_in_flight(server):
-    """Serve starts a new replica; the coordinator reopens the sessions it held from the
-    sequence state (SessionLost) and every stream ends whole."""
-    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 48, "stream": True,
-            "policy_params": {"segment_len": 2}}  # fmt: skip
-    n_streams = MAX_CONCURRENT  # every slot the server has
+def streams_through_a_kill(
+    server: RunningServer, body: dict, events_before: int, kill: Callable[[], None]
+) -> tuple[list[list[tuple[str, str]]], HealthWatch]:
+    """A stream in every slot the server has; once each has `events_before` events, `kill()`;
+    every stream read to its end while /health is polled. (The events of each stream, the
+    health watch.)"""
+    n_streams = MAX_CONCURRENT
     started = threading.Barrier(n_streams + 1)
     results: list[list[tuple[str, str]]] = [[] for _ in range(n_streams)]
 
@@ -616,17 +616,27 @@ def test_killing_a_model_replica_loses_no_stream_in_flight(server):
                           headers=server.headers, timeout=300) as r:  # fmt: skip
             for event in sse_events(r):
                 results[i].append(event)
-                if len(results[i]) == 2:
+                if len(results[i]) == events_before:
                     started.wait()  # every stream is under way before the kill
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
     for t in threads:
         t.start()
     started.wait(timeout=120)
-    kill_serve_replica("a")
+    kill()
     with HealthWatch(server) as health:
         for t in threads:
             t.join(timeout=300)
+    return results, health
+
+
+@pytest.mark.slow
+def test_killing_a_model_replica_loses_no_stream_in_flight(server):
+    """Serve starts a new replica; the coordinator reopens the sessions it held from the
+    sequence state (SessionLost) and every stream ends whole."""
+    body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 48, "stream": True,
+            "policy_params": {"segment_len": 2}}  # fmt: skip
+    results, health = streams_through_a_kill(server, body, 2, lambda: kill_serve_replica("a"))
     for events in results:
         kinds = [kind for kind, _ in events]
         assert "error" not in kinds and kinds[-1] == "done", events[-1]
@@ -662,28 +672,8 @@ def test_streams_whose_coordinator_dies_go_on_from_what_they_had_sent(server):
     lost, and every segment of it has its turn record."""
     body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 160, "stream": True,
             "policy_params": {"segment_len": 1}}  # fmt: skip
-    n_streams = MAX_CONCURRENT
-    started = threading.Barrier(n_streams + 1)
-    results: list[list[tuple[str, str]]] = [[] for _ in range(n_streams)]
-    sent_before_kill: list[int] = [0] * n_streams
-
-    def stream(i: int) -> None:
-        with httpx.stream("POST", f"{server.url}/v1/generate", json=body,
-                          headers=server.headers, timeout=300) as r:  # fmt: skip
-            for event in sse_events(r):
-                results[i].append(event)
-                if len(results[i]) == 3:
-                    sent_before_kill[i] = 3
-                    started.wait()  # every stream is under way before the kill
-
-    threads = [threading.Thread(target=stream, args=(i,)) for i in range(n_streams)]
-    for t in threads:
-        t.start()
-    started.wait(timeout=120)
-    kill_serve_replica("coordinator")
-    with HealthWatch(server) as health:
-        for t in threads:
-            t.join(timeout=300)
+    kill = lambda: kill_serve_replica("coordinator")  # noqa: E731
+    results, health = streams_through_a_kill(server, body, 3, kill)
     assert any("coordinator" in body["degraded"] for body in health.bodies), health.bodies
     ids = set()
     for events in results:
