@@ -6,7 +6,8 @@
    prefix 0 of each query is empty instead: the first decision);
 3. each candidate model writes the next segment after the prefix;
 4. each branch is completed k times by random switching (`replay_switch` replays the prefix
-   and the branch's segment, then switches at random);
+   and the branch's segment, then switches at random; with `completion_switcher`, a trained
+   switcher picks the writers of the rest instead: on-policy completions);
 5. each completion is scored by the task's verifier; a candidate's utility is the mean score
    (for a task whose metric reads a set of answers, e.g. validity x diversity of stories: the
    metric over the branch's k completions); the label is the argmax.
@@ -88,6 +89,10 @@ class RolloutConfig:
     # switcher itself reaches (DAgger-style on-policy data); completions stay random.
     prefix_policy: str = "random_switch"
     prefix_policy_params: Mapping[str, object] = field(default_factory=dict)
+    # Who completes each branch: random switching (the paper), or a `switch` policy's
+    # parameters (e.g. the previous round's switcher sampling top-p), so that a branch is
+    # labelled by what follows when the switcher itself writes on (on-policy completions).
+    completion_switcher: Mapping[str, object] | None = None
     seed: int = 0
     concurrency: int = 8  # (query, prefix) items in flight at once
 
@@ -205,6 +210,11 @@ async def label_query(
             "segment_len": cfg.segment_len,
             "seed": completion_seeds[r],
         }
+        if cfg.completion_switcher is not None:
+            params["completion_switcher"] = {
+                **cfg.completion_switcher,
+                "segment_len": cfg.segment_len,
+            }
         return await generate(_request(q, models, "replay_switch", params, request_seed))
 
     results = await asyncio.gather(*(complete(c, r) for c in models for r in range(cfg.k)))

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 from antiphon.errors import InvalidRequest
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
+from antiphon.policies.registry import check_request_params
 from antiphon.policies.switcher import (
     Switch,
     SwitchParams,
@@ -179,3 +180,30 @@ def test_stop_at_eos_off_lets_the_next_writer_go_on_after_an_end_token(trained_s
     assert [s.model for s in went_on.segments[1:]] == ["base"] * (len(went_on.segments) - 1)
     assert went_on.finish_reason == "length" and len(went_on.segments) >= 2
     assert went_on.usage.completion_tokens == 40 == sum(len(s.token_ids) for s in went_on.segments)
+
+
+def test_replay_completes_with_the_switcher_once_past_the_prefix(tmp_path):
+    """On-policy completions: the replayed turns first, then the same writers the switch
+    policy picks (same switcher, same seed), and the policy's version is the switcher's."""
+    from tests.factories import make_tiny_model
+
+    path = str(make_tiny_model(tmp_path / "switcher", seed=3))
+    ensemble = ("a", "b", "c")
+    switcher = {"switcher_path": path, "selection": "top_p", "segment_len": 4}
+    replay = build_policy("replay_switch", {"prefix_models": ["c"], "prefix_tokens": [2],
+                                            "segment_len": 4, "seed": 11,
+                                            "completion_switcher": switcher}, ensemble)  # fmt: skip
+    alone = build_policy("switch", {**switcher, "seed": 11}, ensemble)
+    views = [view([("c", "ab")] + [("a", "wxyz")] * k) for k in range(6)]
+
+    async def run():
+        return [await replay.decide(view())] + [
+            (await replay.decide(v), await alone.decide(v)) for v in views
+        ]
+
+    first, *pairs = asyncio.run(run())
+    assert first == WriteSegment("c", 2)
+    assert all(got == expected for got, expected in pairs)
+    assert replay.version == alone.version != "unknown"
+    with pytest.raises(InvalidRequest, match="completion_switcher"):  # it names a path
+        check_request_params("replay_switch", {"completion_switcher": switcher}, own_policy=False)
