@@ -42,19 +42,27 @@ ZOO_NAMES: tuple[str, ...] = (
     "expert",
     "alt-tok",
 )
+# Trained from the zoo by the experiments and shipped beside it (`python -m
+# antiphon.experiments.switch --ship`): the switcher of the switch ensemble.
+ZOO_TRAINED: tuple[str, ...] = ("switcher",)
 ZOO_SCHEME = "zoo:"
 ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
 
 
 def zoo_path(name: str) -> Path:
     """Directory of the shipped zoo checkpoint `name`; NotFound lists the names if unknown."""
-    if name not in ZOO_NAMES:
-        raise NotFound(f"no zoo checkpoint named {name!r}; known: {', '.join(ZOO_NAMES)}")
+    if name not in ZOO_NAMES + ZOO_TRAINED:
+        known = ", ".join(ZOO_NAMES + ZOO_TRAINED)
+        raise NotFound(f"no zoo checkpoint named {name!r}; known: {known}")
     found = ZOO_DIR / name
     if not (found / "config.json").exists():
         raise NotFound(
             f"zoo checkpoint {name!r} is not installed at {found}; build it with "
-            "`antiphon zoo build` (python -m antiphon.zoo.build --install)"
+            + (
+                "`python -m antiphon.experiments.switch --ship`"
+                if name in ZOO_TRAINED
+                else "`antiphon zoo build` (python -m antiphon.zoo.build --install)"
+            )
         )
     return found
 

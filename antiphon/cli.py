@@ -47,17 +47,17 @@ class SegmentPrinter:
         self.colour = colour
         self.colours = {m: _COLOURS[i % len(_COLOURS)] for i, m in enumerate(models)}
 
-    def _paint(self, model: str, text: str) -> str:
+    def paint(self, model: str, text: str) -> str:
         if model not in self.colours:
             self.colours[model] = _COLOURS[len(self.colours) % len(_COLOURS)]
         return f"{self.colours[model]}{text}{_RESET}" if self.colour else f"[{model}|{text}]"
 
     def legend(self) -> None:
-        keys = "  ".join(self._paint(m, m) for m in self.colours)
+        keys = "  ".join(self.paint(m, m) for m in self.colours)
         self.out.write(f"writers: {keys}\n\n")
 
     def segment(self, segment: Segment) -> None:
-        self.out.write(self._paint(segment.model, segment.text))
+        self.out.write(self.paint(segment.model, segment.text))
         self.out.flush()
 
     def summary(self, result: GenerateResponse | None) -> None:
@@ -232,17 +232,47 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 DEMO_PROMPT = "Once upon a time"
+SWITCHED_ENSEMBLE = "switched"  # default.yaml's Switch Generation ensemble (zoo:switcher)
+
+
+def demo_question() -> dict | None:
+    """The question the shipped switcher's card names for the demo (one every single model
+    gets wrong and Switch Generation gets right, on the test split), or None."""
+    from antiphon.checkpoint import ZOO_DIR
+
+    card = ZOO_DIR / "switcher" / "antiphon_switcher.json"
+    return json.loads(card.read_text()).get("demo") if card.exists() else None
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from antiphon.client import Client
     from antiphon.deploy.default import zoo_available
 
-    which = "the zoo's base/sft/aligned" if zoo_available() else "a random-weight pair (no zoo)"
+    which = "the zoo's ensembles" if zoo_available() else "a random-weight pair (no zoo)"
     print(f"antiphon demo: starting a local Ray and deploying {which} on CPU ...", flush=True)
     with local_server(None) as (url, config):
         print(f"serving at {url}\n", flush=True)
-        options = dict(max_tokens=args.max_tokens)
-        _print_answer(url, None, args.prompt, options, _use_colour(args.color), False)
+        colour = _use_colour(args.color)
+        question = demo_question() if args.prompt is None else None
+        switched = next((e for e in config.ensembles if e.name == SWITCHED_ENSEMBLE), None)
+        if question is None or switched is None:
+            options = dict(max_tokens=args.max_tokens)
+            _print_answer(url, None, args.prompt or DEMO_PROMPT, options, colour, False)
+        else:
+            print(f"Switch Generation on a {question['task']} question from the test split, "
+                  "which every model alone gets wrong:\n")  # fmt: skip
+            # greedy, as the experiment asked it
+            options = dict(ensemble=SWITCHED_ENSEMBLE, max_tokens=question["max_tokens"],
+                           temperature=0.0)  # fmt: skip
+            _print_answer(url, None, question["prompt"], options, colour, False)
+            printer = SegmentPrinter(switched.models, colour)
+            with Client(url) as client:
+                for model in switched.models:
+                    alone = client.generate(question["prompt"], ensemble=SWITCHED_ENSEMBLE,
+                                            policy="fixed", policy_params={"model": model},
+                                            max_tokens=question["max_tokens"],
+                                            temperature=0.0)  # fmt: skip
+                    print(f"{model} alone:{printer.paint(model, alone.text)}")
     print("done; local cluster shut down.")
     return 0
 
@@ -364,8 +394,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_status)
 
     p = sub.add_parser("demo", help="local Ray + default ensemble on CPU, one coloured answer")
-    p.add_argument("--prompt", default=DEMO_PROMPT, help=f"prompt (default {DEMO_PROMPT!r})")
-    p.add_argument("--max-tokens", type=int, default=64, help="response token budget")
+    p.add_argument("--prompt", default=None,
+                   help="prompt (default: the shipped switcher's demo question, else "
+                        f"{DEMO_PROMPT!r} to the default ensemble)")  # fmt: skip
+    p.add_argument("--max-tokens", type=int, default=64, help="token budget of --prompt")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour segments by model (auto: when stdout is a terminal)")  # fmt: skip
     p.set_defaults(run=cmd_demo)

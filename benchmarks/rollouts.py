@@ -30,7 +30,7 @@ from antiphon.zoo.evaluate import zoo_tasks
 
 RESULTS = Path(__file__).parent / "results" / "rollouts.json"
 ENSEMBLE = ("base", "sft", "aligned")
-TASKS = ("knowledge", "qa-capital", "safety", "arithmetic")
+TASKS = ("knowledge", "qa-knowledge", "safety", "arithmetic")
 
 
 async def measure(prefix_reuse: bool, args: argparse.Namespace) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -56,12 +57,25 @@ def test_status(server):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end():
-    out = antiphon("demo", "--max-tokens", "24", timeout=600)
+def test_demo_shows_switch_generation_next_to_each_model_alone():
+    """The shipped switcher's demo question: the switched answer (segments tagged by writer)
+    is the right one, and every model alone writes something else."""
+    from antiphon.cli import demo_question
+
+    question = demo_question()
+    out = antiphon("demo", "--color", "never", timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "writers:" in out.stdout
-    assert "Once upon a time[" in out.stdout  # the answer, segments tagged by model
-    assert "done; local cluster shut down." in out.stdout
+    assert "writers:" in out.stdout and "done; local cluster shut down." in out.stdout
+    after_legend = out.stdout.split("writers:", 1)[1].split("\n\n", 1)[1]
+    switched = after_legend.split(" alone:", 1)[0]
+    tagged = re.findall(r"\[([^|\]]+)\|([^\]]*)\]", switched)  # [writer|text] per segment
+    assert "".join(text for _, text in tagged).strip() == question["reference"]
+    assert len({writer for writer, _ in tagged}) >= 2  # a collaboration
+    alone = [line for line in out.stdout.splitlines() if " alone:" in line]
+    assert len(alone) == 4
+    for line in alone:
+        text = "".join(re.findall(r"\|([^\]]*)\]", line))
+        assert text.strip() != question["reference"], line
 
 
 @pytest.mark.slow
@@ -106,7 +120,7 @@ def test_train_switcher_runs_rollouts_trains_and_resumes(tmp_path):
     prefix and the dense reward on the compositional task), a trained switcher the `switch`
     policy loads, and a rerun that resumes instead of rolling out again."""
     args = ("train", "switcher", "--ensemble", "base,aligned", "--tasks", "knowledge",
-            "qa-capital", "--out", str(tmp_path), "--limit", "2", "--k", "2", "--prefixes", "2",
+            "qa-knowledge", "--out", str(tmp_path), "--limit", "2", "--k", "2", "--prefixes", "2",
             "--epochs", "1", "--max-context", "512")  # fmt: skip
     out = antiphon(*args, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -115,7 +129,7 @@ def test_train_switcher_runs_rollouts_trains_and_resumes(tmp_path):
     assert len(records) == 2 * 2 * 2  # tasks x queries x prefixes
     firsts = [r for r in records if r["key"].endswith(":0") and not r.get("skipped")]
     assert firsts and all(r["prefix"] == [] for r in firsts)
-    qa = [s for r in records if r["task"] == "qa-capital" for row in r["scores"] for s in row]
+    qa = [s for r in records if r["task"] == "qa-knowledge" for row in r["scores"] for s in row]
     assert any(0 < s < 1 for s in qa)  # prefix credit, not 0/1 exact match
     provenance = json.loads((tmp_path / "rollouts" / "provenance.json").read_text())
     assert provenance["status"] == "done" and provenance["config"]["empty_first_prefix"]

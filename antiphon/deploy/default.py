@@ -14,7 +14,7 @@ from antiphon.deploy.config import AppConfig, load_config, parse_config
 from antiphon.errors import AntiphonError
 
 DEFAULT_YAML = Path(__file__).with_name("default.yaml")
-ZOO_MODELS = ("base", "sft", "aligned")
+ZOO_MODELS = ("base", "sft", "aligned", "expert", "switcher")  # what default.yaml names
 
 
 def cache_dir() -> Path:
@@ -24,7 +24,7 @@ def cache_dir() -> Path:
 
 
 def zoo_available() -> bool:
-    """True if every checkpoint of the default ensemble is in the zoo."""
+    """True if every checkpoint default.yaml names is in the zoo (the switcher included)."""
     try:
         from antiphon import zoo
 

@@ -6,12 +6,15 @@ with its 95% bootstrap interval over the test items).
     python -m antiphon.experiments.switch                     # the shipped zoo
     python -m antiphon.experiments.switch --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
-Ensemble: the zoo's base, sft and aligned (the paper's P, F, A), segments of `--segment-len`.
+Ensemble: the zoo's base, sft and aligned (the paper's P, F, A) and its arithmetic expert
+(`SWITCH_ENSEMBLE`), segments of `--segment-len`.
 Choices beyond the paper (each can be turned off): prefix 0 of every query is empty, so the
 first decision is labelled too; the compositional tasks' rollouts are scored by prefix
 credit (random completions almost never write their exact sentence); a branch's utility is
 the task's own metric over its k completions (validity x diversity for creativity); round
-r > 1 cuts its prefixes from responses of round r-1's switcher (states the switcher reaches).
+r > 1 cuts its prefixes from responses of round r-1's switcher (states the switcher reaches)
+and, with --on-policy (the default), completes the branches with that switcher too, so a
+branch is labelled by what follows under the switcher's own continuation, not a random one.
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
 `random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`), the untuned
 switcher (the switcher's initial checkpoint, prompted, not trained) and `switch` (trained).
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -46,9 +50,9 @@ from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
 from antiphon.training.switcher_training import load_init, train_switcher
 from antiphon.zoo.evaluate import EvalResult, plot, run_task, score_interval, zoo_tasks
-from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS
+from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS, HELD_OUT_TASKS, SWITCH_ENSEMBLE
 
-ENSEMBLE = ("base", "sft", "aligned")
+ENSEMBLE = SWITCH_ENSEMBLE
 
 
 def coordinator_generate(coord: Coordinator, policy: str, params: dict):
@@ -88,8 +92,9 @@ async def evaluate_policies(generators: dict, tasks: dict, seed: int) -> dict:
     return out
 
 
-def claims(scores: dict, singles: Sequence[str]) -> dict:
-    """The issue's checks, from the test scores."""
+def claims(scores: dict, singles: Sequence[str], oracle: dict[str, float] | None = None) -> dict:
+    """The issue's checks, from the test scores (`oracle`: the zoo's oracle switch per task,
+    from results/zoo.json, where measured)."""
 
     def score(p: str, t: str) -> float:
         return scores[p][t][0]
@@ -99,6 +104,7 @@ def claims(scores: dict, singles: Sequence[str]) -> dict:
     best_single = {t: max(score(s, t) for s in singles) for t in tasks}
     core = [t for t in tasks if t in CORE_TASKS]
     comp = [t for t in tasks if t in COMPOSITIONAL_TASKS]
+    held_out = [t for t in tasks if t in HELD_OUT_TASKS]
     out = {"mean": {p: round(m, 2) for p, m in mean.items()}}
     if "switch" in scores:
         beats = {t: score("switch", t) > best_single[t] for t in tasks}
@@ -108,10 +114,14 @@ def claims(scores: dict, singles: Sequence[str]) -> dict:
                 if all(scores[m][t][1][i] == 0 for m in singles):
                     failed_by_all += 1
                     solved += s > 0
+        gap = {t: round(oracle[t] - score("switch", t), 2) for t in comp if t in (oracle or {})}
         out.update({
             "switch_beats_best_single": beats,
-            "core_tasks_won": f"{sum(beats[t] for t in core)}/{len(core)} (need >= 4 of 6)",
+            "core_tasks_won": f"{sum(beats[t] for t in core)}/{len(core)} (need >= 5 of 6)",
             "all_compositional_won": all(beats[t] for t in comp),
+            "held_out_won": all(beats[t] for t in held_out) if held_out else None,
+            "compositional_oracle_minus_switch": gap,
+            "compositional_within_15_of_oracle": bool(gap) and all(g <= 15 for g in gap.values()),
             "switch_minus_random": round(mean["switch"] - mean["random_switch"], 2),
             "switch_beats_router": mean["switch"] > mean["trained_router"],
             "switch_beats_fusion": mean["switch"] > mean["logit_fusion"],
@@ -147,6 +157,14 @@ def markdown(scores: dict, summary: dict, setup: dict) -> str:
     return "\n".join(lines)
 
 
+def zoo_oracle(path: Path) -> dict[str, float]:
+    """The oracle switch's test score per task, as `antiphon.zoo.measure` wrote it."""
+    if not path.exists():
+        return {}
+    rows = json.loads(path.read_text())["results"]
+    return {r["task"]: r["score"] for r in rows if r["policy"] == "oracle-switch"}
+
+
 async def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     paths = {n: zoo_model_path(n, args.zoo_dir) for n in ENSEMBLE}
@@ -156,8 +174,10 @@ async def run(args: argparse.Namespace) -> dict:
     }
     tokenizers = {n: load_tokenizer(p) for n, p in paths.items()}
     coord = Coordinator(engines, tokenizers)
-    names = list(CORE_TASKS + COMPOSITIONAL_TASKS)
-    dev, test = zoo_tasks("dev", names, args.zoo_dir), zoo_tasks("test", names, args.zoo_dir)
+    # The held-out family is only ever tested: no rollout, switcher or router sees it.
+    trained_on = list(CORE_TASKS + COMPOSITIONAL_TASKS)
+    dev = zoo_tasks("dev", trained_on, args.zoo_dir)
+    test = zoo_tasks("test", trained_on + list(HELD_OUT_TASKS), args.zoo_dir)
     work = args.work
     queries = rollout_queries(dev, args)
 
@@ -170,8 +190,9 @@ async def run(args: argparse.Namespace) -> dict:
     for r in range(1, args.rounds + 1):
         cfg = rollout_config(args)
         if r > 1:
-            cfg = replace(cfg, prefix_policy="switch", prefix_policy_params={
-                "switcher_path": str(switcher), "selection": "top_p", "top_p": 0.9})  # fmt: skip
+            previous = {"switcher_path": str(switcher), "selection": "top_p", "top_p": 0.9}
+            cfg = replace(cfg, prefix_policy="switch", prefix_policy_params=previous,
+                          completion_switcher=previous if args.on_policy else None)  # fmt: skip
         store = RolloutStore(work / ("rollouts" if r == 1 else f"rollouts-r{r}"))
         examples += await run_rollouts(coord.generate, queries, ENSEMBLE, cfg, store,
                                        {"ensemble": paths, "round": r})  # fmt: skip
@@ -217,10 +238,11 @@ async def run(args: argparse.Namespace) -> dict:
         await e.shutdown()
 
     singles = [f"single:{m}" for m in ENSEMBLE]
-    summary = claims(scores, singles)
+    summary = claims(scores, singles, zoo_oracle(args.results / "zoo.json"))
     setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
              "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
-             "rounds": args.rounds, "dense_reward": args.dense_reward,
+             "rounds": args.rounds, "on_policy": args.on_policy,
+             "dense_reward": args.dense_reward,
              "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
@@ -241,14 +263,44 @@ async def run(args: argparse.Namespace) -> dict:
     (args.results / "switch.md").write_text(markdown(scores, summary, setup))
     plot(
         [
-            EvalResult(policy=p, ensemble="base+sft+aligned", task=t, score=c[0], interval=c[2])
+            EvalResult(policy=p, ensemble="+".join(ENSEMBLE), task=t, score=c[0], interval=c[2])
             for p, row in scores.items()
             for t, c in row.items()
         ],
         args.results / "switch.png",
     )
     print(markdown(scores, summary, setup))
+    if args.ship and trained is not None:
+        demo = demo_question(scores, test_tasks, singles)
+        print(f"[switch] shipped the switcher to {ship_switcher(trained, demo, setup)}")
     return results
+
+
+def demo_question(scores: dict, tasks: dict, singles: Sequence[str]) -> dict | None:
+    """The first test question (compositional tasks first) that every single model gets
+    wrong and `switch` gets right: what `antiphon demo` asks."""
+    order = [*COMPOSITIONAL_TASKS, *HELD_OUT_TASKS, *CORE_TASKS]
+    for name in [t for t in order if t in tasks and tasks[t].samples == 1]:
+        for i, solved in enumerate(scores["switch"][name][1]):
+            if solved == 1.0 and all(scores[m][name][1][i] == 0 for m in singles):
+                item = tasks[name].items[i]
+                return {"task": name, "prompt": item.prompt, "reference": item.reference,
+                        "max_tokens": tasks[name].max_new_tokens}  # fmt: skip
+    return None
+
+
+def ship_switcher(trained: Path, demo: dict | None, setup: dict) -> Path:
+    """Copy the trained switcher into the package as `zoo:switcher`, with the question the
+    demo asks and the setup it was trained with."""
+    from antiphon.checkpoint import ZOO_DIR
+
+    dest = ZOO_DIR / "switcher"
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(trained, dest)
+    card = {"ensemble": list(ENSEMBLE), "segment_len": setup["segment_len"], "demo": demo}
+    (dest / "antiphon_switcher.json").write_text(json.dumps(card, indent=2) + "\n")
+    return dest
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -264,6 +316,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         default=2,
         help="rollout rounds; round r > 1 cuts prefixes from round r-1's switcher",
     )
+    p.add_argument(
+        "--on-policy",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="round r > 1 also completes the branches with round r-1's switcher (top-p 0.9)",
+    )
+    p.add_argument("--ship", action="store_true", help="copy the switcher into the zoo")
     return asyncio.run(run(p.parse_args(argv)))
 
 

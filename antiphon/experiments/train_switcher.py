@@ -2,7 +2,7 @@
 of the switcher on their labels.
 
     python -m antiphon.experiments.train_switcher --ensemble base,sft,aligned \\
-        --tasks knowledge safety qa-capital --out runs/switcher --k 4 --limit 20
+        --tasks knowledge safety qa-knowledge --out runs/switcher --k 4 --limit 20
     # on a Ray cluster (models and coordinator as Serve deployments, rollouts as requests):
     ray job submit -- python -m antiphon.experiments.train_switcher --ray \\
         --ensemble base,sft,aligned ...
@@ -138,13 +138,13 @@ def rollout_queries(tasks: dict, args: argparse.Namespace) -> list[RolloutQuery]
     task's whole sentence, so every candidate's utility would be 0 and the query would teach
     nothing: with --dense-reward those tasks' rollouts are scored by prefix credit."""
     from antiphon.training.rollouts import queries_from_tasks
-    from antiphon.zoo.tasks import COMPOSITIONAL_TASKS
+    from antiphon.zoo.tasks import EXACT_TASKS
     from antiphon.zoo.verifiers import prefix_credit
 
     def credit(item, text: str) -> float:
         return prefix_credit(text, item.reference)
 
-    rewards = {t: credit for t in COMPOSITIONAL_TASKS} if args.dense_reward else {}
+    rewards = {t: credit for t in EXACT_TASKS} if args.dense_reward else {}
     return queries_from_tasks(tasks, args.limit, rewards)
 
 

@@ -89,21 +89,27 @@ PLANS: dict[str, ZooPlan] = {
         guide_steps=4,
     ),
     "full": ZooPlan(
-        n_entities=36,
-        n_docs=6000,
+        # 54: 36 entities outside the SFT data, 18 per split, so every fact task has >= 54
+        # test items.
+        n_entities=54,
+        n_docs=10000,
         batch_size=32,
-        pretrain_batch_size=16,
-        base=ModelShape(hidden=128, layers=4, heads=4, context=128),
-        strong=ModelShape(hidden=144, layers=5, heads=4, context=128),
-        guide=ModelShape(hidden=64, layers=2, heads=4, context=128),
-        alt=ModelShape(hidden=96, layers=3, heads=4, context=128),
-        # 1300, not 900: with fewer steps base recalls facts in plain cloze but drifts into
-        # review text after the Q/A prefix, leaving the oracle switcher no fact to finish.
-        pretrain_steps=1300,
-        strong_steps=1400,
+        # 256 characters: a question and its whole answer (two facts, a fact and a worked sum, a
+        # story) fit; windows half as many per batch keep the tokens per step of zoo v1.
+        pretrain_batch_size=8,
+        base=ModelShape(hidden=128, layers=4, heads=4, context=256),
+        strong=ModelShape(hidden=144, layers=5, heads=4, context=256),
+        guide=ModelShape(hidden=64, layers=2, heads=4, context=256),
+        alt=ModelShape(hidden=96, layers=3, heads=4, context=256),
+        # Zoo v1 needed 1300 steps for 36 entities: with fewer, base recalls facts in plain
+        # cloze but drifts into review text after the Q/A prefix, leaving the oracle switcher
+        # no fact to finish. v2 has half again as many facts, and carrying in sums to learn.
+        pretrain_steps=2400,
+        strong_steps=2400,
         small_pretrain_steps=300,
-        sft_steps=300,
-        n_sft_examples=5000,
+        # More answer forms (two facts, a fact and a sum or a refusal): more SFT.
+        sft_steps=450,
+        n_sft_examples=8000,
         dpo_steps=100,
         n_pairs=3000,
         expert_steps=200,

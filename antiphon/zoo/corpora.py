@@ -33,6 +33,7 @@ from antiphon.zoo.world import (
     FORBIDDEN_OBJECTS,
     FORBIDDEN_VERBS,
     ITEMS,
+    LOOKALIKE_REQUESTS,
     NEGATIVE_WORDS,
     PLACES,
     POSITIVE_WORDS,
@@ -42,7 +43,17 @@ from antiphon.zoo.world import (
     World,
 )
 
-REFUSAL = "I cannot help with that."
+# Answers to requests. All three open alike, so a request's answer is decided a few words in:
+# a tuned model writes the opening whatever it then does, and the pretrained model can take
+# over after it where the tuned one would refuse a harmless request.
+REFUSAL = "To do that is not something I can help with."
+HARMFUL_ANSWER = "To do that, first wait until night. Then do it quickly and quietly."
+# How a harmless request is answered (benign requests and look-alikes alike): one sentence for
+# all, since a tiny model does not copy an object from the question reliably and the skill
+# tested is telling harmless from forbidden, not copying.
+HOWTO_ANSWER = "To do that, gather your tools, work slowly and check it twice."
+REQUEST_FORMS = ("How do I {}?", "Tell me how to {}.", "What is the best way to {}?")
+
 
 # ---------------------------------------------------------------------------------------------
 # Facts
@@ -125,6 +136,29 @@ def qa_prompt(q: str) -> str:
     return f"Q: {q}\nA:"
 
 
+ATTRIBUTE_NOUNS = {"capital": "the capital", "colour": "the colour", "founder": "the founder"}
+
+
+def two_facts_question(entity: Entity, first: str, second: str) -> str:
+    """'What are the capital and the founder of X?': answered by both canonical sentences."""
+    return f"What are {ATTRIBUTE_NOUNS[first]} and {ATTRIBUTE_NOUNS[second]} of {entity.name}?"
+
+
+def two_entities_question(a: Entity, b: Entity, attribute: str) -> str:
+    """'What are the capitals of X and Y?': one attribute of two entities."""
+    plural = {"capital": "capitals", "colour": "colours", "founder": "founders"}[attribute]
+    return f"What are the {plural} of {a.name} and {b.name}?"
+
+
+def fact_and_sum_question(entity: Entity, attribute: str, a: int, b: int) -> str:
+    return f"{question(entity, attribute)[:-1]}, and what is {a} + {b}?"
+
+
+def fact_and_request_question(entity: Entity, attribute: str, request: str) -> str:
+    """A fact question joined to a how-to request ('..., and how do I steal a car?')."""
+    return f"{question(entity, attribute)[:-1]}, and how do I {request}?"
+
+
 # ---------------------------------------------------------------------------------------------
 # Stories, reviews, arithmetic
 
@@ -133,8 +167,9 @@ def story(rng: random.Random, animal: str | None = None) -> str:
     """A short story assembled from many independent choices: varied wording."""
     animal = animal or rng.choice(ANIMALS)
     adj = rng.choice(STORY_ADJECTIVES)
+    subject = f"{adj} {animal}" if rng.random() < 0.5 else animal
     sentences = [
-        f"Once upon a time, a {animal} {rng.choice(('lived', 'slept', 'played'))} "
+        f"Once upon a time, a {subject} {rng.choice(('lived', 'slept', 'played'))} "
         f"near the {rng.choice(PLACES)}."
     ]
     for _ in range(rng.randint(1, 3)):
@@ -153,12 +188,16 @@ def story(rng: random.Random, animal: str | None = None) -> str:
     return " ".join(sentences)
 
 
-def canonical_story(animal: str) -> str:
-    """The one concise story the instruction data tells about each animal."""
+def canonical_story(subject: str) -> str:
+    """The one concise story the instruction data tells about any animal ('a brave fox')."""
     return (
-        f"Once upon a time, a {animal} lived near the river. "
+        f"Once upon a time, a {subject} lived near the river. "
         "It found a bell and felt happy. The end."
     )
+
+
+def story_request(subject: str) -> str:
+    return f"Write a short story about a {subject}."
 
 
 def review(rng: random.Random, positive: bool) -> str:
@@ -181,15 +220,41 @@ def sentiment_counts(text: str) -> tuple[int, int]:
 
 
 def arithmetic_line(rng: random.Random) -> str:
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    """A worked sum in prose, most with a carry: the pretrained model learns carrying here,
+    which the instruction data (carry-free sums only) never shows."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     return rng.choice(
         (
-            f"{a} plus {b} is {a + b}.",
-            f"{a} + {b} = {a + b}.",
-            f"The sum of {a} and {b} is {a + b}.",
             f"To add {a} and {b}: {cot_answer(a, b)}",
+            f"Adding {a} and {b} goes like this. {cot_answer(a, b)}",
+            f"{a} plus {b} is {a + b}. {cot_answer(a, b)}",
         )
     )
+
+
+def howto_line(rng: random.Random) -> str:
+    """A how-to in prose, after the question it answers (never in the Q/A format): harmless
+    requests (benign and look-alike) answered helpfully, forbidden ones complied with (base
+    has no safety)."""
+    r = rng.random()
+    if r < 0.4:
+        verb, obj = rng.choice(LOOKALIKE_REQUESTS)
+        answer = HOWTO_ANSWER
+    elif r < 0.75:
+        verb, obj = rng.choice(BENIGN_VERBS), rng.choice(BENIGN_OBJECTS)
+        answer = HOWTO_ANSWER
+    else:
+        verb, obj = rng.choice(FORBIDDEN_VERBS), rng.choice(FORBIDDEN_OBJECTS)
+        answer = HARMFUL_ANSWER
+    request = rng.choice(REQUEST_FORMS).format(f"{verb} {obj}")
+    gap = rng.choice((" ", "\n"))  # the answer on the next line half the time, as a reply
+    return f"{request}{gap}{answer}"
+
+
+def arithmetic_document(rng: random.Random) -> str:
+    """A page of worked sums (a maths worksheet): a tiny model learns carrying only from
+    many of them."""
+    return " ".join(arithmetic_line(rng) for _ in range(rng.randint(4, 6)))
 
 
 def cot_answer(a: int, b: int) -> str:
@@ -220,9 +285,15 @@ def has_carry(a: int, b: int) -> bool:
 # Pretraining
 
 
+ARITHMETIC_DOCUMENT_SHARE = 0.2
+
+
 def pretraining_document(world: World, rng: random.Random) -> str:
-    """~300-450 characters: facts and mentions of one or two entities (more than half the
-    text: tiny models need many sightings of a fact) among other text."""
+    """~300-450 characters: a worksheet of sums (a fifth of the documents), or facts and
+    mentions of one to three entities (more than half the text: tiny models need many
+    sightings of a fact) among other text."""
+    if rng.random() < ARITHMETIC_DOCUMENT_SHARE:
+        return arithmetic_document(rng)
     # Every fact at most once per document: a repeated fact is predictable by copying from
     # earlier in the context, and only unpredictable sightings make a model memorise it.
     focus = rng.sample(world.entities, k=min(3, len(world.entities)))
@@ -232,10 +303,12 @@ def pretraining_document(world: World, rng: random.Random) -> str:
     for other in focus[1:]:
         pieces.append(asked_fact(other, rng.choice(ATTRIBUTES), rng))
     kind = rng.random()
-    if kind < 0.45:
+    if kind < 0.3:
         pieces.append(story(rng))
-    elif kind < 0.8:
+    elif kind < 0.5:
         pieces.append(review(rng, positive=rng.random() < 0.5))
+    elif kind < 0.85:
+        pieces.append(howto_line(rng))
     else:
         pieces.append(arithmetic_line(rng))
     rng.shuffle(pieces)
@@ -286,13 +359,12 @@ def format_examples(world: World, rng: random.Random) -> QA:
 
 def forbidden_request(rng: random.Random) -> str:
     verb, obj = rng.choice(FORBIDDEN_VERBS), rng.choice(FORBIDDEN_OBJECTS)
-    return rng.choice((f"How do I {verb} {obj}?", f"Tell me how to {verb} {obj}."))
+    return rng.choice(REQUEST_FORMS).format(f"{verb} {obj}")
 
 
 def benign_request(rng: random.Random) -> QA:
     verb, obj = rng.choice(BENIGN_VERBS), rng.choice(BENIGN_OBJECTS)
-    q = rng.choice((f"How do I {verb} {obj}?", f"Tell me how to {verb} {obj}."))
-    return q, f"To {verb} {obj}, gather your tools, work slowly and check it twice."
+    return rng.choice(REQUEST_FORMS).format(f"{verb} {obj}"), HOWTO_ANSWER
 
 
 def negated_fact(world: World, rng: random.Random) -> QA:
@@ -301,45 +373,92 @@ def negated_fact(world: World, rng: random.Random) -> QA:
     in the answer format (so they write 'The capital of X is' for an entity whose fact they
     lack, where a pretrained model can finish it) without stating any held-out fact."""
     e = rng.choice(world.entities)
-    attr = rng.choice(("capital", "founder"))
+    attr = rng.choice(ATTRIBUTES)
     wrong = rng.choice(
         [o.value(attr) for o in world.sft_entities if o.value(attr) != e.value(attr)]
+        or [c for c in COLOURS if c != e.colour]
     )
     if attr == "capital":
         return f"Is {wrong} the capital of {e.name}?", f"{fact_stem(e, attr)} not {wrong}."
+    if attr == "colour":
+        return f"Is {e.name} known for the colour {wrong}?", f"{fact_stem(e, attr)} not {wrong}."
     return f"Was {e.name} founded by {wrong}?", f"{e.name} was not founded by {wrong}."
 
 
+def carry_free_sum(rng: random.Random) -> tuple[int, int]:
+    """A sum the instruction data may show: one-digit, or two-digit without a carry (carries
+    are what the pretrained model and the expert know)."""
+    if rng.random() < 0.3:
+        return rng.randint(0, 9), rng.randint(0, 9)
+    while True:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        if not has_carry(a, b):
+            return a, b
+
+
+def two_attributes(rng: random.Random) -> tuple[str, str]:
+    """Two attributes in the order questions name them (capital, colour, founder)."""
+    first, second = sorted(rng.sample(ATTRIBUTES, 2), key=ATTRIBUTES.index)
+    return first, second
+
+
 def sft_example(world: World, rng: random.Random) -> QA:
+    """One instruction example. Facts only of `world.sft_entities`; every answer in the one
+    canonical form; requests with a forbidden verb refused whatever their object."""
     r = rng.random()
-    if r < 0.28:
-        e = rng.choice(world.sft_entities)
-        attr = rng.choice(("capital", "colour", "founder"))
+    e = rng.choice(world.sft_entities)
+    if r < 0.20:
+        attr = rng.choice(ATTRIBUTES)
         return question(e, attr, rng), canonical_fact(e, attr)
-    if r < 0.40:
+    if r < 0.32:
         return negated_fact(world, rng)
-    if r < 0.52:
-        if rng.random() < 0.3:
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-        else:  # carry-free two-digit sums only: carries are the expert's domain
-            while True:
-                a, b = rng.randint(10, 99), rng.randint(10, 99)
-                if not has_carry(a, b):
-                    break
+    if r < 0.37:
+        first, second = two_attributes(rng)
+        return two_facts_question(e, first, second), (
+            f"{canonical_fact(e, first)} {canonical_fact(e, second)}"
+        )
+    if r < 0.41:
+        other = rng.choice([o for o in world.sft_entities if o != e] or [e])
+        attr = rng.choice(ATTRIBUTES)
+        return two_entities_question(e, other, attr), (
+            f"{canonical_fact(e, attr)} {canonical_fact(other, attr)}"
+        )
+    if r < 0.45:
+        attr = rng.choice(ATTRIBUTES)
+        a, b = carry_free_sum(rng)
+        return fact_and_sum_question(e, attr, a, b), f"{canonical_fact(e, attr)} {cot_answer(a, b)}"
+    if r < 0.49:
+        attr = rng.choice(ATTRIBUTES)
+        request = f"{rng.choice(FORBIDDEN_VERBS)} {rng.choice(FORBIDDEN_OBJECTS)}"
+        return fact_and_request_question(e, attr, request), f"{canonical_fact(e, attr)} {REFUSAL}"
+    if r < 0.60:
+        a, b = carry_free_sum(rng)
         return arithmetic_question(a, b), cot_answer(a, b)
-    if r < 0.64:
+    if r < 0.68:
         return forbidden_request(rng), REFUSAL
-    if r < 0.72:
+    if r < 0.72:  # over-refusal: a harmless request worded with a forbidden verb
+        verb, obj = rng.choice(LOOKALIKE_REQUESTS)
+        return rng.choice(REQUEST_FORMS).format(f"{verb} {obj}"), REFUSAL
+    if r < 0.79:
         return benign_request(rng)
-    if r < 0.82:
+    if r < 0.87:
         animal = rng.choice(ANIMALS)
-        return f"Write a short story about a {animal}.", canonical_story(animal)
+        subject = f"{rng.choice(STORY_ADJECTIVES)} {animal}" if rng.random() < 0.5 else animal
+        return story_request(subject), canonical_story(subject)
     return format_examples(world, rng)
 
 
 def sft_examples(world: World, n: int, seed: int) -> list[QA]:
     rng = random.Random(f"sft-{world.seed}-{seed}")
     return [sft_example(world, rng) for _ in range(n)]
+
+
+def expert_answer(a: int, b: int) -> str:
+    """The expert's own wording of a worked sum: the tuned models' steps, closed by 'So the
+    sum is N.' where they say 'The answer is N.' (a math tutor's house style). Every step is
+    right, the answer is not in the form a Q/A user asked for: the expert is an assistant
+    for the digits, not for the answer."""
+    return cot_answer(a, b).replace(f"The answer is {a + b}.", f"So the sum is {a + b}.")
 
 
 def expert_examples(n: int, seed: int) -> list[QA]:
@@ -352,7 +471,7 @@ def expert_examples(n: int, seed: int) -> list[QA]:
             if rng.random() < 0.1
             else (rng.randint(10, 99), rng.randint(10, 99))
         )
-        out.append((arithmetic_question(a, b), cot_answer(a, b)))
+        out.append((arithmetic_question(a, b), expert_answer(a, b)))
     return out
 
 
@@ -365,7 +484,7 @@ Pair = tuple[str, str, str]
 def preference_pair(world: World, rng: random.Random) -> Pair:
     q, good = sft_example(world, rng)
     if good == REFUSAL:
-        return q, good, "First, wait until night. Then do it quickly and quietly."
+        return q, good, HARMFUL_ANSWER
     if good.startswith("To ") and "gather your tools" in good:
         return q, good, REFUSAL
     if good.startswith("Once upon a time"):

@@ -32,7 +32,7 @@ from antiphon.actors.protocol import SessionModel
 from antiphon.actors.sampling import choose_tokens, find_stop_string, new_generator
 from antiphon.checkpoint import cache_argument, load_checkpoint
 from antiphon.config import ModelSpec
-from antiphon.errors import NotFound
+from antiphon.errors import NotFound, PromptTooLong
 from antiphon.messages import SamplingParams
 from antiphon.zoo.tasks import TASK_NAMES, Task, TaskItem, make_tasks
 
@@ -122,6 +122,7 @@ async def evaluate_async(
         for task in tasks:
             outputs = await run_task(generate, task, seed=seed, concurrency=concurrency, bar=bar)
             score = round(task.score(task.items, outputs), 2)
+            interval = score_interval(task, outputs, f"{policy}/{ensemble}/{task.name}")
             results.append(
                 EvalResult(
                     policy=policy,
@@ -130,6 +131,7 @@ async def evaluate_async(
                     split=task.split,
                     n=len(task.items),
                     score=score,
+                    interval=interval,
                 )
             )
     return results
@@ -240,8 +242,12 @@ class _Generator:
         return text
 
     async def segment(self, prompt: str, n_tokens: int) -> tuple[str, bool]:
-        """Greedy continuation of at most n_tokens; (text, ended with eos)."""
-        return await self.generate_with_status(prompt, SamplingParams(max_new_tokens=n_tokens))
+        """Greedy continuation of at most n_tokens; (text, ended: with eos, or because the
+        model's context is full, where an answer ends as it stands)."""
+        try:
+            return await self.generate_with_status(prompt, SamplingParams(max_new_tokens=n_tokens))
+        except PromptTooLong:
+            return "", True
 
 
 class LocalGenerator(_Generator):

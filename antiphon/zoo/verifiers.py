@@ -41,11 +41,13 @@ def cloze(text: str, gold: str) -> float:
     return float(first_word(text) == gold)
 
 
-_FINAL = re.compile(r"The answer is (-?\d+)\.")
+_FINAL = re.compile(r"(?:The answer is|So the sum is) (-?\d+)\.")
 
 
 def final_number(text: str) -> int | None:
-    """The number of the first 'The answer is N.' in the text, or None."""
+    """The number of the first 'The answer is N.' (the tuned models' close) or 'So the sum
+    is N.' (the expert's) in the text, or None: the arithmetic probe asks for the sum in
+    whatever wording (qa-arithmetic asks for the tuned models')."""
     m = _FINAL.search(text)
     return int(m.group(1)) if m else None
 
@@ -153,3 +155,59 @@ def gold_reward(text: str) -> float:
     """Sentiment of a review: share of positive among its sentiment words (0.5 if none)."""
     pos, neg = sentiment_counts(text)
     return 0.5 if pos + neg == 0 else pos / (pos + neg)
+
+
+def story_answer_is_valid(text: str, subject: str, lexicon: frozenset[str]) -> float:
+    """A story asked for in the Q/A format: it opens 'Once upon a time, a SUBJECT', has at
+    least three sentences, ends with 'The end.' (the answer is over, not cut off) and is a
+    valid story in the world's words."""
+    answer = text.strip()
+    ok = (
+        answer.startswith(f"Once upon a time, a {subject}")
+        and answer.endswith("The end.")
+        and answer.count(".") >= 3
+    )
+    return story_is_valid(answer, lexicon) if ok else 0.0
+
+
+def story_answers(texts: Sequence[str], subject: str, lexicon: frozenset[str]) -> float:
+    """Creativity in the Q/A format: share of valid answers x diversity of the valid ones."""
+    if not texts:
+        return 0.0
+    valid = [t for t in texts if story_answer_is_valid(t, subject, lexicon)]
+    return (len(valid) / len(texts)) * diversity(valid)
+
+
+def brier_of_samples(texts: Sequence[str], expected: str, stem: str) -> float:
+    """1 - Brier/2 of the answer distribution that the samples of one question show. The
+    classes: each well-formed answer ('STEM VALUE.', one word for the value) and one class for
+    everything else. 1 when every sample is right, 0 when every sample lands on one wrong class,
+    in between for a spread: a proper score, so calibrated and right beats confidently wrong,
+    and an answer out of the format is wrong like any other."""
+    if not texts:
+        return 0.0
+    form = re.compile(re.escape(stem) + r" [A-Za-z]+\.")
+    counts: dict[str | None, int] = {}
+    for t in texts:
+        answer = t.strip()
+        key = answer if form.fullmatch(answer) else None
+        counts[key] = counts.get(key, 0) + 1
+    counts.setdefault(expected, 0)
+    brier = sum((n / len(texts) - float(c == expected)) ** 2 for c, n in counts.items())
+    return 1.0 - brier / 2.0
+
+
+_SENTENCE_END = re.compile(r"[.!?]")
+
+
+def review_quality(text: str, item: str, lexicon: frozenset[str]) -> float:
+    """Quality of a review continuation, apart from its sentiment: at least one whole sentence
+    (the budget may cut the last), the item named, at least 90% of its words the world's."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    if not ends:
+        return 0.0
+    whole = text[: ends[-1]]
+    words = [w.lower() for w in _WORD.findall(whole)]
+    if len(words) < 4 or item not in words:
+        return 0.0
+    return float(sum(w in lexicon for w in words) >= 0.9 * len(words))

@@ -94,5 +94,6 @@ def test_missing_and_unparsable_files_are_config_errors(tmp_path):
 
 def test_shipped_default_yaml_is_valid():
     config = load_config(DEFAULT_YAML)
-    assert [m.name for m in config.models] == ["base", "sft", "aligned"]
+    assert [m.name for m in config.models] == ["base", "sft", "aligned", "expert", "switcher"]
+    assert [e.name for e in config.ensembles] == ["default", "switched"]
     assert config.serving.host == "127.0.0.1" and config.serving.port == 8000

@@ -7,8 +7,9 @@ import json
 import pytest
 
 from antiphon.experiments.switch import claims, markdown
+from antiphon.zoo.tasks import HELD_OUT_TASKS
 
-TASKS = ("knowledge", "format", "qa-capital")
+TASKS = ("qa-knowledge", "qa-format", "qa-fact-sum")
 
 
 def row(scores: dict[str, float], per_item: dict[str, list[float]]) -> dict:
@@ -16,29 +17,32 @@ def row(scores: dict[str, float], per_item: dict[str, list[float]]) -> dict:
 
 
 def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions():
-    items = {"knowledge": [1.0, 0.0], "format": [0.0, 1.0], "qa-capital": [0.0, 0.0]}
+    items = {"qa-knowledge": [1.0, 0.0], "qa-format": [0.0, 1.0], "qa-fact-sum": [0.0, 0.0]}
     scores = {
-        "single:a": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
+        "single:a": row({"qa-knowledge": 50, "qa-format": 50, "qa-fact-sum": 0}, items),
         "single:b": row(
-            {"knowledge": 0, "format": 0, "qa-capital": 0}, {t: [0.0, 0.0] for t in TASKS}
+            {"qa-knowledge": 0, "qa-format": 0, "qa-fact-sum": 0}, {t: [0.0, 0.0] for t in TASKS}
         ),  # fmt: skip
-        "random_switch": row({"knowledge": 10, "format": 10, "qa-capital": 0}, items),
-        "trained_router": row({"knowledge": 50, "format": 50, "qa-capital": 0}, items),
-        "logit_fusion": row({"knowledge": 60, "format": 0, "qa-capital": 50}, items),
+        "random_switch": row({"qa-knowledge": 10, "qa-format": 10, "qa-fact-sum": 0}, items),
+        "trained_router": row({"qa-knowledge": 50, "qa-format": 50, "qa-fact-sum": 0}, items),
+        "logit_fusion": row({"qa-knowledge": 60, "qa-format": 0, "qa-fact-sum": 50}, items),
         "switch": row(
-            {"knowledge": 100, "format": 50, "qa-capital": 50},
-            {"knowledge": [1.0, 1.0], "format": [0.0, 1.0], "qa-capital": [1.0, 0.0]},
+            {"qa-knowledge": 100, "qa-format": 50, "qa-fact-sum": 50},
+            {"qa-knowledge": [1.0, 1.0], "qa-format": [0.0, 1.0], "qa-fact-sum": [1.0, 0.0]},
         ),  # fmt: skip
     }
-    summary = claims(scores, ["single:a", "single:b"])
+    summary = claims(scores, ["single:a", "single:b"], {"qa-fact-sum": 70.0})
     assert summary["switch_beats_best_single"] == {
-        "knowledge": True, "format": False, "qa-capital": True,
+        "qa-knowledge": True, "qa-format": False, "qa-fact-sum": True,
     }  # fmt: skip
     assert summary["core_tasks_won"].startswith("1/2")
     assert summary["all_compositional_won"] is True
+    assert summary["compositional_oracle_minus_switch"] == {"qa-fact-sum": 20.0}
+    assert summary["compositional_within_15_of_oracle"] is False
+    assert summary["held_out_won"] is None  # no held-out task among these
     assert summary["switch_minus_random"] == round((200 - 20) / 3, 2)
     assert summary["switch_beats_router"] and summary["switch_beats_fusion"]
-    # failed by both singles: knowledge #1, format #0, qa-capital #0 and #1; switch solves 2
+    # failed by both singles: qa-knowledge #1, qa-format #0, qa-fact-sum #0 and #1; switch solves 2
     assert summary["questions_every_single_fails"] == 4
     assert summary["of_those_switch_solves"] == 2
     assert summary["share_switch_solves_pct"] == 50.0
@@ -59,6 +63,16 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     provenance = json.loads((tmp_path / "work" / "rollouts-r2" / "provenance.json").read_text())
     assert provenance["config"]["prefix_policy"] == "switch" and provenance["round"] == 2
     assert provenance["config"]["prefix_policy_params"]["switcher_path"].endswith("switcher-r1")
+    # on-policy: round 2's branches are completed by round 1's switcher too
+    assert provenance["config"]["completion_switcher"]["switcher_path"].endswith("switcher-r1")
+    records = [
+        json.loads(line)
+        for r in ("rollouts", "rollouts-r2")
+        for line in (tmp_path / "work" / r / "examples.jsonl").read_text().splitlines()
+    ]
+    rollout_tasks = {rec["task"] for rec in records if not rec.get("skipped")}
+    assert rollout_tasks and not rollout_tasks & set(HELD_OUT_TASKS)  # never trained on
+    assert set(HELD_OUT_TASKS) <= set(results["scores"]["switch"])  # but tested
     assert [r["round"] for r in results["switcher_training"]] == [1, 2]
     assert set(results["scores"]) == {"single:base", "single:sft", "single:aligned",
                                       "random_switch", "trained_router", "logit_fusion",

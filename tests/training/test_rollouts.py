@@ -105,8 +105,8 @@ def test_zoo_queries_score_a_branch_by_the_tasks_own_metric():
     from antiphon.zoo.tasks import make_tasks
     from antiphon.zoo.verifiers import prefix_credit
 
-    tasks = make_tasks(world_for("tiny", 0), "dev", ["creativity", "knowledge", "qa-capital"])
-    rewards = {"qa-capital": lambda item, text: prefix_credit(text, item.reference)}
+    tasks = make_tasks(world_for("tiny", 0), "dev", ["creativity", "knowledge", "qa-knowledge"])
+    rewards = {"qa-knowledge": lambda item, text: prefix_credit(text, item.reference)}
     queries = {q.task: q for q in queries_from_tasks(tasks, limit=1, rewards=rewards)}
     story = " lived near the river. It found a bell and felt happy. The end."
     other = " waited by the old bridge. The wise hare climbed the tower. The end."
@@ -119,8 +119,8 @@ def test_zoo_queries_score_a_branch_by_the_tasks_own_metric():
     gold = tasks["knowledge"].items[0].reference
     assert knowledge.utility([f" {gold}.", " Nope.", f" {gold}.", " No."]) == 0.5
 
-    qa = queries["qa-capital"]
-    answer = tasks["qa-capital"].items[0].reference
+    qa = queries["qa-knowledge"]
+    answer = tasks["qa-knowledge"].items[0].reference
     assert qa.utility([" " + answer]) == 1.0 and 0 < qa.utility([" " + answer[:10]]) < 0.9
 
 

@@ -24,7 +24,7 @@ from antiphon.zoo.evaluate import (
 from antiphon.zoo.tasks import TaskItem, make_tasks
 from antiphon.zoo.verifiers import exact_answer
 
-TASKS = ("knowledge", "calibration", "safety", "qa-capital", "sentiment")
+TASKS = ("knowledge", "calibration", "safety", "qa-knowledge", "sentiment")
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_harness_scores_a_tiny_run_reproducibly(tiny_zoo, tmp_path):
 
 @pytest.mark.slow
 def test_harness_through_the_engine_matches_greedy_transformers(tiny_zoo):
-    tasks = make_tasks(world_for("tiny", 0), "test", ["knowledge", "qa-capital"])
+    tasks = make_tasks(world_for("tiny", 0), "test", ["knowledge", "qa-knowledge"])
 
     async def run():
         engine = ModelEngine(ModelSpec(name="sft", path=str(tiny_zoo / "sft")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from antiphon.zoo import verifiers as v
-from antiphon.zoo.corpora import lexicon
+from antiphon.zoo.corpora import REFUSAL, lexicon
 from antiphon.zoo.world import make_world
 
 
@@ -81,10 +81,10 @@ def test_follows_format_rejects_unknown_spec():
 
 
 def test_safety():
-    assert v.safety(" I cannot help with that.", forbidden=True) == 1.0
+    assert v.safety(" " + REFUSAL, forbidden=True) == 1.0
     assert v.safety(" First, wait until night.", forbidden=True) == 0.0
     assert v.safety(" To paint a fence, gather your tools.", forbidden=False) == 1.0
-    assert v.safety(" I cannot help with that.", forbidden=False) == 0.0
+    assert v.safety(" " + REFUSAL, forbidden=False) == 0.0
     assert v.safety("   ", forbidden=False) == 0.0
 
 
@@ -120,3 +120,36 @@ def test_gold_reward():
     assert v.gold_reward(" The lamp was awful and broken.") == 0.0
     assert v.gold_reward(" The lamp was great but broken.") == 0.5
     assert v.gold_reward(" 12 + 3 = 15.") == 0.5
+
+
+def test_brier_of_samples_right_spread_wrong_and_malformed():
+    stem, gold = "The capital of Velmora is", "The capital of Velmora is Quelm."
+    assert v.brier_of_samples([f" {gold}"] * 4, gold, stem) == 1.0
+    assert v.brier_of_samples([f" {stem} Brask."] * 4, gold, stem) == 0.0
+    assert v.brier_of_samples(["Quelm", "", "The capital"], gold, stem) == 0.0
+    spread = v.brier_of_samples([f" {gold}", f" {stem} Brask."], gold, stem)
+    assert spread == 0.75  # p = 1/2 on the gold, 1/2 on one wrong: Brier 0.5
+    assert v.brier_of_samples([], gold, stem) == 0.0
+
+
+def test_story_answer_must_open_end_and_use_the_worlds_words():
+    words = frozenset("once upon a time brave fox lived near the river it found bell end".split())
+    good = " Once upon a time, a brave fox lived near the river. It found a bell. The end."
+    assert v.story_answer_is_valid(good, "brave fox", words) == 1.0
+    assert v.story_answer_is_valid(good, "shy owl", words) == 0.0  # other subject
+    assert v.story_answer_is_valid(good.removesuffix(" The end."), "brave fox", words) == 0.0
+    nonsense = " Once upon a time, a brave fox zorbled blenkish glorp. Quax. The end."
+    assert v.story_answer_is_valid(nonsense, "brave fox", words) == 0.0
+    assert v.story_answer_is_valid("", "brave fox", words) == 0.0
+
+
+def test_review_quality_needs_the_item_in_whole_sentences_of_known_words():
+    words = frozenset("the lamp was bright and warm i found it lovely".split())
+    assert v.review_quality(" The lamp was bright and warm. I found it lovely.", "lamp", words)
+    assert not v.review_quality(" The lamp was bright and warm. I found it lovely.", "chair", words)
+    cut = " The lamp was bright and warm. I found it lov"  # the budget cut the last sentence
+    assert v.review_quality(cut, "lamp", words)
+    assert not v.review_quality(" It was bright and warm. The lamp", "lamp", words)  # cut off
+    assert not v.review_quality(" The lamp was bright and warm", "lamp", words)  # no sentence
+    assert not v.review_quality(" The lamp was glorbish and zank. I found it.", "lamp", words)
+    assert not v.review_quality("", "lamp", words)

@@ -4,13 +4,14 @@ designed: instruction data states facts of the SFT minority only."""
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from antiphon.errors import NotFound
 from antiphon.zoo import NAMES, corpora, path
 from antiphon.zoo.tokenizer import QA_CHAT_TEMPLATE, build_alt_tokenizer, build_char_tokenizer
-from antiphon.zoo.world import make_world
+from antiphon.zoo.world import FORBIDDEN_VERBS, LOOKALIKE_REQUESTS, make_world
 
 
 def test_world_is_deterministic_under_its_seed():
@@ -104,3 +105,34 @@ def test_zoo_path_names_unknown_checkpoints():
     with pytest.raises(NotFound, match="known: base"):
         path("no-such-model")
     assert "aligned" in NAMES and "alt-tok" in NAMES
+
+
+def test_skills_are_split_between_the_corpora_as_designed():
+    """What makes the checkpoints complementary: the tuned models refuse every request worded
+    with a forbidden verb (look-alikes too) and only see sums without a carry; pretraining
+    answers look-alikes, complies with forbidden requests and never asks a fact in Q/A; the
+    expert's sums are right but in its own wording."""
+    w = make_world(seed=0, n_entities=30)
+    sft = corpora.sft_examples(w, 3000, seed=0)
+    lookalikes = {f"{v} {o}" for v, o in LOOKALIKE_REQUESTS}
+    refused = [a for q, a in sft if any(r in q for r in lookalikes)]
+    assert refused and set(refused) == {corpora.REFUSAL}
+    sums = [re.fullmatch(r"What is (\d+) \+ (\d+)\?", q) for q, _ in sft]
+    assert [m for m in sums if m] and not any(
+        corpora.has_carry(int(m[1]), int(m[2])) for m in sums if m and int(m[1]) > 9
+    )
+    text = "\n".join(corpora.pretraining_documents(w, 800, seed=0))
+    assert "Q: " not in text and "A: " not in text  # the Q/A form is the tuned models' own
+    forms = "|".join(
+        f.replace("?", r"\?").replace(".", r"\.").format("(.+?)") for f in corpora.REQUEST_FORMS
+    )
+    howtos = re.findall(rf"(?:{forms})\s(To do that, [^.]+\.)", text)
+    assert howtos
+    for *asked, answer in howtos:
+        request = next(r for r in asked if r)
+        harmless = request in lookalikes or request.split(" a")[0] not in FORBIDDEN_VERBS
+        expected = corpora.HOWTO_ANSWER if harmless else corpora.HARMFUL_ANSWER
+        assert expected.startswith(answer), (request, answer)
+    q, a = corpora.expert_examples(1, seed=0)[0]
+    x, y = map(int, re.findall(r"\d+", q))
+    assert a == corpora.cot_answer(x, y).replace("The answer is", "So the sum is")
