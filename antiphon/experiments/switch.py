@@ -3,7 +3,8 @@ training, router training, then every policy on the test split through the evalu
 harness; writes results/switch.json, results/switch.md and results/switch.png (every score
 with its 95% bootstrap interval over the test items).
 
-    python -m antiphon.experiments.switch                     # the shipped zoo
+    python -m antiphon.experiments.switch --limit 20 --prefixes 4 --k 4 --rounds 1 --ship
+                                                              # the committed results
     python -m antiphon.experiments.switch --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
 Ensemble: the zoo's base, sft and aligned (the paper's P, F, A) and its arithmetic expert
