@@ -7,7 +7,7 @@ import json
 import pytest
 
 from antiphon.experiments.switch import claims, markdown
-from antiphon.zoo.tasks import HELD_OUT_TASKS
+from antiphon.zoo.tasks import HELD_OUT_TASKS, SWITCH_ENSEMBLE
 
 TASKS = ("qa-knowledge", "qa-format", "qa-fact-sum")
 
@@ -74,9 +74,9 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     assert rollout_tasks and not rollout_tasks & set(HELD_OUT_TASKS)  # never trained on
     assert set(HELD_OUT_TASKS) <= set(results["scores"]["switch"])  # but tested
     assert [r["round"] for r in results["switcher_training"]] == [1, 2]
-    assert set(results["scores"]) == {"single:base", "single:sft", "single:aligned",
-                                      "random_switch", "trained_router", "logit_fusion",
-                                      "untuned_switcher", "switch"}  # fmt: skip
+    singles = {f"single:{m}" for m in SWITCH_ENSEMBLE}
+    assert set(results["scores"]) == singles | {"random_switch", "trained_router", "logit_fusion",
+                                                "untuned_switcher", "switch"}  # fmt: skip
     saved = json.loads((tmp_path / "results" / "switch.json").read_text())
     assert saved["summary"] == results["summary"]
     assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()

@@ -78,6 +78,7 @@ def test_switch_on_the_zoo_through_ray_equals_the_in_process_run(ray_cluster, un
         assert s.policy == "switch" and s.segments
         assert [(x.model, x.text) for x in s.segments] == [(x.model, x.text) for x in loc.segments]
         assert s.text == "".join(x.text for x in s.segments)
-    story = served[1]  # a story outruns the budget: its last segment is forced
-    assert story.finish_reason == "length" and story.segments[-1].model == "aligned"
+    fact = served[0]  # this answer outruns the budget: its last segment is forced
+    assert fact.finish_reason == "length" and fact.segments[-1].model == "aligned"
+    assert served[1].finish_reason == "eos"  # a writer's end token ends the story early
     assert len({x.model for s in served for x in s.segments}) == 3  # it does switch
