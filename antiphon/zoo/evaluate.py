@@ -51,27 +51,34 @@ class EvalResult(TypedDict, total=False):
     interval: tuple[float, float]  # 95% bootstrap interval of the score, where computed
 
 
-def score_interval(
-    task: Task,
-    outputs: Sequence[Sequence[str]],
+def bootstrap_interval(
+    n: int,
+    statistic: Callable[[Sequence[int]], float],
     key: str,
     resamples: int = 1000,
     level: float = 0.95,
 ) -> tuple[float, float]:
-    """A percentile-bootstrap interval of the task's score: the items are resampled with
-    replacement and each resample is scored by the task's own metric (so validity x
-    diversity and calibration get theirs too). The draws are seeded by `key` (say, the
-    policy and the task), so a rerun gives the same interval."""
+    """A percentile-bootstrap interval of `statistic` over `n` items: each resample draws n
+    item indices with replacement and `statistic` scores them. The draws are seeded by `key`
+    (say, the policy and the task), so a rerun gives the same interval."""
     rng = random.Random(f"bootstrap:{key}")
-    n = len(task.items)
-    scores = []
-    for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        scores.append(task.score([task.items[i] for i in idx], [outputs[i] for i in idx]))
-    scores.sort()
+    scores = sorted(statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples))
     low = scores[int((1 - level) / 2 * resamples)]
     high = scores[min(resamples - 1, int((1 + level) / 2 * resamples))]
     return round(low, 2), round(high, 2)
+
+
+def score_interval(
+    task: Task, outputs: Sequence[Sequence[str]], key: str, resamples: int = 1000
+) -> tuple[float, float]:
+    """The bootstrap interval of the task's score, each resample scored by the task's own
+    metric (so validity x diversity and calibration get theirs too)."""
+    return bootstrap_interval(
+        len(task.items),
+        lambda idx: task.score([task.items[i] for i in idx], [outputs[i] for i in idx]),
+        key,
+        resamples,
+    )
 
 
 def sample_seed(seed: int, task: str, item: int, sample: int) -> int:

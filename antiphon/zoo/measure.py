@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import dataclasses
 import json
-import random
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from antiphon.zoo.evaluate import (
     EvalResult,
     LocalGenerator,
     SessionGenerator,
+    bootstrap_interval,
     evaluate_async,
     markdown_table,
     oracle_task_score,
@@ -68,16 +68,6 @@ def _generator(model_dir: Path, name: str, backend: str):
     return SessionGenerator(engine), engine
 
 
-def mean_interval(per_item: Sequence[float], key: str, resamples: int = 1000) -> tuple:
-    """Percentile-bootstrap 95% interval of 100 x the mean of per-item scores."""
-    rng = random.Random(f"bootstrap:{key}")
-    n = len(per_item)
-    means = sorted(
-        100.0 * sum(per_item[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples)
-    )
-    return round(means[int(0.025 * resamples)], 2), round(means[int(0.975 * resamples)], 2)
-
-
 async def oracle_rows(
     tasks: dict[str, Task], gens: dict, models: Sequence[str], seg_lens: Sequence[int], policy: str
 ) -> list[EvalResult]:
@@ -89,16 +79,7 @@ async def oracle_rows(
             todo = [i for i, b in enumerate(best) if b < 1.0]
             if not todo:
                 break
-            sub = Task(
-                task.name,
-                task.split,
-                tuple(task.items[i] for i in todo),
-                task.samples,
-                task.max_new_tokens,
-                task.temperature,
-                task.verify,
-                task.score,
-            )
+            sub = dataclasses.replace(task, items=tuple(task.items[i] for i in todo))
             _, found = await oracle_task_score(
                 sub,
                 {n: gens[n].segment for n in models},
@@ -115,7 +96,11 @@ async def oracle_rows(
                 split=task.split,
                 n=len(task.items),
                 score=round(100.0 * sum(best) / max(1, len(best)), 2),
-                interval=mean_interval(best, f"{policy}/{task.name}"),
+                interval=bootstrap_interval(
+                    len(best),
+                    lambda idx, best=best: 100.0 * sum(best[i] for i in idx) / len(idx),
+                    f"{policy}/{task.name}",
+                ),
             )
         )
         print(markdown_table(rows[-1:]).splitlines()[-1], flush=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from antiphon.zoo.corpora import REFUSAL, sentiment_counts
 from antiphon.zoo.world import ANIMALS, COLOURS
@@ -111,13 +111,18 @@ def diversity(texts: Sequence[str]) -> float:
     return 1.0 - sum(_jaccard(sets[i], sets[j]) for i, j in pairs) / len(pairs)
 
 
-def creativity(texts: Sequence[str], lexicon: frozenset[str]) -> float:
-    """Validity x diversity over samples of one prompt: mean validity times diversity of the
-    valid samples (an invalid sample adds nothing to diversity)."""
+def valid_and_varied(texts: Sequence[str], is_valid: Callable[[str], float]) -> float:
+    """Validity x diversity over samples of one prompt: the share of valid samples times the
+    diversity of the valid ones (an invalid sample adds nothing to diversity)."""
     if not texts:
         return 0.0
-    valid = [t for t in texts if story_is_valid(t, lexicon)]
+    valid = [t for t in texts if is_valid(t)]
     return (len(valid) / len(texts)) * diversity(valid)
+
+
+def creativity(texts: Sequence[str], lexicon: frozenset[str]) -> float:
+    """Creativity of story continuations: `valid_and_varied` with `story_is_valid`."""
+    return valid_and_varied(texts, lambda t: story_is_valid(t, lexicon))
 
 
 def modal_answer(texts: Sequence[str]) -> tuple[str | None, float]:
@@ -171,11 +176,8 @@ def story_answer_is_valid(text: str, subject: str, lexicon: frozenset[str]) -> f
 
 
 def story_answers(texts: Sequence[str], subject: str, lexicon: frozenset[str]) -> float:
-    """Creativity in the Q/A format: share of valid answers x diversity of the valid ones."""
-    if not texts:
-        return 0.0
-    valid = [t for t in texts if story_answer_is_valid(t, subject, lexicon)]
-    return (len(valid) / len(texts)) * diversity(valid)
+    """Creativity in the Q/A format: `valid_and_varied` with `story_answer_is_valid`."""
+    return valid_and_varied(texts, lambda t: story_answer_is_valid(t, subject, lexicon))
 
 
 def brier_of_samples(texts: Sequence[str], expected: str, stem: str) -> float:
