@@ -334,12 +334,12 @@ def qa_calibration(world: World, split: str, samples: int = 5) -> Task:
         TaskItem(corpora.qa_prompt(corpora.question(e, a)), corpora.canonical_fact(e, a))
         for e, a in facts
     )
-    stems = {it.reference: it.reference.rsplit(" ", 1)[0] for it in items}
     verify = lambda it, text: verifiers.exact_answer(text, it.reference)  # noqa: E731
 
     def score(items: Sequence[TaskItem], outputs: Sequence[Sequence[str]]) -> float:
         vals = [
-            verifiers.brier_of_samples(outs, it.reference, stems[it.reference])
+            # the stem: the answer sentence up to its value
+            verifiers.brier_of_samples(outs, it.reference, it.reference.rsplit(" ", 1)[0])
             for it, outs in zip(items, outputs, strict=True)
         ]
         return 100.0 * sum(vals) / max(1, len(vals))
