@@ -48,8 +48,10 @@ def app_processes_rss(turn_log_path: str) -> dict[str, int]:
     """Bytes resident per process (keyed `pid title`) that serves the app: its replicas
     (ingress, coordinator, models), Serve's HTTP proxy, and the turn-log actor that holds the
     app's log file open; earlier tests' turn-log actors (detached, on the same cluster) never
-    count. Ray titles each worker process `ray::<what it hosts>`."""
-    return {f"{pid} {title}": resident_bytes(pid) for pid, title in ray_worker_titles()
+    count. Ray titles each worker process `ray::<what it hosts>`, and `.<method>` after it
+    while a call runs (`ray::TurnLogActor.append`): the key keeps what it hosts only."""
+    return {f"{pid} {title.split('.')[0]}": resident_bytes(pid)
+            for pid, title in ray_worker_titles()
             if f"ServeReplica:{APP}:" in title or "ProxyActor" in title
             or ("TurnLogActor" in title and holds_open(pid, turn_log_path))}  # fmt: skip
 
