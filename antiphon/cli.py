@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from antiphon.deploy.api import GenerateResponse, Segment
-from antiphon.experiments import train_switcher
+from antiphon.experiments import train_gate, train_switcher
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 APP_NAME = "antiphon"
@@ -350,6 +350,11 @@ def cmd_train_switcher(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_gate(args: argparse.Namespace) -> int:
+    train_gate.run(args)
+    return 0
+
+
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ensemble", help="ensemble name (default: the server's first)")
     p.add_argument("--policy", help="policy name (default: the ensemble's)")
@@ -415,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = train_sub.add_parser("switcher", help="rollouts on zoo tasks, then train the switcher")
     train_switcher.add_arguments(p)
     p.set_defaults(run=cmd_train_switcher)
+    p = train_sub.add_parser("gate", help="Co-LLM's deferral gate for a base and an assistant")
+    train_gate.add_arguments(p)
+    p.set_defaults(run=cmd_train_gate)
 
     p = sub.add_parser("eval", help="score an ensemble and policy on the zoo's tasks")
     p.add_argument("--url", help="a running server to ask (default: a throwaway local one)")

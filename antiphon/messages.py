@@ -32,7 +32,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # stop after writing one of these (it is returned)
     stop_strings: tuple[str, ...] = ()  # stop once the new text contains one (text is cut there)
     logprobs_top_k: int = 0  # also return this many top alternatives per position
-    gate_threshold: float | None = None  # stop before the first token whose gate >= this
+    gate_threshold: float | None = None  # stop before the first token whose gate >= this (1: never)
+    # thresholds of this call's first tokens (a warm-up); gate_threshold after them
+    gate_warmup: tuple[float, ...] = ()
     ignore_eos: bool = False  # keep writing past the tokenizer's end-of-sequence token
 
     def __post_init__(self) -> None:
@@ -52,8 +54,18 @@ class SamplingParams:
             raise InvalidRequest(f"logprobs_top_k must be in [0, 20], got {self.logprobs_top_k!r}")
         if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
             raise InvalidRequest(f"gate_threshold must be in [0, 1], got {self.gate_threshold!r}")
+        if self.gate_warmup and self.gate_threshold is None:
+            raise InvalidRequest("gate_warmup needs a gate_threshold to warm up to")
+        if any(not 0.0 <= t <= 1.0 for t in self.gate_warmup):
+            raise InvalidRequest(
+                f"gate_warmup thresholds must be in [0, 1], got {self.gate_warmup!r}"
+            )
         if any(not s for s in self.stop_strings):
             raise InvalidRequest("stop_strings must not contain an empty string")
+
+    def gate_threshold_at(self, i: int) -> float | None:
+        """The gate threshold before this call's token i (0-based)."""
+        return self.gate_warmup[i] if i < len(self.gate_warmup) else self.gate_threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +94,15 @@ class Generation:
 
 
 @dataclass(frozen=True, slots=True)
+class TeacherForced:
+    """The result of `teacher_force`: per given token, its log p and the model's own argmax
+    at that position (what Co-LLM's gate training reads of its assistant)."""
+
+    logprobs: tuple[float, ...]
+    argmax: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     """What a caller needs to know about the checkpoint behind a deployment."""
 
@@ -90,9 +111,13 @@ class ModelInfo:
     max_context: int
     eos_token_ids: tuple[int, ...]
     tokenizer_fingerprint: str  # equal fingerprints -> token ids can be exchanged as they are
-    has_gate: bool
     device: str
     dtype: str
+    gate_fingerprint: str = ""  # hash of the deferral gate's file; "" when it carries none
+
+    @property
+    def has_gate(self) -> bool:
+        return bool(self.gate_fingerprint)
 
 
 def as_token_ids(ids: object, vocab_size: int, what: str = "token ids") -> list[int]:
@@ -115,5 +140,6 @@ __all__ = [
     "SessionInfo",
     "Generation",
     "ModelInfo",
+    "TeacherForced",
     "as_token_ids",
 ]

@@ -45,6 +45,9 @@ class Segment:
     turn: int  # index of the policy decision that produced it
     kind: SegmentKind = "write"
     model_finish: ModelFinishReason = "length"  # why the model stopped writing this segment
+    # the writer's deferral gate before each token (one more when it stopped at its gate);
+    # empty when the writer carries no gate
+    gates: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -69,9 +69,9 @@ class ScriptedModel:
             max_context=self.max_context,
             eos_token_ids=(EOS,),
             tokenizer_fingerprint=tokenizer_fingerprint(TOKENIZER),
-            has_gate=self.gate is not None,
             device="cpu",
             dtype="float32",
+            gate_fingerprint="" if self.gate is None else f"fake-gate-{self.name}",
         )
 
     def _tokens(self, session_id: str) -> list[int]:
@@ -115,7 +115,8 @@ class ScriptedModel:
         for token in plan:
             if self.gate is not None:
                 gates.append(self.gate(self._response(session_id)))
-                if params.gate_threshold is not None and gates[-1] >= params.gate_threshold:
+                threshold = params.gate_threshold_at(len(written))
+                if threshold is not None and threshold < 1.0 and gates[-1] >= threshold:
                     finish = "gate"
                     break
             tokens.append(token)

@@ -69,6 +69,7 @@ def test_models_lists_ensembles(client):
         ("solo", ["a"]),
         ("switched", ["a", "b"]),
         ("trio", ["a", "b", "switcher"]),
+        ("deferred", ["b", "a"]),
     ]
 
 
@@ -98,7 +99,13 @@ def test_async_client_generate_stream_feedback(server):
             assert "".join(s.text for s in streamed) == answers[0].text
             assert stream.result is not None and stream.result.id
             assert (await client.feedback(answers[1].id, -0.5)).recorded
-            assert [m.id for m in await client.models()] == ["pair", "solo", "switched", "trio"]
+            assert [m.id for m in await client.models()] == [
+                "pair",
+                "solo",
+                "switched",
+                "trio",
+                "deferred",
+            ]
             with pytest.raises(NotFound):
                 await client.generate(PROMPT, ensemble="nope")
             assert await client.health() == HealthBody(status="ok")

@@ -49,6 +49,7 @@ class Score:
     # token_ids to the session, and return log p of each candidate as the next token after it
     # (one forward pass for both).
     candidate_ids: list[int] | None = None
+    with_argmax: bool = False  # also the argmax at each scored position (teacher forcing)
 
 
 @dataclass

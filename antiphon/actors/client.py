@@ -15,7 +15,7 @@ from ray.exceptions import ActorDiedError, RayTaskError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from antiphon.errors import InvalidRequest, SessionLost, unwrapped
-from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo
+from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo, TeacherForced
 
 
 async def _result(response: DeploymentResponse, session_id: str | None = None):
@@ -67,6 +67,10 @@ class ServeModelClient:
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         h = self._session_handle(session_id)
         return await _result(h.score.remote(session_id, token_ids), session_id)
+
+    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
+        h = self._session_handle(session_id)
+        return await _result(h.teacher_force.remote(session_id, token_ids), session_id)
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         h = self._session_handle(session_id)

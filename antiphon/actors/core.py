@@ -32,7 +32,12 @@ from antiphon.actors.calls import (
     Score,
     Truncate,
 )
-from antiphon.actors.outputs import OutputProcessor, candidate_logprobs, token_logprobs
+from antiphon.actors.outputs import (
+    OutputProcessor,
+    candidate_logprobs,
+    teacher_forced,
+    token_logprobs,
+)
 from antiphon.actors.runner import ModelRunner, Row
 from antiphon.actors.sampling import new_generator
 from antiphon.actors.scheduler import Candidate, schedule
@@ -304,6 +309,8 @@ class EngineCore:
                 generating.append((row, logits[-1:], None if hidden is None else hidden[-1:]))
             elif isinstance(op, Score) and op.candidate_ids is not None:
                 self._complete(row.session, row.call, candidate_logprobs(logits, op.candidate_ids))
+            elif isinstance(op, Score) and op.with_argmax:
+                self._complete(row.session, row.call, teacher_forced(logits, op.token_ids))
             elif isinstance(op, Score):
                 self._complete(row.session, row.call, token_logprobs(logits, op.token_ids))
             # open/append: nothing to read; the call completes once nothing is left to feed

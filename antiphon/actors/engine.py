@@ -53,7 +53,14 @@ from antiphon.actors.runner import ModelRunner
 from antiphon.checkpoint import checkpoint_facts, load_checkpoint
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest
-from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo, as_token_ids
+from antiphon.messages import (
+    Generation,
+    ModelInfo,
+    SamplingParams,
+    SessionInfo,
+    TeacherForced,
+    as_token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -90,9 +97,9 @@ class ModelEngine:
             max_context=self.max_context,
             eos_token_ids=facts.eos_token_ids,
             tokenizer_fingerprint=facts.tokenizer_fingerprint,
-            has_gate=gate is not None,
             device=str(runner.device),
             dtype=spec.dtype,
+            gate_fingerprint=gate.fingerprint if gate is not None else "",
         )
         self._crash: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name=f"engine-{spec.name}", daemon=True)
@@ -136,6 +143,12 @@ class ModelEngine:
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
         return await self._submit(Score(session_id, ids))
+
+    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
+        """`score`, and the model's argmax at each of those positions; the session is
+        unchanged."""
+        ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
+        return await self._submit(Score(session_id, ids, with_argmax=True))
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         """log p(c | session) for each candidate id c; the session is unchanged."""

@@ -9,6 +9,7 @@ trainer writes it with `save_gate`, the engine reads it with `load_gate`.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +25,19 @@ GATE_FILENAME = "gate.safetensors"
 
 @dataclass(frozen=True)
 class GateHead:
-    """A loaded gate: weight (hidden,) and bias () in float32 on the model's device."""
+    """A loaded gate: weight (hidden,) and bias () in float32 on the model's device, and the
+    fingerprint of the file it came from (what turn records and /v1/models name it by)."""
 
     weight: torch.Tensor
     bias: torch.Tensor
+    fingerprint: str = ""
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Gate values in [0, 1] for hidden states (..., hidden) -> (...,), float32."""
         return torch.sigmoid(hidden.float() @ self.weight + self.bias)
 
     def to(self, device: torch.device | str) -> GateHead:
-        return GateHead(self.weight.to(device), self.bias.to(device))
+        return GateHead(self.weight.to(device), self.bias.to(device), self.fingerprint)
 
 
 def save_gate(path: str | Path, weight: torch.Tensor, bias: float | torch.Tensor = 0.0) -> Path:
@@ -60,7 +63,12 @@ def load_gate(path: str | Path, hidden_size: int) -> GateHead:
             f"{hidden_size}"
         )
     bias = tensors.get("bias", torch.zeros(())).float().reshape(())
-    return GateHead(weight, bias)
+    return GateHead(weight, bias, gate_fingerprint(path))
+
+
+def gate_fingerprint(path: str | Path) -> str:
+    """A short hash of a gate file's bytes (a gate is a few KB: the whole file is read)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
 
 
 def find_gate(spec: ModelSpec) -> Path | None:

@@ -4,7 +4,7 @@
   reaches the threshold), the token choice (`antiphon.actors.sampling`, the one sampler) and
   the stop checks (stop token, end of sequence, stop string, budget, context). It records the
   token in the call and says whether the call is done; the engine updates the session.
-- `token_logprobs` and `candidate_logprobs`: what a score call returns.
+- `token_logprobs`, `teacher_forced` and `candidate_logprobs`: what a score call returns.
 - `generation`: the result of a finished generate call.
 """
 
@@ -18,7 +18,7 @@ import torch
 from antiphon.actors.calls import Generate
 from antiphon.actors.gate import GateHead
 from antiphon.actors.sampling import choose_tokens, find_stop_string, top_alternatives
-from antiphon.messages import FinishReason, Generation
+from antiphon.messages import FinishReason, Generation, TeacherForced
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +64,9 @@ class OutputProcessor:
         for i, op in enumerate(ops):
             if gates is not None:
                 op.gates.append(gates[i])
-                threshold = op.params.gate_threshold
-                if threshold is not None and gates[i] >= threshold:
+                threshold = op.params.gate_threshold_at(len(op.token_ids))
+                # 1 never fires: a sigmoid is below 1, though float32 rounds it up to 1
+                if threshold is not None and threshold < 1.0 and gates[i] >= threshold:
                     steps.append(TokenStep(None, "gate"))
                     continue
             op.token_ids.append(tokens[i])
@@ -119,6 +120,13 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int]) -> list[float]:
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     targets = torch.tensor(token_ids, device=logprobs.device)
     return logprobs.gather(1, targets[:, None])[:, 0].tolist()
+
+
+def teacher_forced(logits: torch.Tensor, token_ids: list[int]) -> TeacherForced:
+    """log p of each token at its position, and the argmax there: logits (N, V)."""
+    return TeacherForced(
+        tuple(token_logprobs(logits, token_ids)), tuple(logits.argmax(-1).tolist())
+    )
 
 
 def candidate_logprobs(logits: torch.Tensor, candidate_ids: list[int]) -> list[float]:

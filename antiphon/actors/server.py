@@ -25,7 +25,7 @@ from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
 from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
 from antiphon.logging import configure_logging
-from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo
+from antiphon.messages import Generation, ModelInfo, SamplingParams, SessionInfo, TeacherForced
 
 
 def _own_replica_id() -> str | None:
@@ -101,6 +101,9 @@ class ModelServer:
 
     async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
         return await self.engine.score(session_id, token_ids)
+
+    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
+        return await self.engine.teacher_force(session_id, token_ids)
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         return await self.engine.next_token_logprobs(session_id, candidate_ids)

@@ -124,7 +124,11 @@ def tokenizer_trim(tokenizers: Mapping[str, Any]) -> Trim:
                 k = i
                 break
         return replace(
-            seg, token_ids=seg.token_ids[:k], text=seg.text[:n_chars], logprobs=seg.logprobs[:k]
+            seg,
+            token_ids=seg.token_ids[:k],
+            text=seg.text[:n_chars],
+            logprobs=seg.logprobs[:k],
+            gates=seg.gates[:k],
         )
 
     return trim

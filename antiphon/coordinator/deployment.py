@@ -119,6 +119,14 @@ class CoordinatorServer:
             raise NotFound(f"unknown model {model!r}; known models: {sorted(models)}")
         return await prompt_logprobs(models[model], tokenizers[model], prompt)
 
+    async def gates(self) -> dict[str, str]:
+        """Model -> the fingerprint of its deferral gate, for the models that carry one (a
+        model that does not answer now is left out)."""
+        models = self.coordinator.models
+        infos = await asyncio.gather(*(m.info() for m in models.values()), return_exceptions=True)
+        return {name: info.gate_fingerprint for name, info in zip(models, infos, strict=True)
+                if not isinstance(info, BaseException) and info.gate_fingerprint}  # fmt: skip
+
     async def feedback(self, request_id: str, reward: float, comment: str = "") -> None:
         """Log a client's reward beside the request's turns; returns once it has landed.
         NotFound when the turn log holds no request of that id."""

@@ -243,7 +243,7 @@ class _Run:
 
     def records(self, error: BaseException | None) -> list[Record]:
         """The request's turn records, then its request record."""
-        s, name = self.state, self.policy.name
-        turns = turn_records(s, name, self.decisions, self.timings, self.commit_times)
+        s, name, infos = self.state, self.policy.name, self.sessions.infos
+        turns = turn_records(s, name, self.decisions, self.timings, self.commit_times, infos)
         params = self.request.policy_params
         return [*turns, request_record(s, name, self._last_version(), params, error)]

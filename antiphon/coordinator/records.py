@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar, Protocol
 
+from antiphon.messages import ModelInfo
 from antiphon.policies.base import Decision
 from antiphon.sequence import SequenceState
 
@@ -41,6 +42,10 @@ class TurnRecord:
     # model_ms is the turn's coordination: policy, state, streaming); 0 in older logs
     wall_ms: float = 0.0
     time: float = field(default_factory=time.time)  # unix seconds when committed
+    # the writer's deferral gate before each token (one more if it stopped at the gate), and
+    # the fingerprint of that gate: what an online gate trainer learns from; empty without
+    gates: tuple[float, ...] = ()
+    gate: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,8 +117,10 @@ def turn_records(
     decisions: Mapping[int, Decision],
     timings: Mapping[int, TurnTiming],
     commit_times: Sequence[float],
+    infos: Mapping[str, ModelInfo],
 ) -> list[TurnRecord]:
-    """One record per committed segment, each with the decision of its turn and its version."""
+    """One record per committed segment, each with the decision of its turn and its version,
+    and the fingerprint of its writer's gate (`infos`: the request's models)."""
     records = []
     for i, seg in enumerate(state.segments):
         decision = decisions.get(seg.turn)
@@ -136,6 +143,8 @@ def turn_records(
                 model_ms=timing.model_ms,
                 wall_ms=timing.wall_ms,
                 time=commit_times[i],
+                gates=seg.gates,
+                gate=infos[seg.model].gate_fingerprint if seg.model in infos else "",
             )
         )
     return records

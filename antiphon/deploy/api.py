@@ -507,6 +507,11 @@ class ModelCard(BaseModel):
     antiphon_models: list[str] = Field(description="Models of the ensemble.")
     antiphon_policy: str = Field(description="Default policy of the ensemble.")
     description: str = Field(default="", description="Ensemble description from the config.")
+    antiphon_gates: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model -> fingerprint of its deferral gate, for the models that carry one "
+        "(turn records name the gate by the same fingerprint).",
+    )
 
 
 class ModelList(BaseModel):

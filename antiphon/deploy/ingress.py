@@ -130,6 +130,10 @@ class Backend(Protocol):
         """Each token's text in `model`'s tokenizer ("" for special tokens)."""
         ...
 
+    async def gates(self) -> dict[str, str]:
+        """Model -> the fingerprint of its deferral gate, for the models that carry one."""
+        ...
+
     async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
         """The prompt's token ids in `model`'s tokenizer and each one's log-prob given those
         before it (None for the first)."""
@@ -492,19 +496,22 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             degraded = {"coordinator": f"{type(exc).__name__}"}
         return api.HealthBody(status="degraded" if degraded else "ok", degraded=degraded)
 
-    def model_card(ensemble: EnsembleSpec) -> api.ModelCard:
+    def model_card(ensemble: EnsembleSpec, gates: dict[str, str]) -> api.ModelCard:
         return api.ModelCard(
             id=ensemble.name, created=started, antiphon_models=list(ensemble.models),
             antiphon_policy=ensemble.policy.name, description=ensemble.description,
+            antiphon_gates={m: gates[m] for m in ensemble.models if m in gates},
         )  # fmt: skip
 
     @v1.get("/models")
     async def models() -> api.ModelList:
-        return api.ModelList(data=[model_card(e) for e in config.ensembles])
+        gates = await backend.gates()
+        return api.ModelList(data=[model_card(e, gates) for e in config.ensembles])
 
     @v1.get("/models/{model_id}")
     async def model(model_id: str) -> api.ModelCard:
-        return model_card(config.ensemble(model_id))
+        ensemble = config.ensemble(model_id)
+        return model_card(ensemble, await backend.gates())
 
     @v1.post("/generate", response_model=None)
     async def generate(body: api.GenerateRequest) -> api.GenerateResponse | StreamingResponse:
@@ -757,6 +764,9 @@ class Ingress:
 
     async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
         return await unwrapped(self.coordinator.prompt_logprobs.remote(model, prompt))
+
+    async def gates(self) -> dict[str, str]:
+        return await unwrapped(self.coordinator.gates.remote())
 
     async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
         tokenizer = await self._tokenizer(model)

@@ -4,9 +4,10 @@ A policy is one async method, `decide(view) -> Decision`, plus a `name` and a `v
 go into the turn log. The coordinator asks it once per turn and runs the decision:
 
 - `WriteSegment(model, max_tokens)`: one model writes up to max_tokens (switcher, baselines).
-- `WriteUntilDeferral(base, assistant, gate_threshold, max_tokens, assistant_tokens)`: the
-  base model writes until its gate reaches the threshold (decided next to the model, inside
-  one generate call), then the assistant writes `assistant_tokens` tokens (Co-LLM).
+- `WriteUntilDeferral(base, assistant, gate_threshold, max_tokens, assistant_tokens,
+  strategy, warmup...)`: the base model writes until its gate reaches the threshold (decided
+  next to the model, inside one generate call), then the assistant writes `assistant_tokens`
+  tokens, or the token is chosen from both models' mixture (Co-LLM).
 - `SearchStep(proposer, tuned, untuned, width, successors, chunk_len)`: one step of
   chunk-level beam search: each beam is forked `successors` ways, each child samples
   `chunk_len` tokens from the proposer, children are scored by log p_tuned - log p_untuned and
@@ -60,6 +61,14 @@ class WriteUntilDeferral:
     gate_threshold: float  # in [0, 1]; the engine stops before the first token at or above it
     max_tokens: int  # at most this many base tokens in this turn
     assistant_tokens: int = 1  # tokens the assistant writes per deferral
+    # "defer": the assistant writes; "compose": the token is the argmax of
+    # (1-g) p_base + g p_assistant at the gated position
+    strategy: str = "defer"
+    # the threshold warms up from warmup_start to gate_threshold over the response's first
+    # warmup_steps tokens ("constant": no warm-up); `antiphon.policies.defer`
+    warmup_schedule: str = "constant"
+    warmup_steps: int = 0
+    warmup_start: float = 1.0
     version: str = ""  # of the policy that made it
 
     def models(self) -> tuple[str, ...]:
@@ -68,10 +77,21 @@ class WriteUntilDeferral:
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteUntilDeferral.max_tokens")
         _positive(self.assistant_tokens, "WriteUntilDeferral.assistant_tokens")
-        if not 0.0 <= self.gate_threshold <= 1.0:
+        for what, value in (("gate_threshold", self.gate_threshold),
+                            ("warmup_start", self.warmup_start)):  # fmt: skip
+            if not 0.0 <= value <= 1.0:
+                raise InvalidRequest(f"WriteUntilDeferral.{what} must be in [0, 1], got {value!r}")
+        if self.strategy not in ("defer", "compose"):
             raise InvalidRequest(
-                f"WriteUntilDeferral.gate_threshold must be in [0, 1], got {self.gate_threshold!r}"
+                f"WriteUntilDeferral.strategy must be 'defer' or 'compose', got {self.strategy!r}"
             )
+        if self.warmup_schedule not in ("constant", "linear", "exponential", "cosine"):
+            raise InvalidRequest(
+                "WriteUntilDeferral.warmup_schedule must be constant, linear, exponential or "
+                f"cosine, got {self.warmup_schedule!r}"
+            )
+        if self.warmup_steps != 0:
+            _positive(self.warmup_steps, "WriteUntilDeferral.warmup_steps")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Rule policies, each with its pydantic parameters: fixed, round_robin, random_switch,
-rule_router (the baselines of Switch Generation), and the plain-rule forms of the other two
-methods' decisions, deferral (Co-LLM with a fixed gate threshold) and chunk_search
-(weak-to-strong chunk-level beam search).
+rule_router (the baselines of Switch Generation), and the plain-rule form of weak-to-strong
+search's decision, chunk_search (chunk-level beam search with fixed W, K, L). Co-LLM's
+`defer` is in `antiphon.policies.defer`.
 
 Every policy here is stateless between turns: it decides from the view alone, so one
 instance serves any number of concurrent requests and coordinator replicas agree.
@@ -16,7 +16,7 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from antiphon.errors import InvalidRequest
-from antiphon.policies.base import Decision, SearchStep, WriteSegment, WriteUntilDeferral
+from antiphon.policies.base import Decision, SearchStep, WriteSegment
 from antiphon.sequence import SequenceView
 
 RULE_VERSION = "1"  # rule policies have no weights; bump when a rule's behaviour changes
@@ -186,38 +186,6 @@ class RuleRouter:
 
     async def decide(self, view: SequenceView) -> Decision:
         return WriteSegment(self.route(view.prompt), self.params.segment_len)
-
-
-# ----- deferral (Co-LLM with a fixed threshold) -------------------------------------------
-
-
-class DeferralParams(PolicyParams):
-    base: str = Field(min_length=1, description="Model that writes and carries the gate.")
-    assistant: str = Field(min_length=1, description="Model that writes when the gate fires.")
-    gate_threshold: float = Field(
-        default=0.5, ge=0.0, le=1.0, description="Defer at the first token whose gate >= this."
-    )
-    segment_len: int = Field(default=64, ge=1, description="Most base tokens per turn.")
-    assistant_tokens: int = Field(default=1, ge=1, description="Assistant tokens per deferral.")
-
-    def referenced_models(self) -> tuple[str, ...]:
-        return (self.base, self.assistant)
-
-
-class Deferral:
-    """The base model writes until its gate fires, then the assistant writes a few tokens."""
-
-    name = "deferral"
-    version = RULE_VERSION
-
-    def __init__(self, params: DeferralParams) -> None:
-        self.params = params
-
-    async def decide(self, view: SequenceView) -> Decision:
-        p = self.params
-        return WriteUntilDeferral(
-            p.base, p.assistant, p.gate_threshold, p.segment_len, p.assistant_tokens
-        )
 
 
 # ----- chunk_search (weak-to-strong chunk-level beam search) -----------------------------

@@ -1,5 +1,7 @@
-"""Logit fusion baseline: every token is drawn from the average of the ensemble's next-token
-distributions (models that share one tokenizer).
+"""Logit fusion baselines: every token is drawn from the average of the ensemble's next-token
+distributions, or (with `coefficients`) from a weighted sum of their log-probabilities, the
+logit arithmetic of proxy tuning (large + small tuned - small untuned). Models that share one
+tokenizer.
 
 Not a `Policy`: a policy picks who writes a segment, and fusion has no writer -- every token
 is a joint decision. `FusionGenerator` is a `generate(prompt, sampling) -> text` callable for
@@ -30,6 +32,13 @@ from antiphon.errors import InvalidRequest
 from antiphon.messages import SamplingParams
 
 
+def arithmetic(logprobs: Sequence[Sequence[float]], coefficients: Sequence[float]) -> torch.Tensor:
+    """(V,) sum_m c_m log p_m, renormalised: proxy tuning's combination of the models."""
+    lp = torch.tensor(logprobs, dtype=torch.float64)  # (M, V)
+    c = torch.tensor(coefficients, dtype=torch.float64)  # (M,)
+    return torch.log_softmax((c[:, None] * lp).sum(0), dim=0)
+
+
 def fuse(
     logprobs: Sequence[Sequence[float]], weights: Sequence[float] | None = None
 ) -> torch.Tensor:
@@ -47,12 +56,19 @@ class FusionGenerator:
         models: Mapping[str, SessionModel],
         tokenizer: PreTrainedTokenizerBase,
         weights: Sequence[float] | None = None,
+        coefficients: Sequence[float] | None = None,
     ) -> None:
         if len(models) < 2:
             raise InvalidRequest("logit fusion needs at least two models")
+        if weights is not None and coefficients is not None:
+            raise InvalidRequest("give mixture weights or logit coefficients, not both")
+        for given in (weights, coefficients):
+            if given is not None and len(given) != len(models):
+                raise InvalidRequest(f"{len(given)} weights for {len(models)} models")
         self.models = dict(models)
         self.tokenizer = tokenizer  # the models' shared tokenizer (decodes the fused tokens)
         self.weights = weights
+        self.coefficients = coefficients
         self._checked: tuple[int, tuple[int, ...], int] | None = None  # vocab, eos ids, context
 
     async def _vocab(self) -> tuple[int, tuple[int, ...], int]:
@@ -82,7 +98,10 @@ class FusionGenerator:
                         for m, s in zip(models, sessions, strict=True)
                     )
                 )
-                fused = fuse(lps, self.weights)  # (V,) log-probs, used as logits
+                if self.coefficients is not None:
+                    fused = arithmetic(lps, self.coefficients)  # (V,) log-probs
+                else:
+                    fused = fuse(lps, self.weights)  # (V,) log-probs, used as logits
                 (token,), _, _ = choose_tokens(fused[None], [sampling], [generator])
                 if token in eos and not sampling.ignore_eos:
                     break

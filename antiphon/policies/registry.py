@@ -23,8 +23,6 @@ from antiphon.policies.base import Policy
 from antiphon.policies.baselines import (
     ChunkSearch,
     ChunkSearchParams,
-    Deferral,
-    DeferralParams,
     Fixed,
     FixedParams,
     PolicyParams,
@@ -36,6 +34,7 @@ from antiphon.policies.baselines import (
     RuleRouterParams,
     check_models,
 )
+from antiphon.policies.defer import Defer, DeferParams, RandomDefer, RandomDeferParams
 from antiphon.policies.replay import ReplaySwitch, ReplaySwitchParams
 from antiphon.policies.router import TrainedRouter, TrainedRouterParams
 from antiphon.policies.switcher import Switch, SwitchParams
@@ -140,7 +139,8 @@ register_policy("fixed", FixedParams, Fixed)
 register_policy("round_robin", RoundRobinParams, RoundRobin)
 register_policy("random_switch", RandomSwitchParams, RandomSwitch)
 register_policy("rule_router", RuleRouterParams, RuleRouter)
-register_policy("deferral", DeferralParams, Deferral)
+register_policy("defer", DeferParams, Defer)
+register_policy("random_defer", RandomDeferParams, RandomDefer)
 register_policy("chunk_search", ChunkSearchParams, ChunkSearch)
 register_policy("replay_switch", ReplaySwitchParams, ReplaySwitch)
 register_policy("trained_router", TrainedRouterParams, TrainedRouter)

@@ -66,8 +66,8 @@ def test_write_until_deferral_hands_gated_tokens_to_the_assistant(engines, token
     req = GenerationRequest(
         prompt=PROMPT,
         models=("a_gated", "b"),
-        policy="deferral",
-        policy_params={"base": "a_gated", "assistant": "b", "gate_threshold": threshold},
+        policy="defer",
+        policy_params={"base": "a_gated", "assistant": "b", "eta": threshold},
         max_tokens=30,
     )
     result = asyncio.run(Coordinator(engines, tokenizers).generate(req))

@@ -97,8 +97,8 @@ def test_the_assistant_writes_where_the_gate_fires_and_not_after_the_end():
     result = generate(
         coordinator(base, helper),
         models=("base", "helper"),
-        policy="deferral",
-        policy_params={"base": "base", "assistant": "helper", "gate_threshold": 0.5},
+        policy="defer",
+        policy_params={"base": "base", "assistant": "helper", "eta": 0.5},
         max_tokens=40,
     )
     assert [(s.model, s.kind, s.text) for s in result.segments] == [

@@ -4,9 +4,10 @@
 later calls reuse it while it answers (and redeploy if another test tore Serve down). The
 app: two tiny random checkpoints "a" and "b"; ensembles "pair" (round robin), "solo" and
 "switched", whose `switch` policy calls the trained test switcher (it prefers model 1),
-listed as a third model of the config and so a deployment of the same app, and "trio" (a, b
-and the switcher's checkpoint writing, for policies of three models); an API key; a
-turn log in a temp dir; Serve's HTTP proxy on 127.0.0.1 and a free port.
+listed as a third model of the config and so a deployment of the same app, "trio" (a, b
+and the switcher's checkpoint writing, for policies of three models) and "deferred" (b carries
+a random deferral gate and defers to a); an API key; a turn log in a temp dir; Serve's HTTP
+proxy on 127.0.0.1 and a free port.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import torch
 from ray import serve
 
+from antiphon.actors.gate import save_gate
 from antiphon.cli import free_port
 from antiphon.deploy.config import AppConfig, parse_config
 
@@ -24,6 +27,7 @@ APP_NAME = "antiphon-test"
 ROUTE_PREFIX = "/antiphon-test"  # not "/": other tests' apps may hold the root
 API_KEY = "test-key"
 MAX_CONCURRENT = 2  # small, so the overload test can fill it with two streams
+DEFER_ETA = 0.5  # the random gate of b crosses it on some tokens, not all
 
 
 @dataclass(frozen=True)
@@ -40,12 +44,16 @@ class RunningServer:
 _server: RunningServer | None = None
 
 
-def server_config(model_a: Path, model_b: Path, switcher: Path, turn_log: Path) -> AppConfig:
+def server_config(
+    model_a: Path, model_b: Path, switcher: Path, turn_log: Path, gate_b: Path | None = None
+) -> AppConfig:
+    """`gate_b`: a deferral gate for model b (the "deferred" ensemble defers from b to a)."""
+    gate = {"gate_path": str(gate_b)} if gate_b is not None else {}
     return parse_config(
         {
             "models": [
                 {"name": "a", "path": str(model_a), "max_ongoing_requests": 16},
-                {"name": "b", "path": str(model_b), "max_ongoing_requests": 16},
+                {"name": "b", "path": str(model_b), "max_ongoing_requests": 16, **gate},
                 {"name": "switcher", "path": str(switcher)},
             ],
             "ensembles": [
@@ -75,6 +83,14 @@ def server_config(model_a: Path, model_b: Path, switcher: Path, turn_log: Path) 
                     "name": "trio",
                     "models": ["a", "b", "switcher"],
                     "policy": {"name": "round_robin", "params": {"segment_len": 4}},
+                },
+                {  # Co-LLM: b drafts until its gate fires, a writes the gated token
+                    "name": "deferred",
+                    "models": ["b", "a"],
+                    "policy": {
+                        "name": "defer",
+                        "params": {"base": "b", "assistant": "a", "eta": DEFER_ETA},
+                    },
                 },
             ],  # fmt: skip
             "serving": {
@@ -109,7 +125,9 @@ def ensure_server(model_a: Path, model_b: Path, switcher: Path, work_dir: Path) 
     from antiphon.deploy.app import build_app
 
     turn_log = work_dir / "turns.atl"
-    config = server_config(model_a, model_b, switcher, turn_log)
+    gate = save_gate(work_dir / "gate_b.safetensors",
+                     torch.randn(64, generator=torch.Generator().manual_seed(11)))  # fmt: skip
+    config = server_config(model_a, model_b, switcher, turn_log, gate)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(build_app(config), name=APP_NAME, route_prefix=ROUTE_PREFIX)
     url = http_url(ROUTE_PREFIX)

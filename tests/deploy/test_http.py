@@ -15,6 +15,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from antiphon.actors.gate import gate_fingerprint
 from antiphon.client import sse_events as client_sse_events
 from antiphon.deploy.api import GenerateResponse, SegmentEventBody
 from antiphon.deploy.app import turn_log_actor_name_for
@@ -25,7 +26,7 @@ from antiphon.training.turn_log import (
     TurnRecord,
     read_records,
 )
-from tests.deploy.server import API_KEY, APP_NAME, MAX_CONCURRENT, RunningServer
+from tests.deploy.server import API_KEY, APP_NAME, DEFER_ETA, MAX_CONCURRENT, RunningServer
 
 PROMPT = "Once upon a time"
 
@@ -138,6 +139,35 @@ def test_a_search_step_over_the_served_models_answers_and_the_server_goes_on(ser
     assert after.status_code == 200, after.text
 
 
+def test_a_gate_is_named_by_its_fingerprint_in_the_model_list_and_the_turn_records(server):
+    """b carries a deferral gate: /v1/models names it for every ensemble with b, the
+    "deferred" ensemble defers from b to a over the served stack, and b's turn records carry
+    its gate values and the same fingerprint."""
+    fingerprint = gate_fingerprint(server.turn_log.parent / "gate_b.safetensors")
+    cards = httpx.get(f"{server.url}/v1/models", headers=server.headers).json()["data"]
+    gates = {c["id"]: c["antiphon_gates"] for c in cards}
+    assert gates == {"pair": {"b": fingerprint}, "solo": {}, "switched": {"b": fingerprint},
+                     "trio": {"b": fingerprint}, "deferred": {"b": fingerprint}}  # fmt: skip
+    one = httpx.get(f"{server.url}/v1/models/deferred", headers=server.headers).json()
+    assert one["antiphon_gates"] == {"b": fingerprint}
+    r = post(server, "/v1/generate", {"prompt": PROMPT, "ensemble": "deferred", "max_tokens": 24})
+    assert r.status_code == 200, r.text
+    answer = GenerateResponse.model_validate(r.json())
+    assert answer.policy == "defer"
+    assert {(s.model, s.kind) for s in answer.segments} == {("b", "write"), ("a", "deferred")}
+    records = records_when(server, lambda rs: any(
+        isinstance(x, RequestRecord) and x.request_id == answer.id for x in rs), 30)  # fmt: skip
+    turns = [x for x in records if isinstance(x, TurnRecord) and x.request_id == answer.id]
+    assert [t.model for t in turns] == [s.model for s in answer.segments]
+    for t in turns:
+        if t.model == "b":
+            assert t.gate == fingerprint
+            assert len(t.gates) == len(t.token_ids) + (t.model_finish == "gate")
+            assert all(g < DEFER_ETA for g in t.gates[: len(t.token_ids)])
+        else:
+            assert t.gate == "" and t.gates == () and t.segment_kind == "deferred"
+
+
 def test_generate_stream_is_one_event_per_segment_then_done(server):
     body = {"prompt": PROMPT, "ensemble": "pair", "max_tokens": 12}
     whole = GenerateResponse.model_validate(post(server, "/v1/generate", body).json())
@@ -179,7 +209,7 @@ def oai(server) -> openai.OpenAI:
 
 def test_openai_models_lists_the_ensembles(oai):
     models = oai.models.list()
-    assert [m.id for m in models.data] == ["pair", "solo", "switched", "trio"]
+    assert [m.id for m in models.data] == ["pair", "solo", "switched", "trio", "deferred"]
     assert models.data[0].model_extra["antiphon_models"] == ["a", "b"]
 
 

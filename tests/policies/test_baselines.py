@@ -40,7 +40,7 @@ def test_registry_lists_the_shipped_policies():
         "round_robin",
         "random_switch",
         "rule_router",
-        "deferral",
+        "defer",
         "chunk_search",
     }
 
@@ -92,7 +92,7 @@ def test_rule_router_picks_by_the_first_matching_rule():
 
 
 def test_deferral_and_search_policies_make_their_decisions():
-    d = build_policy("deferral", {"base": "base", "assistant": "aligned", "gate_threshold": 0.3})
+    d = build_policy("defer", {"base": "base", "assistant": "aligned", "eta": 0.3})
     assert decide(d, view()) == WriteUntilDeferral("base", "aligned", 0.3, 64, 1)
     s = build_policy("chunk_search", {"proposer": "base", "tuned": "sft", "untuned": "aligned"})
     step = decide(s, view())
@@ -114,8 +114,8 @@ def test_registry_errors_name_the_problem():
         build_policy("rule_router", {"default": "base", "rules": [{"pattern": "(", "model": "x"}]})
     with pytest.raises(InvalidRequest, match="'gpt'.*not in the ensemble"):
         validate_policy_params("rule_router", {"default": "gpt"}, MODELS)
-    with pytest.raises(InvalidRequest, match=r"policy_params\.gate_threshold"):
-        build_policy("deferral", {"base": "a", "assistant": "b", "gate_threshold": 2})
+    with pytest.raises(InvalidRequest, match=r"policy_params\.eta"):
+        build_policy("defer", {"base": "a", "assistant": "b", "eta": 2})
 
 
 def test_decisions_validate_their_fields():

@@ -1,16 +1,41 @@
-"""`WriteUntilDeferral` (Co-LLM): the base model writes until its gate fires (decided next to
-the model, inside one generate call); then the assistant writes `assistant_tokens` tokens.
-The assistant writes after the state the base's segment leads to (`apply`), so it does not
-write when that segment already ended the response.
+"""`WriteUntilDeferral` (Co-LLM): the base model drafts until its gate fires (decided next to
+the model, inside one generate call, so a draft costs one round trip however long it runs);
+then, at the gated position:
+
+- strategy "defer": the assistant writes `assistant_tokens` tokens. When the two models'
+  tokenizers differ it goes on to the end of the word (a text boundary), so the base
+  re-tokenizes whole words and never continues half a word in a foreign tokenization;
+- strategy "compose": one token, the argmax (or a seeded sample, at the request's
+  temperature) of (1-g) p_base + g p_assistant, g the gate there. It is attributed to the
+  model whose share of its mixed probability is larger. Needs a shared vocabulary.
+
+The assistant writes after the state the base's draft leads to (`apply`), so it does not
+write when that draft already ended the response.
 """
 
 from __future__ import annotations
 
+import asyncio
+import math
+
+import torch
+
+from antiphon.actors.sampling import choose_tokens, new_generator
 from antiphon.coordinator.commit import Outcome, apply
 from antiphon.coordinator.executors.base import ExecutionContext, Stateless
-from antiphon.coordinator.executors.write import write_segment
+from antiphon.coordinator.executors.write import draft_segment, write_segment
+from antiphon.coordinator.sessions import ModelSession
+from antiphon.errors import InvalidRequest, SessionLost
 from antiphon.policies.base import WriteUntilDeferral
-from antiphon.sequence import SequenceState
+from antiphon.policies.defer import warmup_thresholds
+from antiphon.sequence import Segment, SequenceState
+
+BOUNDARY_MAX_TOKENS = 16  # most tokens an assistant of another tokenizer adds to end a word
+
+
+def at_text_boundary(text: str) -> bool:
+    """A word is complete: the text ends in whitespace or punctuation."""
+    return not text or not text[-1].isalnum()
 
 
 class DeferExecutor(Stateless):
@@ -21,12 +46,93 @@ class DeferExecutor(Stateless):
 
     async def run(self, decision: WriteUntilDeferral, state: SequenceState) -> Outcome:
         d = decision
-        drafted = await write_segment(
-            self.ctx, state, d.base, d.max_tokens, "write", gate=d.gate_threshold
-        )
+        warmup = warmup_thresholds(
+            state.tokens_written, d.max_tokens, d.warmup_schedule, d.warmup_steps,
+            d.warmup_start, d.gate_threshold,
+        )  # fmt: skip
+        drafted, gen = await draft_segment(
+            self.ctx, state, d.base, d.max_tokens, "write", gate=d.gate_threshold,
+            gate_warmup=warmup,
+        )  # fmt: skip
         after = apply(state, drafted, self.ctx.trim)
-        gated = not drafted.segments or drafted.segments[-1].model_finish == "gate"
-        if after.done or not gated:
+        if after.done or gen is None or gen.finish_reason != "gate":
             return drafted
-        helped = await write_segment(self.ctx, after, d.assistant, d.assistant_tokens, "deferred")
-        return drafted.then(helped)
+        if d.strategy == "compose":
+            composed = await self._compose(d, after, gen.gates[-1])
+            if composed is not None:
+                return drafted.then(Outcome(segments=(composed,)))
+        return drafted.then(await self._assist(d, after))
+
+    async def _assist(self, d: WriteUntilDeferral, state: SequenceState) -> Outcome:
+        """The assistant's tokens; to the end of the word when the base reads other tokens."""
+        helped = await write_segment(self.ctx, state, d.assistant, d.assistant_tokens, "deferred")
+        sessions = self.ctx.sessions
+        if sessions.fingerprint(d.assistant) == sessions.fingerprint(d.base):
+            return helped
+        parts = list(helped.segments)
+        now = apply(state, helped, self.ctx.trim)
+        while (
+            parts
+            and len(parts) <= BOUNDARY_MAX_TOKENS
+            and not (now.done or at_text_boundary(now.text))
+        ):
+            more = await write_segment(self.ctx, now, d.assistant, 1, "deferred")
+            if not more.segments:
+                return Outcome(segments=(_joined(parts),), finish=more.finish)
+            parts += more.segments
+            now = apply(now, more, self.ctx.trim)
+        if not parts:
+            return helped
+        sessions[d.assistant].synced = len(state.segments) + 1  # the joined segment
+        return Outcome(segments=(_joined(parts),))
+
+    async def _compose(
+        self, d: WriteUntilDeferral, state: SequenceState, g: float
+    ) -> Segment | None:
+        """The token of the mixture at the gated position, or None where one token cannot
+        stand alone as text (a split character: the assistant writes it out instead)."""
+        sessions = self.ctx.sessions
+        if sessions.fingerprint(d.assistant) != sessions.fingerprint(d.base):
+            raise InvalidRequest(
+                f"strategy 'compose' mixes next-token distributions: {d.base!r} and "
+                f"{d.assistant!r} have different tokenizers (use strategy 'defer')"
+            )
+        base, helper = sessions[d.base], sessions[d.assistant]
+        try:
+            lp_base, lp_asst = await _distributions(base, helper, state)
+        except SessionLost:  # a replica restarted: both sessions again from the state
+            base.session_id = helper.session_id = None
+            lp_base, lp_asst = await _distributions(base, helper, state)
+        g = min(max(g, 1e-6), 1 - 1e-6)
+        from_base = torch.tensor(lp_base, dtype=torch.float64) + math.log(1 - g)  # (V,)
+        from_asst = torch.tensor(lp_asst, dtype=torch.float64) + math.log(g)  # (V,)
+        mixed = torch.logaddexp(from_base, from_asst)  # (V,) log of the mixture
+        params = self.ctx.sampling(1, seed_parts=(state.turn, 2))
+        (token,), _, _ = choose_tokens(mixed[None], [params], [new_generator(params.seed)])
+        writer = d.assistant if from_asst[token] >= from_base[token] else d.base
+        text = sessions[writer].tokenizer.decode([token], skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return None
+        finish = "eos" if token in base.info.eos_token_ids else "length"
+        kind = "deferred" if writer == d.assistant else "write"
+        logprob = float(mixed[token])
+        return Segment(writer, (token,), text, (logprob,), state.turn, kind, finish, (g,))
+
+
+async def _distributions(base: ModelSession, helper: ModelSession, state: SequenceState):
+    """Both models' next-token log-probabilities over the whole vocabulary after the state."""
+    await asyncio.gather(base.sync(state), helper.sync(state))
+    vocab = list(range(base.info.vocab_size))
+    return await asyncio.gather(
+        base.model.next_token_logprobs(base.session_id, vocab),
+        helper.model.next_token_logprobs(helper.session_id, vocab),
+    )
+
+
+def _joined(parts: list[Segment]) -> Segment:
+    """One segment of consecutive segments of one writer."""
+    first, last = parts[0], parts[-1]
+    return Segment(
+        first.model, sum((p.token_ids for p in parts), ()), "".join(p.text for p in parts),
+        sum((p.logprobs for p in parts), ()), first.turn, first.kind, last.model_finish,
+    )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 from antiphon.coordinator.commit import Outcome
 from antiphon.coordinator.executors.base import ExecutionContext, Stateless
 from antiphon.errors import PromptTooLong
+from antiphon.messages import Generation
 from antiphon.policies.base import Finish, WriteSegment
 from antiphon.sequence import Segment, SegmentKind, SequenceState
 
@@ -25,11 +26,29 @@ async def write_segment(
     max_tokens: int,
     kind: SegmentKind,
     *,
-    gate: float | None = None,
     end_on_eos: bool = True,
 ) -> Outcome:
     """`name` writes up to max_tokens after the state; the outcome holds its segment (none if
     it wrote nothing)."""
+    outcome, _ = await draft_segment(ctx, state, name, max_tokens, kind, end_on_eos=end_on_eos)
+    return outcome
+
+
+async def draft_segment(
+    ctx: ExecutionContext,
+    state: SequenceState,
+    name: str,
+    max_tokens: int,
+    kind: SegmentKind,
+    *,
+    gate: float | None = None,
+    gate_warmup: tuple[float, ...] = (),
+    end_on_eos: bool = True,
+) -> tuple[Outcome, Generation | None]:
+    """`write_segment` with the writer's gate: it stops before the first token whose gate
+    reaches `gate` (`gate_warmup`: the thresholds of its first tokens). Also returns the
+    generate call's result (its gates; None when the writer had no room to write), which
+    says whether the gate stopped it, even before its first token."""
     ms = ctx.sessions[name]
     room = ms.context_room(state)
     if room <= 0 and not state.segments:
@@ -38,9 +57,12 @@ async def write_segment(
             f"{ms.info.max_context} tokens and no room left to write"
         )
     if room <= 0:  # the response filled the writer's context: it cannot grow
-        return Outcome(finish="length")
+        return Outcome(finish="length"), None
     limit = min(state.tokens_left, room)
-    params = ctx.sampling(min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate)
+    params = ctx.sampling(
+        min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate,
+        gate_warmup=gate_warmup[:limit],
+    )  # fmt: skip
     gen = await ms.generate(state, params)
     ids, text, logprobs = list(gen.token_ids), gen.text, list(gen.logprobs)
     finish, length = gen.finish_reason, gen.length
@@ -65,12 +87,13 @@ async def write_segment(
         ids, logprobs = ids[:-1], logprobs[:-1]
         await ms.truncate(length - 1)
         if not ids:
-            return Outcome(finish="eos")
+            return Outcome(finish="eos"), gen
     if not ids:
-        return Outcome()
+        return Outcome(), gen
     ms.synced = len(state.segments) + 1  # its own segment is already in its session
-    seg = Segment(name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish)
-    return Outcome(segments=(seg,), end_on_eos=end_on_eos)
+    gates = gen.gates[: len(ids) + (finish == "gate")]
+    seg = Segment(name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish, gates)
+    return Outcome(segments=(seg,), end_on_eos=end_on_eos), gen
 
 
 class WriteExecutor(Stateless):
