@@ -43,6 +43,7 @@ from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest
 from antiphon.messages import SamplingParams
+from antiphon.training.gate_data import head_inputs
 from antiphon.zoo.random_model import write_random_checkpoint
 from antiphon.zoo.train import ModelShape
 
@@ -106,17 +107,16 @@ def reprefill(paths: dict[str, Path], gate_file: Path, eta: float, new_tokens: i
     base, tok = load_checkpoint(ModelSpec(name="base", path=str(paths["base"])))
     assistant, _ = load_checkpoint(ModelSpec(name="assistant", path=str(paths["assistant"])))
     gate = load_gate(gate_file, SHAPE.hidden)
-    captured: list[torch.Tensor] = []
-    base.get_output_embeddings().register_forward_pre_hook(lambda m, a: captured.append(a[0]))
     tokens, seconds, written = 0, 0.0, {}
     for prompt in PROMPTS:
         ids = list(tok(prompt)["input_ids"])
         start = len(ids)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            captured.clear()
-            logits = base(torch.tensor([ids])).logits[0, -1]  # (V,): the whole prefix again
-            if float(gate(captured[0][0, -1])) >= eta:
+            prefix = torch.tensor([ids])  # (1, L): the whole prefix again, every token
+            logits, hidden = head_inputs(base, prefix, torch.ones_like(prefix))
+            logits = logits[0, -1]  # (V,)
+            if float(gate(hidden[0, -1])) >= eta:
                 logits = assistant(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
         seconds += time.perf_counter() - t0

@@ -144,7 +144,7 @@ def turn_records(
                 wall_ms=timing.wall_ms,
                 time=commit_times[i],
                 gates=seg.gates,
-                gate=infos[seg.model].gate_fingerprint if seg.model in infos else "",
+                gate=infos[seg.model].gate_fingerprint,
             )
         )
     return records

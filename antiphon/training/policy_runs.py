@@ -5,20 +5,20 @@ only the text, to measure deferral rates and annotate answers).
     runs = await run_policy(coord, ("sft", "strong"), "defer", params, task, seed=0)
     score = task.score(task.items, texts(runs)); rate = token_share(runs, "strong")
 
-Each generation's seed comes from (seed, task, item, sample) (`antiphon.zoo.evaluate`), never
-from the order in which concurrent requests finish.
+Each generation's seed comes from (seed, task, item, sample) (`antiphon.zoo.evaluate.run_task`),
+never from the order in which concurrent requests finish.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from antiphon.coordinator.loop import Coordinator
 from antiphon.coordinator.request import GenerationRequest
+from antiphon.messages import SamplingParams
 from antiphon.sequence import Segment
-from antiphon.zoo.evaluate import sample_seed
+from antiphon.zoo.evaluate import run_task
 from antiphon.zoo.tasks import Task
 
 
@@ -40,30 +40,24 @@ async def run_policy(
     seed: int = 0,
     concurrency: int = 32,
 ) -> list[list[Written]]:
-    """Every sample of every item of the task, per item in item order."""
-    limit = asyncio.Semaphore(concurrency)
+    """Every sample of every item of the task, per item in item order (the harness's
+    `run_task`, keeping each generation's segments)."""
 
-    async def one(i: int, j: int) -> Written:
-        sampling = task.sampling(sample_seed(seed, task.name, i, j))
-        async with limit:
-            result = await coord.generate(
-                GenerationRequest(
-                    prompt=task.items[i].prompt,
-                    models=models,
-                    policy=policy,
-                    policy_params=dict(params),
-                    max_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature,
-                    seed=sampling.seed,
-                )  # fmt: skip
-            )
+    async def generate(prompt: str, sampling: SamplingParams) -> Written:
+        result = await coord.generate(
+            GenerationRequest(
+                prompt=prompt,
+                models=models,
+                policy=policy,
+                policy_params=dict(params),
+                max_tokens=sampling.max_new_tokens,
+                temperature=sampling.temperature,
+                seed=sampling.seed,
+            )  # fmt: skip
+        )
         return Written(result.text, tuple(result.segments))
 
-    flat = await asyncio.gather(
-        *(one(i, j) for i in range(len(task.items)) for j in range(task.samples))
-    )
-    n = task.samples
-    return [list(flat[i * n : (i + 1) * n]) for i in range(len(task.items))]
+    return await run_task(generate, task, seed=seed, concurrency=concurrency)
 
 
 def texts(runs: Sequence[Sequence[Written]]) -> list[list[str]]:

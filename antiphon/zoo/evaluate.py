@@ -23,7 +23,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import torch
 from tqdm import tqdm
@@ -37,6 +37,7 @@ from antiphon.messages import SamplingParams
 from antiphon.zoo.tasks import TASK_NAMES, Task, TaskItem, make_tasks
 
 Generate = Callable[[str, SamplingParams], Awaitable[str]]
+T = TypeVar("T")
 
 
 class EvalResult(TypedDict, total=False):
@@ -90,9 +91,15 @@ def sample_seed(seed: int, task: str, item: int, sample: int) -> int:
 
 
 async def run_task(
-    generate: Generate, task: Task, *, seed: int = 0, concurrency: int = 64, bar: tqdm | None = None
-) -> list[list[str]]:
-    """All generations of a task, per item, in item order."""
+    generate: Callable[[str, SamplingParams], Awaitable[T]],
+    task: Task,
+    *,
+    seed: int = 0,
+    concurrency: int = 64,
+    bar: tqdm | None = None,
+) -> list[list[T]]:
+    """All generations of a task, per item, in item order (whatever `generate` returns: its
+    text, or more)."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(i: int, j: int) -> str:

@@ -18,8 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 
-import torch
-
 from antiphon.actors.sampling import choose_tokens, new_generator
 from antiphon.coordinator.commit import Outcome, apply
 from antiphon.coordinator.executors.base import ExecutionContext, Stateless
@@ -28,6 +26,7 @@ from antiphon.coordinator.sessions import ModelSession
 from antiphon.errors import InvalidRequest, SessionLost
 from antiphon.policies.base import WriteUntilDeferral
 from antiphon.policies.defer import warmup_thresholds
+from antiphon.policies.fusion import fuse
 from antiphon.sequence import Segment, SequenceState
 
 BOUNDARY_MAX_TOKENS = 16  # most tokens an assistant of another tokenizer adds to end a word
@@ -67,22 +66,16 @@ class DeferExecutor(Stateless):
         """The assistant's tokens; to the end of the word when the base reads other tokens."""
         helped = await write_segment(self.ctx, state, d.assistant, d.assistant_tokens, "deferred")
         sessions = self.ctx.sessions
-        if sessions.fingerprint(d.assistant) == sessions.fingerprint(d.base):
+        if not helped.segments or sessions.fingerprint(d.assistant) == sessions.fingerprint(d.base):
             return helped
         parts = list(helped.segments)
         now = apply(state, helped, self.ctx.trim)
-        while (
-            parts
-            and len(parts) <= BOUNDARY_MAX_TOKENS
-            and not (now.done or at_text_boundary(now.text))
-        ):
+        while len(parts) <= BOUNDARY_MAX_TOKENS and not (now.done or at_text_boundary(now.text)):
             more = await write_segment(self.ctx, now, d.assistant, 1, "deferred")
             if not more.segments:
                 return Outcome(segments=(_joined(parts),), finish=more.finish)
             parts += more.segments
             now = apply(now, more, self.ctx.trim)
-        if not parts:
-            return helped
         sessions[d.assistant].synced = len(state.segments) + 1  # the joined segment
         return Outcome(segments=(_joined(parts),))
 
@@ -104,12 +97,11 @@ class DeferExecutor(Stateless):
             base.session_id = helper.session_id = None
             lp_base, lp_asst = await _distributions(base, helper, state)
         g = min(max(g, 1e-6), 1 - 1e-6)
-        from_base = torch.tensor(lp_base, dtype=torch.float64) + math.log(1 - g)  # (V,)
-        from_asst = torch.tensor(lp_asst, dtype=torch.float64) + math.log(g)  # (V,)
-        mixed = torch.logaddexp(from_base, from_asst)  # (V,) log of the mixture
+        mixed = fuse([lp_base, lp_asst], [1 - g, g])  # (V,) log of the mixture
         params = self.ctx.sampling(1, seed_parts=(state.turn, 2))
         (token,), _, _ = choose_tokens(mixed[None], [params], [new_generator(params.seed)])
-        writer = d.assistant if from_asst[token] >= from_base[token] else d.base
+        from_asst = lp_asst[token] + math.log(g) >= lp_base[token] + math.log(1 - g)
+        writer = d.assistant if from_asst else d.base
         text = sessions[writer].tokenizer.decode([token], skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return None
