@@ -4,6 +4,7 @@ the package ships) and loading it. The one place a model or a tokenizer is read 
     model, tokenizer = load_checkpoint(ModelSpec(name="base", path="zoo:base"))
     tokenizer = load_tokenizer("zoo:sft")
     facts = checkpoint_facts(model, tokenizer)     # context, end tokens, tokenizer fingerprint
+    context = checkpoint_context("zoo:strong")     # from its config alone, no weights
 
 Loading is exactly what loads a real 8B checkpoint: `AutoModelForCausalLM` and
 `AutoTokenizer`, safetensors only, no code shipped with the checkpoint unless the spec asks;
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from antiphon.config import ModelSpec
 from antiphon.errors import NotFound
@@ -164,12 +165,30 @@ def checkpoint_facts(model: PreTrainedModel, tokenizer: Any) -> CheckpointFacts:
     )
 
 
-def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
-    config = model.config.get_text_config()
+def checkpoint_context(path: str, trust_remote_code: bool = False) -> int | None:
+    """The positions the checkpoint at `path` reads, from its config alone (no weights
+    loaded); None when `path` holds no model config (a tokenizer alone)."""
+    try:
+        config = AutoConfig.from_pretrained(
+            resolve_checkpoint_path(path), trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    return _config_context(config.get_text_config())
+
+
+def _config_context(config: Any) -> int | None:
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def _max_context(model: PreTrainedModel, tokenizer: Any) -> int:
+    context = _config_context(model.config.get_text_config())
+    if context is not None:
+        return context
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 10_000_000:
         return limit

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -85,13 +84,6 @@ def _use_colour(choice: str) -> bool:
 # --- local cluster -------------------------------------------------------------------------
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start_server(config, address: str | None = None, blocking: bool = False) -> str:
     """Deploy `config` as the Serve app 'antiphon' and return its URL. Ray: join `address`
     (None: $RAY_ADDRESS or a running local cluster, else start one; "local": always a new one)."""
@@ -115,6 +107,8 @@ def local_server(config_path: str | None) -> Iterator[tuple[str, object]]:
     """A throwaway local Ray + Serve with the config on a free port; torn down on exit."""
     import ray
     from ray import serve
+
+    from antiphon.deploy.app import free_port
 
     config = _load(config_path)
     serving = config.serving.model_copy(update={"host": "127.0.0.1", "port": free_port()})

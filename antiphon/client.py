@@ -46,6 +46,7 @@ from antiphon.errors import (
     PromptTooLong,
     SessionLost,
     Unauthorized,
+    Unreachable,
 )
 
 _ERRORS_BY_CODE: dict[str, type[AntiphonError]] = {
@@ -58,6 +59,7 @@ _ERRORS_BY_CODE: dict[str, type[AntiphonError]] = {
         Overloaded,
         ConfigError,
         Unauthorized,
+        Unreachable,
     )
 }
 _ERRORS_BY_STATUS: dict[int, type[AntiphonError]] = {
@@ -66,6 +68,7 @@ _ERRORS_BY_STATUS: dict[int, type[AntiphonError]] = {
     404: NotFound,
     409: SessionLost,
     422: InvalidRequest,
+    502: Unreachable,
     503: Overloaded,
 }
 

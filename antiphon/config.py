@@ -2,16 +2,18 @@
 
 A `ModelSpec` is everything needed to host one checkpoint: where its weights are, how to run
 them (device, dtype), how much session state a replica may keep, and the Ray Serve resources
-of its deployment. The whole app's config (ensembles, policies, the HTTP server) and the YAML
-loader are `antiphon.deploy.config`'s: it validates policy parameters, which needs the policy
-registry, a layer above this one.
+of its deployment; or, with an `EndpointSpec`, a model reached over an OpenAI-compatible
+completions endpoint, which has no deployment (`path` names only its tokenizer). The whole
+app's config (ensembles, policies, the HTTP server) and the YAML loader are
+`antiphon.deploy.config`'s: it validates policy parameters, which needs the policy registry,
+a layer above this one.
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -22,8 +24,61 @@ class FrozenModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
+class EndpointSpec(FrozenModel):
+    """A model reached over any OpenAI-compatible completions endpoint: a black box, text in
+    and text out, with no log-probs to score with (it can write or propose, not score or carry
+    a deferral gate). No deployment is made for it; the coordinator calls the endpoint."""
+
+    base_url: str = Field(description="The API root, e.g. 'http://host:8000/v1'.")
+    model: str = Field(min_length=1, description="The model id the endpoint serves it under.")
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the endpoint's API key (set "
+        "where the coordinator runs); None: the endpoint takes no key.",
+    )
+    timeout_s: float = Field(
+        default=60.0, gt=0, description="Longest wait for one completion, connecting included."
+    )
+    max_context: int | None = Field(
+        default=None,
+        ge=2,
+        description="The model's context in tokens of the tokenizer `path` names; default: the "
+        "context in the config of the checkpoint at `path` (needed when it is a tokenizer alone).",
+    )
+    logprobs: bool = Field(
+        default=True,
+        description="Ask for each written token's log-prob (`logprobs: 0`); off for an endpoint "
+        "that refuses it, whose tokens then carry 0.0 (unknown, not a measurement).",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1]) == 0:
+            raise ValueError(f"base_url must be an http:// or https:// URL, got {v!r}")
+        return v.rstrip("/")
+
+
+# What only a deployment of the model's own weights uses: set beside an endpoint, an error.
+DEPLOYMENT_FIELDS = (
+    "device",
+    "dtype",
+    "gate_path",
+    "max_cached_tokens",
+    "session_idle_timeout_s",
+    "max_batch_size",
+    "prefix_reuse",
+    "num_replicas",
+    "num_gpus",
+    "num_cpus",
+    "max_ongoing_requests",
+)
+
+
 class ModelSpec(FrozenModel):
-    """One checkpoint and the deployment that serves it."""
+    """One checkpoint and the deployment that serves it, or (with `endpoint`) a model behind
+    a completions endpoint, whose `path` names its tokenizer."""
 
     name: str = Field(description="Name the ensemble and the API use for this model.", min_length=1)
     path: str = Field(
@@ -60,6 +115,24 @@ class ModelSpec(FrozenModel):
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests a replica accepts at once before Serve queues."
     )
+
+    endpoint: EndpointSpec | None = Field(
+        default=None,
+        description="Reach this model over an OpenAI-compatible completions endpoint instead "
+        "of deploying it; `path` then names only its tokenizer (budgets count in its tokens).",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_has_no_deployment(self) -> ModelSpec:
+        # Only the fields given count: a default is not a choice the config made.
+        given = [f for f in DEPLOYMENT_FIELDS if f in self.model_fields_set]
+        if self.endpoint is not None and given:
+            raise ValueError(
+                f"model {self.name!r} is reached through its endpoint and has no deployment: "
+                f"{', '.join(given)} do not apply to it (remove them; `path` names only its "
+                "tokenizer)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

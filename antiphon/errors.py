@@ -63,6 +63,12 @@ class Overloaded(AntiphonError):
     http_status = 503
 
 
+class Unreachable(AntiphonError):
+    """A remote endpoint a model lives behind did not answer (refused, timed out, failed)."""
+
+    http_status = 502
+
+
 async def retry_overloaded(call: Callable[[], Awaitable[T]], tries: int = 20) -> T:
     """`await call()`, retried with exponential backoff (50 ms doubling, at most 2 s) while it
     raises `Overloaded`, the one error that says "later": a busy model or server must not cost

@@ -97,8 +97,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from antiphon.cli import free_port
-    from antiphon.deploy.app import build_app
+    from antiphon.deploy.app import build_app, free_port
     from antiphon.deploy.config import parse_config
     from antiphon.deploy.default import write_random_model
 

@@ -156,16 +156,18 @@ class ScriptedModel:
         assert text.startswith(self.prompt), (text, self.prompt)
         return text[len(self.prompt) :]
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
+    async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         self.calls["score"] += 1
-        self._tokens(session_id)
+        tokens = self._tokens(session_id)
         total = self.scorer(decode(token_ids)) if self.scorer is not None else 0.0
+        if keep:
+            tokens.extend(token_ids)
         return [total / max(1, len(token_ids))] * len(token_ids)
 
-    async def fork(self, session_id: str, n: int) -> list[str]:
+    async def fork(self, session_id: str, n: int, length: int | None = None) -> list[str]:
         self.calls["fork"] += 1
         tokens = self._tokens(session_id)
-        return [self._new(list(tokens)) for _ in range(n)]
+        return [self._new(list(tokens[:length])) for _ in range(n)]
 
     async def truncate(self, session_id: str, length: int) -> SessionInfo:
         self.calls["truncate"] += 1

@@ -50,6 +50,9 @@ class Score:
     # (one forward pass for both).
     candidate_ids: list[int] | None = None
     with_argmax: bool = False  # also the argmax at each scored position (teacher forcing)
+    # append token_ids to the session as well (a search's guide reads a chunk's log-probs
+    # and keeps it in one forward pass)
+    keep: bool = False
 
 
 @dataclass

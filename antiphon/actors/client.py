@@ -64,9 +64,9 @@ class ServeModelClient:
         h = self._session_handle(session_id)
         return await _result(h.generate.remote(session_id, params, list(prefix_ids)), session_id)
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
+    async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         h = self._session_handle(session_id)
-        return await _result(h.score.remote(session_id, token_ids), session_id)
+        return await _result(h.score.remote(session_id, token_ids, keep), session_id)
 
     async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
         h = self._session_handle(session_id)
@@ -81,9 +81,9 @@ class ServeModelClient:
     ) -> list[float]:
         return await _result(self.handle.prompt_next_token_logprobs.remote(prompt, candidate_ids))
 
-    async def fork(self, session_id: str, n: int) -> list[str]:
+    async def fork(self, session_id: str, n: int, length: int | None = None) -> list[str]:
         h = self._session_handle(session_id)
-        return await _result(h.fork.remote(session_id, n), session_id)
+        return await _result(h.fork.remote(session_id, n, length), session_id)
 
     async def truncate(self, session_id: str, length: int) -> SessionInfo:
         h = self._session_handle(session_id)

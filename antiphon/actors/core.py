@@ -222,6 +222,11 @@ class EngineCore:
         elif isinstance(op, Append) or (isinstance(op, Score) and op.candidate_ids is not None):
             self.table.grow(session, op.token_ids, self.max_context)
             op.token_ids = []
+        elif isinstance(op, Score) and op.keep:
+            # No prefix reuse: a cache another session shares could cover the tokens being
+            # scored, and their log-probs need their positions fed here.
+            self.table.grow(session, op.token_ids, self.max_context)
+            return
         elif isinstance(op, Score) and (
             len(session.token_ids) + len(op.token_ids) > self.max_context
         ):
@@ -244,6 +249,10 @@ class EngineCore:
             return Row(session, call, pending, len(pending) - 1, [len(pending) - 1])
         if not op.token_ids:
             return None
+        if op.keep:  # the tokens are in the session already: fed and kept like an append's
+            to_feed = pending[:-1]
+            first = len(pending) - len(op.token_ids) - 1  # predicts the first scored token
+            return Row(session, call, to_feed, len(to_feed), list(range(first, len(to_feed))))
         first = len(pending) - 1  # its logits predict the first scored token
         positions = list(range(first, first + len(op.token_ids)))
         return Row(session, call, pending + op.token_ids, len(pending) - 1, positions)

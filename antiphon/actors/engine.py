@@ -140,9 +140,9 @@ class ModelEngine:
             raise InvalidRequest("generate without a session needs prefix_ids: its prompt")
         return await self._submit(Generate(session_id, params, prefix))
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
+    async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
-        return await self._submit(Score(session_id, ids))
+        return await self._submit(Score(session_id, ids, keep=bool(keep)))
 
     async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
         """`score`, and the model's argmax at each of those positions; the session is
@@ -172,10 +172,12 @@ class ModelEngine:
         finally:
             await self.close(session.session_id)
 
-    async def fork(self, session_id: str, n: int) -> list[str]:
+    async def fork(self, session_id: str, n: int, length: int | None = None) -> list[str]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"fork n must be an integer >= 1, got {n!r}")
-        return await self._submit(Fork(session_id, n))
+        if length is not None and (isinstance(length, bool) or not isinstance(length, int)):
+            raise InvalidRequest(f"fork length must be an integer or None, got {length!r}")
+        return await self._submit(Fork(session_id, n, length))
 
     async def truncate(self, session_id: str, length: int) -> SessionInfo:
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:

@@ -36,12 +36,14 @@ class SessionModel(Protocol):
         is `prefix_ids` (Generation.session_id names it; the caller closes it)."""
         ...
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
-        """log p(token_i | session + token_<i) for each token; the session is unchanged."""
+    async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
+        """log p(token_i | session + token_<i) for each token; the session is unchanged, or
+        with `keep` the tokens are appended to it (scored and kept in one forward pass)."""
         ...
 
-    async def fork(self, session_id: str, n: int) -> list[str]:
-        """n new sessions that start as copies of this one (the prefix cache is shared)."""
+    async def fork(self, session_id: str, n: int, length: int | None = None) -> list[str]:
+        """n new sessions that start as copies of this one (the prefix cache is shared), or of
+        its first `length` tokens."""
         ...
 
     async def truncate(self, session_id: str, length: int) -> SessionInfo:

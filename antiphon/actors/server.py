@@ -99,8 +99,8 @@ class ModelServer:
         finally:
             self._record_metrics()
 
-    async def score(self, session_id: str, token_ids: list[int]) -> list[float]:
-        return await self.engine.score(session_id, token_ids)
+    async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
+        return await self.engine.score(session_id, token_ids, keep)
 
     async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
         return await self.engine.teacher_force(session_id, token_ids)
@@ -116,9 +116,9 @@ class ModelServer:
         finally:
             self._record_metrics()
 
-    async def fork(self, session_id: str, n: int) -> list[str]:
+    async def fork(self, session_id: str, n: int, length: int | None = None) -> list[str]:
         try:
-            return await self.engine.fork(session_id, n)
+            return await self.engine.fork(session_id, n, length)
         finally:
             self._record_metrics()
 

@@ -1,7 +1,8 @@
 """`CoordinatorServer`: the turn loop as a Ray Serve deployment, a thin shim over
 `antiphon.coordinator.loop.Coordinator`.
 
-Each replica holds a `ServeModelClient` per model deployment, the tokenizers (loaded from the
+Each replica holds a `ServeModelClient` per model deployment (a `CompletionsModel` for a
+model behind a completions endpoint, which has no deployment), the tokenizers (loaded from the
 models' specs), the policies hosted in policy actors, and the turn sink it was given (the app
 builder in `antiphon.deploy.app` makes it: a client of the turn log actor).
 
@@ -34,6 +35,8 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from antiphon.actors.client import ServeModelClient
+from antiphon.actors.endpoint import CompletionsModel
+from antiphon.actors.protocol import SessionModel
 from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
@@ -89,14 +92,20 @@ class CoordinatorServer:
         policy_actors: Mapping[str, ActorHandle] | None = None,
     ) -> None:
         configure_logging("json")
-        missing = sorted({s.name for s in specs} - set(model_handles))
+        deployed = [s for s in specs if s.endpoint is None]
+        missing = sorted({s.name for s in deployed} - set(model_handles))
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
         self.turn_sink = turn_sink
-        self.model_handles = dict(model_handles)
+        self.model_handles = {s.name: model_handles[s.name] for s in deployed}
         self.policy_actors = dict(policy_actors or {})
+        # a model behind an endpoint is called from here: its sessions live in this replica
+        models: dict[str, SessionModel] = {
+            s.name: ServeModelClient(model_handles[s.name]) if s.endpoint is None
+            else CompletionsModel(s) for s in specs
+        }  # fmt: skip
         self.coordinator = Coordinator(
-            models={s.name: ServeModelClient(model_handles[s.name]) for s in specs},
+            models=models,
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
             resolve_policy=HostedPolicies(policy_actors or {}),
             turn_sink=turn_sink,
@@ -155,7 +164,8 @@ class CoordinatorServer:
 
     async def _models_degraded(self) -> dict[str, str]:
         """Model deployments Serve does not report healthy (a replica that died and is being
-        replaced, a failed deploy); one that is only scaling while a replica runs is fine."""
+        replaced, a failed deploy); one that is only scaling while a replica runs is fine. A
+        model behind an endpoint has no deployment to report on."""
         status = await asyncio.to_thread(serve.status)
         degraded = {}
         for name, handle in self.model_handles.items():

@@ -9,9 +9,10 @@ models and a coordinator over them (no HTTP), for jobs and tests.
     serve.run(build_app(load_config("antiphon.yaml")), name="antiphon", route_prefix="/")
     handle = serve.run(build_coordinator_app(specs, "runs/turns.atl"), name="c", route_prefix=None)
 
-The application is: one model deployment per `ModelSpec`, the coordinator (the turn loop;
-rule policies run in it; it logs to the turn-log actor, the one writer of the log file, which
-its sink finds or starts on first use), and the HTTP ingress in front. Everything is
+The application is: one model deployment per `ModelSpec` (none for a model behind a
+completions endpoint: the coordinator calls it), the coordinator (the turn loop; rule policies
+run in it; it logs to the turn-log actor, the one writer of the log file, which its sink finds
+or starts on first use), and the HTTP ingress in front. Everything is
 validated once, here, before any actor starts (like Ray Serve LLM's `build_openai_app`).
 
 `serve run antiphon.deploy.app:app_builder config=antiphon.yaml` works too (Serve's builder
@@ -21,6 +22,7 @@ convention), as does a Serve config file naming `import_path: antiphon.deploy.ap
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -61,10 +63,18 @@ def build_coordinator_app(
     if turn_log_path is not None:
         name = turn_log_actor_name or turn_log_actor_name_for(turn_log_path)
         sink = TurnLogClient(turn_log_path, name=name)
-    models = {spec.name: build_model_deployment(spec) for spec in specs}
+    # a model behind an endpoint has no deployment: the coordinator calls the endpoint
+    models = {s.name: build_model_deployment(s) for s in specs if s.endpoint is None}
     return build_coordinator_deployment(
         specs, models, sink, policy_actors, num_replicas=num_replicas
     )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (for a server started on this machine)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def turn_log_actor_name_for(path: str) -> str:

@@ -1,6 +1,7 @@
 """The whole app's config, validated and frozen, and the YAML loader.
 
-An `AppConfig` is a whole deployment: the checkpoints (`antiphon.config.ModelSpec`), the
+An `AppConfig` is a whole deployment: the checkpoints (`antiphon.config.ModelSpec`; one with an
+`endpoint` is a black box reached over an OpenAI-compatible completions endpoint), the
 ensembles over them (each with a default `PolicySpec`, whose parameters the policy registry
 checks), and the HTTP server (`ServingSpec`). Load one with
 
@@ -115,7 +116,10 @@ class ServingSpec(FrozenModel):
 class AppConfig(FrozenModel):
     """A whole antiphon deployment: the checkpoints, the ensembles over them, the HTTP server."""
 
-    models: list[ModelSpec] = Field(min_length=1, description="Checkpoints, one deployment each.")
+    models: list[ModelSpec] = Field(
+        min_length=1,
+        description="Checkpoints, one deployment each (none for a model behind an endpoint).",
+    )
     ensembles: list[EnsembleSpec] = Field(
         min_length=1, description="Ensembles served; the first is the default."
     )
@@ -150,12 +154,19 @@ class AppConfig(FrozenModel):
                         f"{ensemble.name!r}; known models: {', '.join(known)}"
                     )
             params = validate_policy_params(ensemble.policy.name, ensemble.policy.params)
+            behind_endpoints = {m.name for m in info.data["models"] if m.endpoint is not None}
             for deployment in params.referenced_deployments():
                 if deployment not in known:
                     raise ValueError(
                         f"ensembles[{i}].policy.params: policy {ensemble.policy.name!r} calls "
                         f"the deployment {deployment!r}, which is not a model of this config; "
                         f"known models: {', '.join(known)}"
+                    )
+                if deployment in behind_endpoints:
+                    raise ValueError(
+                        f"ensembles[{i}].policy.params: policy {ensemble.policy.name!r} calls "
+                        f"the deployment {deployment!r}, which is reached through its "
+                        "endpoint and has no deployment"
                     )
         return v
 

@@ -1,7 +1,6 @@
 """Rule policies, each with its pydantic parameters: fixed, round_robin, random_switch,
-rule_router (the baselines of Switch Generation), and the plain-rule form of weak-to-strong
-search's decision, chunk_search (chunk-level beam search with fixed W, K, L). Co-LLM's
-`defer` is in `antiphon.policies.defer`.
+rule_router (the baselines of Switch Generation). Co-LLM's `defer` is in
+`antiphon.policies.defer`, weak-to-strong search's `w2s_search` in `antiphon.policies.search`.
 
 Every policy here is stateless between turns: it decides from the view alone, so one
 instance serves any number of concurrent requests and coordinator replicas agree.
@@ -13,10 +12,10 @@ import random
 import re
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from antiphon.errors import InvalidRequest
-from antiphon.policies.base import Decision, SearchStep, WriteSegment
+from antiphon.policies.base import Decision, WriteSegment
 from antiphon.sequence import SequenceView
 
 RULE_VERSION = "1"  # rule policies have no weights; bump when a rule's behaviour changes
@@ -186,45 +185,6 @@ class RuleRouter:
 
     async def decide(self, view: SequenceView) -> Decision:
         return WriteSegment(self.route(view.prompt), self.params.segment_len)
-
-
-# ----- chunk_search (weak-to-strong chunk-level beam search) -----------------------------
-
-
-class ChunkSearchParams(PolicyParams):
-    proposer: str = Field(min_length=1, description="Model every token is sampled from.")
-    tuned: str = Field(min_length=1, description="Small tuned guide (+ log p).")
-    untuned: str = Field(min_length=1, description="Small untuned guide (- log p).")
-    width: int = Field(default=2, ge=1, le=64, description="W: beams kept per step.")
-    successors: int = Field(default=2, ge=1, le=64, description="K: children per beam.")
-    chunk_len: int = Field(default=8, ge=1, description="L: proposer tokens per chunk.")
-    temperature: float = Field(default=1.0, gt=0.0, description="Proposer sampling temperature.")
-
-    @model_validator(mode="after")
-    def _three_models(self) -> ChunkSearchParams:
-        roles = [self.proposer, self.tuned, self.untuned]
-        if len(set(roles)) < 3:
-            raise ValueError(f"proposer, tuned and untuned must be three different models: {roles}")
-        return self
-
-    def referenced_models(self) -> tuple[str, ...]:
-        return (self.proposer, self.tuned, self.untuned)
-
-
-class ChunkSearch:
-    """Every turn is one search step with fixed W, K, L, until all beams end."""
-
-    name = "chunk_search"
-    version = RULE_VERSION
-
-    def __init__(self, params: ChunkSearchParams) -> None:
-        self.params = params
-
-    async def decide(self, view: SequenceView) -> Decision:
-        p = self.params
-        return SearchStep(
-            p.proposer, p.tuned, p.untuned, p.width, p.successors, p.chunk_len, p.temperature
-        )
 
 
 def check_models(params: PolicyParams, ensemble: tuple[str, ...], policy: str) -> None:

@@ -21,8 +21,6 @@ from pydantic import ValidationError
 from antiphon.errors import InvalidRequest, NotFound, validation_message
 from antiphon.policies.base import Policy
 from antiphon.policies.baselines import (
-    ChunkSearch,
-    ChunkSearchParams,
     Fixed,
     FixedParams,
     PolicyParams,
@@ -37,6 +35,7 @@ from antiphon.policies.baselines import (
 from antiphon.policies.defer import Defer, DeferParams, RandomDefer, RandomDeferParams
 from antiphon.policies.replay import ReplaySwitch, ReplaySwitchParams
 from antiphon.policies.router import TrainedRouter, TrainedRouterParams
+from antiphon.policies.search import W2SSearch, W2SSearchParams
 from antiphon.policies.switcher import Switch, SwitchParams
 
 
@@ -141,7 +140,7 @@ register_policy("random_switch", RandomSwitchParams, RandomSwitch)
 register_policy("rule_router", RuleRouterParams, RuleRouter)
 register_policy("defer", DeferParams, Defer)
 register_policy("random_defer", RandomDeferParams, RandomDefer)
-register_policy("chunk_search", ChunkSearchParams, ChunkSearch)
+register_policy("w2s_search", W2SSearchParams, W2SSearch)
 register_policy("replay_switch", ReplaySwitchParams, ReplaySwitch)
 register_policy("trained_router", TrainedRouterParams, TrainedRouter)
 register_policy("switch", SwitchParams, Switch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import LlamaForCausalLM
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from antiphon.zoo.tokenizer import DEFAULT_ALPHABET, build_char_tokenizer
 from antiphon.zoo.train import ModelShape
@@ -28,13 +28,15 @@ def write_random_checkpoint(
     seed: int = 0,
     shape: ModelShape = TINY_SHAPE,
     alphabet: str = DEFAULT_ALPHABET,
+    tokenizer: PreTrainedTokenizerFast | None = None,
 ) -> Path:
     """Write a random-weight causal LM + tokenizer to out_dir (HF format) and return it.
 
     The files appear at once: they are written to a sibling directory and renamed, so a crash
-    mid-write leaves no half checkpoint behind."""
+    mid-write leaves no half checkpoint behind. `tokenizer`: another tokenizer than the
+    character one of `alphabet`."""
     out = Path(out_dir)
-    tokenizer = build_char_tokenizer(alphabet)
+    tokenizer = tokenizer if tokenizer is not None else build_char_tokenizer(alphabet)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(shape.config(tokenizer))
     with torch.no_grad():

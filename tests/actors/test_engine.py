@@ -150,6 +150,30 @@ def test_score_equals_full_forward_and_leaves_session_unchanged(engine, referenc
     assert list(after.token_ids) == hf_greedy(model, sequence, 6)
 
 
+def test_score_with_keep_scores_and_appends_in_one_call(engine, reference):
+    """What a search's guide does per chunk: the chunk's log-probs, and the chunk kept, even
+    when a sibling session already holds the same tokens (no prefix reuse may skip them)."""
+    model, tokenizer = reference
+    prompt = tokenizer("The dog ran")["input_ids"]
+    chunk, more = tokenizer(" far away")["input_ids"], tokenizer(" home")["input_ids"]
+
+    async def go():
+        s = await engine.open(prompt)
+        sibling, forked = await engine.fork(s.session_id, 2)
+        await engine.append(sibling, chunk + more)  # the same tokens, cached elsewhere
+        kept = await engine.score(forked, chunk, keep=True)
+        after = await engine.score(forked, more)
+        at_prompt = await engine.fork(forked, 1, length=len(prompt))
+        again = await engine.score(at_prompt[0], chunk)
+        return kept, after, again
+
+    kept, after, again = run(go())
+    expected = full_logprobs(model, prompt + chunk + more)
+    assert torch.allclose(torch.tensor(kept), expected[len(prompt) - 1 : -len(more)], atol=1e-4)
+    assert torch.allclose(torch.tensor(after), expected[-len(more) :], atol=1e-4)
+    assert torch.allclose(torch.tensor(again), torch.tensor(kept), atol=1e-4)  # fork at length
+
+
 def test_fork_children_continue_like_fresh_sessions(engine, reference):
     model, tokenizer = reference
     prompt = tokenizer("abc")["input_ids"]

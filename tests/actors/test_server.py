@@ -153,6 +153,24 @@ def test_score_equals_full_forward_and_leaves_session(model, reference):
     assert list(g.token_ids) == greedy(reference, PROMPT, 6)  # as if score never happened
 
 
+def test_score_with_keep_and_fork_at_a_length_through_the_deployment(model, reference):
+    """A search's guide calls over Serve: score a chunk and keep it; fork where tokens part."""
+    chunk, more = [40, 41, 42], [3, 9]
+
+    async def go():
+        s = await model.open(PROMPT)
+        kept = await model.score(s.session_id, chunk, keep=True)
+        after = await model.score(s.session_id, more)
+        (at_prompt,) = await model.fork(s.session_id, 1, len(PROMPT))
+        again = await model.score(at_prompt, chunk)
+        return kept, after, again
+
+    kept, after, again = run(go())
+    assert kept == pytest.approx(logprobs(reference, PROMPT, chunk), abs=1e-4)
+    assert after == pytest.approx(logprobs(reference, PROMPT + chunk, more), abs=1e-4)
+    assert again == pytest.approx(kept, abs=1e-4)
+
+
 def test_fork_and_truncate_continue_like_fresh_sessions(model, reference):
     async def go():
         s = await model.open(PROMPT)

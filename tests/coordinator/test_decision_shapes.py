@@ -88,7 +88,7 @@ def search_request(untuned: str = "d", **kw) -> GenerationRequest:
     return GenerationRequest(
         prompt=PROMPT,
         models=("a", "b", untuned),
-        policy="chunk_search",
+        policy="w2s_search",
         policy_params=params,
         max_tokens=14,
         seed=5,

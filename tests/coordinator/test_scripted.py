@@ -131,7 +131,7 @@ def letter(seed: int, *parts: int) -> str:
 def search(coord: Coordinator, width: int, successors: int, chunk_len: int, max_tokens: int):
     params = dict(proposer="p", tuned="t", untuned="u", width=width, successors=successors,
                   chunk_len=chunk_len)  # fmt: skip
-    return generate(coord, models=("p", "t", "u"), policy="chunk_search",
+    return generate(coord, models=("p", "t", "u"), policy="w2s_search",
                     policy_params=params, max_tokens=max_tokens, seed=11)  # fmt: skip
 
 
@@ -177,3 +177,41 @@ def test_a_search_settled_by_another_decision_commits_its_best_beam():
     assert [s.model for s in result.segments][-2:] == ["w", "w"]
     for m in models:  # every beam's session closed
         assert not m.sessions, m.name
+
+
+def test_a_finished_beam_stays_a_candidate_and_wins_over_later_beams():
+    """Children "b" end at once (an end token) and score 10; children "a" go on and score -1
+    a chunk. The search keeps expanding the "a" beams until the budget ends them, and the
+    finished "b" beam, kept all along, is what it commits."""
+    proposer = ScriptedModel("p", chunk=lambda seed: "b<eos>" if seed % 5 == 0 else "aa")
+    tuned = ScriptedModel("t", score=lambda text: 10.0 if text.startswith("b") else -1.0)
+    untuned = ScriptedModel("u", score=lambda text: 0.0)
+    first = [derive_seed(11, 0, 0, k) % 5 == 0 for k in range(4)]
+    assert first.count(True) == 1  # W=2 keeps the "b" child and an "a" one
+    result = search(coordinator(proposer, tuned, untuned), 2, 2, 2, max_tokens=8)
+    assert result.text == "b" and result.finish_reason == "eos"
+    assert proposer.calls["generate"] > 4  # the live beams were expanded after "b" ended
+    reversed_scores = ScriptedModel("t", score=lambda text: -10.0 if text.startswith("b") else 1.0)
+    lost = search(coordinator(proposer, reversed_scores, untuned), 2, 2, 2, max_tokens=8)
+    assert lost.text == "aaaaaaaa" and lost.finish_reason == "length"
+
+
+def test_the_prefix_every_beam_shares_is_streamed_before_the_search_ends():
+    """One beam kept (W=1): after each step the whole beam is settled, so each chunk is
+    streamed, with its writer, while the search still has steps to run."""
+    proposer, tuned, untuned = search_models(lambda c: float(LETTERS.index(c)))
+    coord = coordinator(proposer, tuned, untuned)
+    params = dict(proposer="p", tuned="t", untuned="u", width=1, successors=3, chunk_len=2)
+    request = make_request(models=("p", "t", "u"), policy="w2s_search", policy_params=params,
+                           max_tokens=6, seed=11)  # fmt: skip
+
+    async def go():
+        seen = []
+        async for event in coord.run(request):
+            if hasattr(event, "segment"):
+                seen.append((event.segment.model, event.segment.text, proposer.calls["generate"]))
+        return seen
+
+    seen = asyncio.run(go())
+    assert [(m, len(t)) for m, t, _ in seen] == [("p", 2)] * 3
+    assert [calls for _, _, calls in seen] == [3, 6, 9]  # each chunk out after its own step

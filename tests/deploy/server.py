@@ -20,7 +20,7 @@ import torch
 from ray import serve
 
 from antiphon.actors.gate import save_gate
-from antiphon.cli import free_port
+from antiphon.deploy.app import free_port
 from antiphon.deploy.config import AppConfig, parse_config
 
 APP_NAME = "antiphon-test"

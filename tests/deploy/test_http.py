@@ -127,7 +127,7 @@ def test_a_search_step_over_the_served_models_answers_and_the_server_goes_on(ser
     concurrently from within one coordinator request; those calls once shared Serve's
     internal request id, and all but the first waited forever, with every later call."""
     body = {"prompt": PROMPT, "ensemble": "trio", "max_tokens": 12, "seed": 3,
-            "policy": "chunk_search",
+            "policy": "w2s_search",
             "policy_params": {"proposer": "a", "tuned": "b", "untuned": "switcher",
                               "width": 2, "successors": 2, "chunk_len": 4}}  # fmt: skip
     r = httpx.post(f"{server.url}/v1/generate", json=body, headers=server.headers, timeout=30)

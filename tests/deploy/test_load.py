@@ -14,8 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
-from antiphon.cli import free_port
-from antiphon.deploy.app import build_app
+from antiphon.deploy.app import build_app, free_port
 from antiphon.deploy.config import parse_config
 from tests.deploy.server import http_url
 from tests.deploy.test_http import sse_events

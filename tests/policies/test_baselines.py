@@ -41,7 +41,7 @@ def test_registry_lists_the_shipped_policies():
         "random_switch",
         "rule_router",
         "defer",
-        "chunk_search",
+        "w2s_search",
     }
 
 
@@ -94,10 +94,13 @@ def test_rule_router_picks_by_the_first_matching_rule():
 def test_deferral_and_search_policies_make_their_decisions():
     d = build_policy("defer", {"base": "base", "assistant": "aligned", "eta": 0.3})
     assert decide(d, view()) == WriteUntilDeferral("base", "aligned", 0.3, 64, 1)
-    s = build_policy("chunk_search", {"proposer": "base", "tuned": "sft", "untuned": "aligned"})
-    step = decide(s, view())
-    assert step == SearchStep("base", "sft", "aligned", 2, 2, 8, 1.0)
+    roles = {"proposer": "base", "tuned": "sft", "untuned": "aligned"}
+    step = decide(build_policy("w2s_search", roles), view())
+    assert step == SearchStep("base", "sft", "aligned", 4, 4, 8, 1.0)
     assert step.models() == ("base", "sft", "aligned")
+    # Best-of-N: one beam kept of N, one chunk the whole budget
+    bon = build_policy("w2s_search", {**roles, "width": 1, "successors": 16, "chunk_len": None})
+    assert decide(bon, view()) == SearchStep("base", "sft", "aligned", 1, 16, 100, 1.0)
     assert Finish().models() == ()
 
 
@@ -130,4 +133,4 @@ def test_decisions_validate_their_fields():
     with pytest.raises(InvalidRequest, match="three different models"):
         SearchStep("a", "b", "a", 2, 2, 4)
     with pytest.raises(InvalidRequest, match=r"policy_params.*three different models"):
-        build_policy("chunk_search", {"proposer": "a", "tuned": "b", "untuned": "b"})
+        build_policy("w2s_search", {"proposer": "a", "tuned": "b", "untuned": "b"})

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from antiphon.cli import free_port
+from antiphon.deploy.app import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -1,20 +1,32 @@
 """`SearchStep` (weak-to-strong chunk-level beam search): the search's beams live here.
 
 One step expands every live beam K ways (W*K from the committed sequence on the first step):
-each child samples a chunk of L tokens from the proposer, is scored by the guide pair
-(child score = parent score + log p_tuned(chunk) - log p_untuned(chunk), from guide sessions
-forked with the beams, so a step costs O(L) per child, not O(length)), and the best W of the
-children and the finished beams survive; ties keep the earlier one. Chunks every live beam
-shares can no longer change and are committed at once; when every beam has finished, the best
-is committed and its sessions become the models' own. Another decision (or the end of the
-budget) settles the search the same way. A `SessionLost` reopens every beam's sessions from
-the state and retries the step once.
+each child samples a chunk of up to L tokens from the proposer (every child of the step is
+sampled at once, so the engine batches them), and is scored by the guide pair: score =
+log p_tuned(response) - log p_untuned(response), the response being everything the search has
+written. The best W of the children and of the finished beams survive (ties keep the earlier
+one); finished beams stay candidates until the search ends.
+
+Scoring is incremental: a child's guide sessions are its parent's, forked, with the chunk
+scored and kept in one call (`score(..., keep=True)`), so a step costs each guide O(L) tokens
+per child, not O(length). A guide whose tokenizer is not the proposer's reads the response's
+text: it re-tokenizes the whole response text (cheap, no model), keeps its parent's tokens up
+to the first one that differs (a chunk can merge with the parent's last tokens), forks its
+parent's session there and scores only the tokens after it. So the score always equals a
+full re-score of the response in the guide's tokenizer (`full_log_ratio`, what the tests and
+the benchmark compare against).
+
+Chunks every live beam shares can no longer change and are committed at once (streamed, with
+their writer). When every beam has finished, the best is committed and its sessions become
+the models' own. Another decision (or the end of the budget) settles the search the same
+way. A `SessionLost` reopens every beam's sessions from what the search holds and retries the
+step once.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -28,31 +40,54 @@ from antiphon.sequence import Segment, SequenceState
 
 log = get_logger(__name__)
 T = TypeVar("T")
-ROOT = -1  # the beam of the committed sequence: its sessions are the models' own
 
 SessionRef = tuple[str, str]  # (model name, session id)
 
 
 @dataclass(frozen=True, slots=True)
-class Beam:
-    """One live hypothesis: chunks after the committed sequence, not yet committed."""
+class GuideTrack:
+    """A beam's response in one guide's tokenizer: the guide session holding it (after the
+    search's root), its token ids and the log-prob of each."""
 
-    beam_id: int  # unique within the request; names the beam's sessions
-    chunks: tuple[Segment, ...]
-    score: float  # sum over chunks of log p_tuned - log p_untuned
-    finished: bool  # its last chunk ended the sequence (eos, stop string or budget)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
+    session_id: str
+    ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
 
 
 @dataclass(frozen=True, slots=True)
-class _Child:
-    parent: Beam
-    beam: Beam
-    chunk: Segment
+class Beam:
+    """One hypothesis: what the search wrote on it, and its sessions."""
+
+    beam_id: int  # unique within the request
+    chunks: tuple[Segment, ...]  # not yet committed
+    text: str  # everything the search wrote on this beam, committed chunks included
     proposer_session: str
+    tuned: GuideTrack
+    untuned: GuideTrack
+    finished: bool  # its last chunk ended the sequence (eos, stop string, budget or context)
+
+    @property
+    def score(self) -> float:
+        """log p_tuned(response) - log p_untuned(response)."""
+        return sum(self.tuned.logprobs) - sum(self.untuned.logprobs)
+
+    @property
+    def num_tokens(self) -> int:
+        """Proposer tokens not yet committed (the budget they use)."""
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    def refs(self, d: SearchStep) -> list[SessionRef]:
+        sids = (self.proposer_session, self.tuned.session_id, self.untuned.session_id)
+        return list(zip(d.models(), sids, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class _Root:
+    """Where the search started, per model: the ids its root session holds (prompt and the
+    committed sequence then), and the chunks committed since."""
+
+    ids: dict[str, list[int]]
+    committed: tuple[Segment, ...] = ()
 
 
 class SearchExecutor:
@@ -62,8 +97,8 @@ class SearchExecutor:
         self.ctx = ctx
         self.sessions = ctx.sessions
         self.search: SearchStep | None = None  # the search under way
+        self.root: _Root | None = None
         self.beams: list[Beam] = []
-        self.beam_sessions: dict[int, tuple[str, str, str]] = {}  # proposer, tuned, untuned
         self.next_beam_id = 0
 
     async def run(self, decision: SearchStep, state: SequenceState) -> Outcome:
@@ -78,7 +113,7 @@ class SearchExecutor:
             stepped = await self._step(decision, state)
         except SessionLost:
             log.warning("search_session_lost")
-            await self._reopen(decision, state)
+            await self._reopen(decision)
             stepped = await self._step(decision, state)
         return settled.then(stepped)
 
@@ -87,18 +122,14 @@ class SearchExecutor:
         if not self.beams or self.search is None:
             return Outcome()
         best = max(self.beams, key=lambda b: b.score)
-        to_close: list[SessionRef] = []
-        for beam in self.beams:
-            if beam is not best:
-                to_close += self._forget_beam(beam.beam_id)
-        best_sids = self.beam_sessions.pop(best.beam_id)
+        to_close = [ref for b in self.beams if b is not best for ref in b.refs(self.search)]
         synced = len(state.segments) + len(best.chunks)
-        for ms, sid in zip(self._trio(self.search), best_sids, strict=True):
-            self.sessions.detached.discard((ms.name, sid))
+        for (name, sid), ms in zip(best.refs(self.search), self._trio(self.search), strict=True):
+            self.sessions.detached.discard((name, sid))
             old = ms.adopt(sid, synced)
             if old is not None:
-                to_close.append((ms.name, old))
-        self.beams = []
+                to_close.append((name, old))
+        self.beams, self.root = [], None
         await self.sessions.close(to_close)
         return Outcome(best.chunks)
 
@@ -108,39 +139,22 @@ class SearchExecutor:
         return self.sessions[d.proposer], self.sessions[d.tuned], self.sessions[d.untuned]
 
     async def _step(self, d: SearchStep, state: SequenceState) -> Outcome:
-        prop, tuned, untuned = self._trio(d)
-        if not self.beams:
-            await _gather_all(prop.sync(state), tuned.sync(state), untuned.sync(state))
-            root = Beam(ROOT, (), 0.0, False)
-            self.beam_sessions[ROOT] = (prop.session_id, tuned.session_id, untuned.session_id)
-            parents, per_parent = [root], d.width * d.successors
-        else:
-            parents, per_parent = [b for b in self.beams if not b.finished], d.successors
-        carried = [b for b in self.beams if b.finished]
-        created: list[SessionRef] = []  # every session forked in this step
-        first_child_id = self.next_beam_id
+        created: list[SessionRef] = []  # every session opened in this step
         try:
-            expanded = await _gather_all(
-                *(self._expand(d, state, p, i, per_parent, created) for i, p in enumerate(parents))
-            )
-            children = [c for cs in expanded for c in cs]
-            kept = rank(carried + [c.beam for c in children], d.width)
-            kept_ids = {b.beam_id for b in kept}
-            await _gather_all(
-                *(self._child_guides(d, c, created) for c in children if c.beam.beam_id in kept_ids)
-            )
+            if not self.beams:
+                root = await self._open_root(d, state, created)
+                parents, per_parent = [root], d.width * d.successors
+            else:
+                parents, per_parent = [b for b in self.beams if not b.finished], d.successors
+            children = await self._expand(d, state, parents, per_parent, created)
         except BaseException:
-            for beam_id in [b for b in self.beam_sessions if b >= first_child_id]:
-                del self.beam_sessions[beam_id]
             await self.sessions.close(created)
             raise
-        to_close = [
-            (d.proposer, c.proposer_session) for c in children if c.beam.beam_id not in kept_ids
-        ]
-        for parent in parents:  # replaced by their children; the root's are the models' own
-            if parent.beam_id != ROOT:
-                to_close += self._forget_beam(parent.beam_id)
-        self.beam_sessions.pop(ROOT, None)
+        carried = [b for b in self.beams if b.finished]
+        kept = rank(carried + children, d.width)
+        kept_ids = {b.beam_id for b in kept}
+        dropped = [b for b in parents + children if b.beam_id not in kept_ids]
+        to_close = [ref for b in dropped for ref in b.refs(d)]
         await self.sessions.close(to_close)
         self.beams = kept
         committed = self._take_common_prefix()
@@ -149,33 +163,45 @@ class SearchExecutor:
             return Outcome(committed).then(await self.settle(after))
         return Outcome(committed)
 
+    async def _open_root(
+        self, d: SearchStep, state: SequenceState, created: list[SessionRef]
+    ) -> Beam:
+        """The beam of the committed sequence: a session of each model holding it."""
+        trio = self._trio(d)
+        ids = {ms.name: ms.prompt_ids() + ms.ids_for(state.segments) for ms in trio}
+        opened = await _gather_all(*(ms.model.open(ids[ms.name]) for ms in trio))
+        self._track(created, [(ms.name, s.session_id) for ms, s in zip(trio, opened, strict=True)])
+        self.root = _Root(ids)
+        p, t, u = (s.session_id for s in opened)
+        empty = GuideTrack(t, (), ()), GuideTrack(u, (), ())
+        beam = Beam(self.next_beam_id, (), "", p, *empty, finished=False)
+        self.next_beam_id += 1
+        return beam
+
     async def _expand(
         self,
         d: SearchStep,
         state: SequenceState,
-        parent: Beam,
-        p_index: int,
+        parents: list[Beam],
         n: int,
         created: list[SessionRef],
-    ) -> list[_Child]:
-        """n children of one beam: fork, sample a chunk each (batched by the engine), score."""
+    ) -> list[Beam]:
+        """n children of each parent: fork, sample every chunk at once, score with the guides."""
         prop, tuned, untuned = self._trio(d)
-        p_sid, t_sid, u_sid = self.beam_sessions[parent.beam_id]
-        room = state.tokens_left - parent.num_tokens
-        child_sids = await prop.model.fork(p_sid, n)
-        self._track(created, [(prop.name, sid) for sid in child_sids])
+        forked = await _gather_all(*(prop.model.fork(p.proposer_session, n) for p in parents))
+        self._track(created, [(prop.name, sid) for sids in forked for sid in sids])
+        jobs = [
+            (parent, sid, (state.turn, i, k))
+            for i, (parent, sids) in enumerate(zip(parents, forked, strict=True))
+            for k, sid in enumerate(sids)
+        ]
+
+        def sampling(parent: Beam, parts: tuple[int, ...]):
+            budget = min(d.chunk_len, self._room(d, state, parent))
+            return self.ctx.sampling(budget, seed_parts=parts, temperature=d.temperature)
+
         gens = await _gather_all(
-            *(
-                prop.model.generate(
-                    sid,
-                    self.ctx.sampling(
-                        min(d.chunk_len, room),
-                        seed_parts=(state.turn, p_index, k),
-                        temperature=d.temperature,
-                    ),
-                )
-                for k, sid in enumerate(child_sids)
-            )
+            *(prop.model.generate(sid, sampling(parent, parts)) for parent, sid, parts in jobs)
         )
         chunks = [
             Segment(
@@ -183,53 +209,67 @@ class SearchExecutor:
             )
             for g in gens
         ]
-        ratios = await _gather_all(
-            *(self._chunk_log_ratio(tuned, untuned, t_sid, u_sid, c) for c in chunks)
+        tracks = await _gather_all(
+            *(
+                _gather_all(
+                    self._guide_child(tuned, parent.tuned, parent.text, chunk, created),
+                    self._guide_child(untuned, parent.untuned, parent.text, chunk, created),
+                )
+                for (parent, _, _), chunk in zip(jobs, chunks, strict=True)
+            )
         )
         children = []
-        for chunk, ratio, sid in zip(chunks, ratios, child_sids, strict=True):
-            finished = chunk.model_finish in ("eos", "stop") or len(chunk.token_ids) >= room
-            beam = Beam(self.next_beam_id, parent.chunks + (chunk,), parent.score + ratio, finished)
+        for (parent, sid, _), chunk, (t, u) in zip(jobs, chunks, tracks, strict=True):
+            finished = chunk.model_finish in ("eos", "stop") or len(chunk.token_ids) >= self._room(
+                d, state, parent
+            )
+            beam_text = parent.text + chunk.text
+            chunks_now = parent.chunks + (chunk,)
+            children.append(Beam(self.next_beam_id, chunks_now, beam_text, sid, t, u, finished))
             self.next_beam_id += 1
-            children.append(_Child(parent, beam, chunk, sid))
         return children
 
-    async def _chunk_log_ratio(
-        self, tuned: ModelSession, untuned: ModelSession, t_sid: str, u_sid: str, c: Segment
-    ) -> float:
-        lp_t, lp_u = await _gather_all(
-            tuned.model.score(t_sid, self._guide_ids(tuned, [c])),
-            untuned.model.score(u_sid, self._guide_ids(untuned, [c])),
+    def _room(self, d: SearchStep, state: SequenceState, beam: Beam) -> int:
+        """Tokens the proposer may still write on this beam: the budget or its context, which
+        ever ends first (at least 1: a full context is the engine's error to raise)."""
+        assert self.root is not None
+        run = sum(len(c.token_ids) for c in self.root.committed + beam.chunks)
+        context_left = (
+            self.sessions[d.proposer].info.max_context - len(self.root.ids[d.proposer]) - run
         )
-        return float(sum(lp_t) - sum(lp_u))
+        return max(1, min(state.tokens_left - beam.num_tokens, context_left))
 
-    def _guide_ids(self, guide: ModelSession, chunks: list[Segment]) -> list[int]:
-        """A guide's ids for proposer chunks; text for a foreign tokenizer, with the guide's
-        own end token after a finished response (the proposer's eos is not in the text)."""
-        ids = guide.ids_for(chunks)
-        last = chunks[-1] if chunks else None
-        if (
-            last is not None
-            and last.model_finish == "eos"
-            and guide.info.eos_token_ids
-            and self.sessions.fingerprint(last.model) != guide.info.tokenizer_fingerprint
-        ):
+    async def _guide_child(
+        self,
+        guide: ModelSession,
+        old: GuideTrack,
+        parent_text: str,
+        chunk: Segment,
+        created: list[SessionRef],
+    ) -> GuideTrack:
+        """A parent's track in `guide` extended by a chunk: fork the parent's session where the
+        new ids part from the parent's, score (and keep) the rest."""
+        assert self.root is not None
+        new = self._guide_ids(guide, old, parent_text, chunk)
+        same = _common_prefix(old.ids, new)
+        base = len(self.root.ids[guide.name])
+        (sid,) = await guide.model.fork(old.session_id, 1, base + same)
+        self._track(created, [(guide.name, sid)])
+        scored = await guide.model.score(sid, list(new[same:]), keep=True) if new[same:] else []
+        return GuideTrack(sid, new, old.logprobs[:same] + tuple(scored))
+
+    def _guide_ids(
+        self, guide: ModelSession, old: GuideTrack, parent_text: str, chunk: Segment
+    ) -> tuple[int, ...]:
+        """The response after the root in the guide's ids: the proposer's own for a guide of
+        its tokenizer; else the text re-tokenized, with the guide's end token after a response
+        that ended (the proposer's end token is not in the text)."""
+        if self.sessions.fingerprint(chunk.model) == guide.info.tokenizer_fingerprint:
+            return old.ids + chunk.token_ids
+        ids = guide.encode(parent_text + chunk.text)
+        if chunk.model_finish == "eos" and guide.info.eos_token_ids:
             ids.append(guide.info.eos_token_ids[0])
-        return ids
-
-    async def _child_guides(self, d: SearchStep, child: _Child, created: list[SessionRef]) -> None:
-        """Guide sessions of a kept child: its parent's, forked, plus the child's chunk."""
-        _, tuned, untuned = self._trio(d)
-        _, t_sid, u_sid = self.beam_sessions[child.parent.beam_id]
-
-        async def fork_append(ms: ModelSession, sid: str) -> str:
-            (new,) = await ms.model.fork(sid, 1)
-            self._track(created, [(ms.name, new)])
-            await ms.model.append(new, self._guide_ids(ms, [child.chunk]))
-            return new
-
-        t_new, u_new = await _gather_all(fork_append(tuned, t_sid), fork_append(untuned, u_sid))
-        self.beam_sessions[child.beam.beam_id] = (child.proposer_session, t_new, u_new)
+        return tuple(ids)
 
     # -- bookkeeping ------------------------------------------------------------------------
 
@@ -237,13 +277,6 @@ class SearchExecutor:
         """Sessions opened beside the models' own: closed with the request if not before."""
         created += refs
         self.sessions.detached.update(refs)
-
-    def _forget_beam(self, beam_id: int) -> list[SessionRef]:
-        """Forget a beam's sessions; return them for closing."""
-        sids = self.beam_sessions.pop(beam_id, None)
-        if sids is None or self.search is None:
-            return []
-        return list(zip(self.search.models(), sids, strict=True))
 
     def _take_common_prefix(self) -> tuple[Segment, ...]:
         """Chunks every live beam shares can no longer change: take them off the beams."""
@@ -255,33 +288,52 @@ class SearchExecutor:
             return ()
         shared = beams[0].chunks[:n]
         self.beams = [replace(b, chunks=b.chunks[n:]) for b in beams]
+        assert self.root is not None
+        self.root = replace(self.root, committed=self.root.committed + shared)
         return shared
 
-    async def _reopen(self, d: SearchStep, state: SequenceState) -> None:
-        """Rebuild every live beam's sessions from the state (prompt + segments + its chunks)."""
-        refs: list[SessionRef] = []
-        for beam_id in [b for b in self.beam_sessions if b != ROOT]:
-            refs += self._forget_beam(beam_id)
-        self.beam_sessions.clear()
-        trio = self._trio(d)
-        for ms in trio:
-            if ms.session_id is not None:  # reopened by the next sync
-                refs.append((ms.name, ms.session_id))
-                ms.session_id = None
+    async def _reopen(self, d: SearchStep) -> None:
+        """Rebuild every beam's sessions from what the search holds (a replica was lost)."""
+        refs = [ref for b in self.beams for ref in b.refs(d)]
         await self.sessions.close(refs)
+        if not self.beams or self.root is None:
+            self.beams = []  # the first step reopens its root from the state
+            return
+        prop, tuned, untuned = self._trio(d)
+        root = self.root
 
-        async def open_beam(beam: Beam) -> None:
-            sids = await _gather_all(*(ms.open_detached(state, beam.chunks) for ms in trio))
-            self.sessions.detached.update(zip((ms.name for ms in trio), sids, strict=True))
-            self.beam_sessions[beam.beam_id] = tuple(sids)
+        async def open_beam(beam: Beam) -> Beam:
+            run = prop.ids_for(root.committed + beam.chunks)
+            p, t, u = await _gather_all(
+                prop.model.open(root.ids[prop.name] + run),
+                tuned.model.open(root.ids[tuned.name] + list(beam.tuned.ids)),
+                untuned.model.open(root.ids[untuned.name] + list(beam.untuned.ids)),
+            )
+            self.sessions.detached.update(
+                zip(d.models(), (p.session_id, t.session_id, u.session_id), strict=True)
+            )
+            tracks = (
+                replace(beam.tuned, session_id=t.session_id),
+                replace(beam.untuned, session_id=u.session_id),
+            )
+            return replace(beam, proposer_session=p.session_id, tuned=tracks[0], untuned=tracks[1])
 
-        await _gather_all(*(open_beam(b) for b in self.beams))
+        self.beams = await _gather_all(*(open_beam(b) for b in self.beams))
 
 
 def rank(pool: list[Beam], width: int) -> list[Beam]:
     """The best `width` beams by score, highest first; ties keep the earlier one."""
     order = sorted(range(len(pool)), key=lambda i: (-pool[i].score, i))
     return [pool[i] for i in order[:width]]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 async def _gather_all(*aws: Awaitable[T]) -> list[T]:
