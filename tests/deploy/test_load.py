@@ -55,6 +55,19 @@ def app_processes_rss(turn_log_path: str) -> dict[str, int]:
             or ("TurnLogActor" in title and holds_open(pid, turn_log_path))}  # fmt: skip
 
 
+def app_processes(turn_log_path: str, expected: int, wait_s: float = 30.0) -> dict[str, int]:
+    """`app_processes_rss` once all `expected` processes are there: the turn-log actor opens
+    the log when the first records arrive, sent in the background after the answers (on a
+    busy machine, seconds later)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        time.sleep(2.0)
+        found = app_processes_rss(turn_log_path)
+        if len(found) >= expected or time.monotonic() > deadline:
+            assert len(found) == expected, sorted(found)
+            return found
+
+
 def ray_worker_titles() -> list[tuple[int, str]]:
     found = []
     for proc in Path("/proc").iterdir():
@@ -116,9 +129,7 @@ def test_64_streams_for_60_s_end_without_error_and_memory_comes_back(load_server
     url, turn_log_path = load_server
     ok, errors = run_load(url, STREAMS, WARM_UP_SECONDS)
     assert errors == [] and ok >= STREAMS
-    time.sleep(2.0)
-    before = app_processes_rss(turn_log_path)
-    assert len(before) == 6  # ingress, coordinator, two models, turn log, proxy
+    before = app_processes(turn_log_path, 6)  # ingress, coordinator, two models, turn log, proxy
     ok, errors = run_load(url, STREAMS, SECONDS)
     assert errors == [], errors[:5]
     assert ok >= STREAMS * 2  # every client finished several streams
