@@ -36,6 +36,15 @@ class SamplingParams:
     # thresholds of this call's first tokens (a warm-up); gate_threshold after them
     gate_warmup: tuple[float, ...] = ()
     ignore_eos: bool = False  # keep writing past the tokenizer's end-of-sequence token
+    # OpenAI's penalties: each token's logit minus frequency x its count in the response so
+    # far and presence x (count > 0); in [-2, 2]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
+    grammar: str | None = None  # an llguidance grammar the response must match (structured output)
+    # where the response starts in the session: penalties count tokens from there, and the
+    # grammar matches the text from there (needed with either)
+    response_start: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -62,6 +71,22 @@ class SamplingParams:
             )
         if any(not s for s in self.stop_strings):
             raise InvalidRequest("stop_strings must not contain an empty string")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value!r}")
+        for token, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequest(
+                    f"logit_bias of token {token} must be in [-100, 100], got {bias!r}"
+                )
+        if self.reads_response and self.response_start is None:
+            raise InvalidRequest("penalties and a grammar need the response_start")
+
+    @property
+    def reads_response(self) -> bool:
+        """The call's token choice depends on the response so far (penalties, a grammar)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.grammar)
 
     def gate_threshold_at(self, i: int) -> float | None:
         """The gate threshold before this call's token i (0-based)."""
@@ -100,6 +125,7 @@ class TeacherForced:
 
     logprobs: tuple[float, ...]
     argmax: tuple[int, ...]
+    top: tuple[tuple[tuple[int, float], ...], ...] = ()  # per token, when asked: (id, log p)
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from antiphon.actors.logits import LogitsProcessor
 from antiphon.messages import SamplingParams
 
 
@@ -39,6 +40,8 @@ class Generate:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     gates: list[float] = field(default_factory=list)
+    # what its settings do to the logits (bias, penalties, a grammar); set when the call starts
+    processors: list[LogitsProcessor] = field(default_factory=list)
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Score:
     # (one forward pass for both).
     candidate_ids: list[int] | None = None
     with_argmax: bool = False  # also the argmax at each scored position (teacher forcing)
+    top_k: int = 0  # with_argmax: also the top_k most likely tokens at each scored position
     # append token_ids to the session as well (a search's guide reads a chunk's log-probs
     # and keeps it in one forward pass)
     keep: bool = False

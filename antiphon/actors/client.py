@@ -68,9 +68,11 @@ class ServeModelClient:
         h = self._session_handle(session_id)
         return await _result(h.score.remote(session_id, token_ids, keep), session_id)
 
-    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
+    async def teacher_force(
+        self, session_id: str, token_ids: list[int], top_k: int = 0
+    ) -> TeacherForced:
         h = self._session_handle(session_id)
-        return await _result(h.teacher_force.remote(session_id, token_ids), session_id)
+        return await _result(h.teacher_force.remote(session_id, token_ids, top_k), session_id)
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         h = self._session_handle(session_id)

@@ -32,6 +32,8 @@ from antiphon.actors.calls import (
     Score,
     Truncate,
 )
+from antiphon.actors.grammar import GrammarMatcher, GrammarTokenizer
+from antiphon.actors.logits import logits_processors
 from antiphon.actors.outputs import (
     OutputProcessor,
     candidate_logprobs,
@@ -76,6 +78,7 @@ class EngineCore:
         self.tokens_generated = 0  # tokens written by generate since start
         self._last_step_decoded = False
         self._generate_seq = 0
+        self._grammar_tokenizer: GrammarTokenizer | None = None  # built on the first grammar
 
     # -- the loop and admission -------------------------------------------------------------
 
@@ -216,6 +219,9 @@ class EngineCore:
                     f"{with_prefix}, the whole context ({self.max_context}) of model "
                     f"{self.spec.name!r}: no room to generate"
                 )
+            # before the prefix goes in: a grammar the text breaks refuses the call unharmed
+            ids = session.token_ids + op.prefix_ids if op.params.reads_response else []
+            op.processors = logits_processors(op.params, ids, self._grammar)
             self.table.grow(session, op.prefix_ids, self.max_context)
             op.prefix_ids = []
             op.generator = new_generator(op.params.seed)
@@ -235,6 +241,11 @@ class EngineCore:
                 f"({len(session.token_ids)} tokens) exceeds the context of {self.max_context}"
             )
         self.table.reuse_prefix(session)
+
+    def _grammar(self, grammar: str, response_ids: list[int]) -> GrammarMatcher:
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.vocab_size)
+        return self._grammar_tokenizer.matcher(grammar, response_ids)
 
     def _row(self, session: Session, call: Call) -> Row | None:
         """What the head call feeds in its next pass (None: nothing, it is done)."""
@@ -319,7 +330,9 @@ class EngineCore:
             elif isinstance(op, Score) and op.candidate_ids is not None:
                 self._complete(row.session, row.call, candidate_logprobs(logits, op.candidate_ids))
             elif isinstance(op, Score) and op.with_argmax:
-                self._complete(row.session, row.call, teacher_forced(logits, op.token_ids))
+                self._complete(
+                    row.session, row.call, teacher_forced(logits, op.token_ids, op.top_k)
+                )
             elif isinstance(op, Score):
                 self._complete(row.session, row.call, token_logprobs(logits, op.token_ids))
             # open/append: nothing to read; the call completes once nothing is left to feed

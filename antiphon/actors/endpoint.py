@@ -263,6 +263,12 @@ class CompletionsModel:
             "logprobs_top_k": params.logprobs_top_k > 0,  # alternatives in another vocabulary
             "stop_token_ids": bool(params.stop_token_ids),  # ids of our tokenizer, not its
             "ignore_eos": params.ignore_eos,  # not in the OpenAI API
+            # ids of our tokenizer; penalties and a grammar over the response, which it
+            # would read as part of the prompt
+            "logit_bias": bool(params.logit_bias),
+            "presence_penalty": params.presence_penalty != 0,
+            "frequency_penalty": params.frequency_penalty != 0,
+            "response_format": params.grammar is not None,
         }
         asked = [name for name, on in refused.items() if on]
         if asked:
@@ -344,7 +350,9 @@ class CompletionsModel:
     async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         raise self._no_logprobs("score tokens with")
 
-    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
+    async def teacher_force(
+        self, session_id: str, token_ids: list[int], top_k: int = 0
+    ) -> TeacherForced:
         raise self._no_logprobs("teacher-force with")
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:

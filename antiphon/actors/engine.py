@@ -136,6 +136,7 @@ class ModelEngine:
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"params must be SamplingParams, got {type(params).__name__}")
         prefix = as_token_ids(prefix_ids, self.vocab_size, "prefix_ids")
+        as_token_ids([token for token, _ in params.logit_bias], self.vocab_size, "logit_bias")
         if session_id is None and not prefix:
             raise InvalidRequest("generate without a session needs prefix_ids: its prompt")
         return await self._submit(Generate(session_id, params, prefix))
@@ -144,11 +145,15 @@ class ModelEngine:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
         return await self._submit(Score(session_id, ids, keep=bool(keep)))
 
-    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
-        """`score`, and the model's argmax at each of those positions; the session is
-        unchanged."""
+    async def teacher_force(
+        self, session_id: str, token_ids: list[int], top_k: int = 0
+    ) -> TeacherForced:
+        """`score`, and the model's argmax (and top_k most likely tokens, at most 20) at each
+        of those positions; the session is unchanged."""
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
-        return await self._submit(Score(session_id, ids, with_argmax=True))
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= 20:
+            raise InvalidRequest(f"top_k must be an integer in [0, 20], got {top_k!r}")
+        return await self._submit(Score(session_id, ids, with_argmax=True, top_k=top_k))
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         """log p(c | session) for each candidate id c; the session is unchanged."""

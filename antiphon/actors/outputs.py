@@ -1,9 +1,10 @@
 """Output processing: what a forward pass's logits mean for each call.
 
 - `next_tokens`: for the generate calls of a pass, the gate (stop before a token whose gate
-  reaches the threshold), the token choice (`antiphon.actors.sampling`, the one sampler) and
-  the stop checks (stop token, end of sequence, stop string, budget, context). It records the
-  token in the call and says whether the call is done; the engine updates the session.
+  reaches the threshold), the calls' logits processors (bias, penalties, a grammar:
+  `antiphon.actors.logits`), the token choice (`antiphon.actors.sampling`, the one sampler)
+  and the stop checks (stop token, end of sequence, stop string, budget, context). It records
+  the token in the call and says whether the call is done; the engine updates the session.
 - `token_logprobs`, `teacher_forced` and `candidate_logprobs`: what a score call returns.
 - `generation`: the result of a finished generate call.
 """
@@ -17,6 +18,7 @@ import torch
 
 from antiphon.actors.calls import Generate
 from antiphon.actors.gate import GateHead
+from antiphon.actors.logits import apply_processors
 from antiphon.actors.sampling import choose_tokens, find_stop_string, top_alternatives
 from antiphon.messages import FinishReason, Generation, TeacherForced
 
@@ -57,8 +59,9 @@ class OutputProcessor:
         gates = None
         if self.gate is not None and hidden is not None:
             gates = self.gate(hidden).tolist()
+        shaped = apply_processors(logits, [op.processors for op in ops])
         tokens, logprobs, matrix = choose_tokens(
-            logits, [op.params for op in ops], [op.generator for op in ops]
+            logits, [op.params for op in ops], [op.generator for op in ops], shaped
         )
         steps = []
         for i, op in enumerate(ops):
@@ -71,6 +74,8 @@ class OutputProcessor:
                     continue
             op.token_ids.append(tokens[i])
             op.logprobs.append(logprobs[i])
+            for processor in op.processors:
+                processor.accept(tokens[i])
             if op.params.logprobs_top_k:
                 op.top_logprobs.append(top_alternatives(matrix[i], op.params.logprobs_top_k))
             steps.append(self._stop(op, tokens[i], lengths[i] + 1))
@@ -122,10 +127,15 @@ def token_logprobs(logits: torch.Tensor, token_ids: list[int]) -> list[float]:
     return logprobs.gather(1, targets[:, None])[:, 0].tolist()
 
 
-def teacher_forced(logits: torch.Tensor, token_ids: list[int]) -> TeacherForced:
-    """log p of each token at its position, and the argmax there: logits (N, V)."""
+def teacher_forced(logits: torch.Tensor, token_ids: list[int], top_k: int = 0) -> TeacherForced:
+    """log p of each token at its position, the argmax there, and the top_k most likely
+    tokens there: logits (N, V)."""
+    top = ()
+    if top_k:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = tuple(top_alternatives(row, top_k) for row in logprobs)
     return TeacherForced(
-        tuple(token_logprobs(logits, token_ids)), tuple(logits.argmax(-1).tolist())
+        tuple(token_logprobs(logits, token_ids)), tuple(logits.argmax(-1).tolist()), top
     )
 
 

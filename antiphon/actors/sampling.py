@@ -47,19 +47,22 @@ def choose_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
+    shaped: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float], torch.Tensor]:
-    """Pick a token for every row of logits (B, V).
+    """Pick a token for every row of logits (B, V); from `shaped` (B, V) instead where the
+    call's logits processors changed them (`antiphon.actors.logits`).
 
-    Returns the token ids, their log-probs under the model, and the log-prob matrix (B, V)
-    (on the logits' device) for callers that want top-k alternatives.
+    Returns the token ids, their log-probs under the model (of `logits`), and the log-prob
+    matrix (B, V) (on the logits' device) for callers that want top-k alternatives.
     """
+    choice = logits if shaped is None else shaped
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
-    tokens = torch.argmax(logits, dim=-1)  # (B,) greedy choice for every row
+    tokens = torch.argmax(choice, dim=-1)  # (B,) greedy choice for every row
     sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
     if sampled:
         tokens = tokens.cpu()
         for i in sampled:
-            tokens[i] = sample_one(logits[i], params[i], generators[i])
+            tokens[i] = sample_one(choice[i], params[i], generators[i])
         tokens = tokens.to(logits.device)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]  # (B,)
     return tokens.tolist(), chosen.tolist(), logprobs

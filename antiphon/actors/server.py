@@ -19,8 +19,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 from ray.serve.exceptions import RayServeException
-from ray.serve.metrics import Counter, Gauge
 
+from antiphon import metrics
 from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
 from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
@@ -46,35 +46,19 @@ class ModelServer:
         self.engine = engine_cls(
             spec, id_prefix=session_id_prefix(replica_id) if replica_id else ""
         )
-        # ray.serve.metrics are ray.util.metrics that also carry deployment/replica tags.
-        self._tokens_generated = Counter(
-            "antiphon_tokens_generated",
-            description="Tokens written by generate on this replica.",
-            tag_keys=("model",),
-        )
-        self._live_sessions = Gauge(
-            "antiphon_live_sessions",
-            description="Sessions held by this replica.",
-            tag_keys=("model",),
-        )
-        self._cached_tokens = Gauge(
-            "antiphon_cached_tokens",
-            description="Tokens held in this replica's KV caches.",
-            tag_keys=("model",),
-        )
-        for metric in (self._tokens_generated, self._live_sessions, self._cached_tokens):
-            metric.set_default_tags({"model": spec.name})  # a fresh dict: Serve adds to it
         self._tokens_reported = 0  # engine's tokens_generated already added to the counter
         self._record_metrics()
 
     def _record_metrics(self) -> None:
-        stats = self.engine.stats()
+        # The engine counts without Ray; its counters become the replica's metrics here
+        # (which carry Serve's deployment and replica tags).
+        stats, model = self.engine.stats(), self.spec.name
         new_tokens = stats.tokens_generated - self._tokens_reported
         if new_tokens > 0:
-            self._tokens_generated.inc(new_tokens)
+            metrics.record(metrics.TOKENS_GENERATED, new_tokens, model=model)
             self._tokens_reported = stats.tokens_generated
-        self._live_sessions.set(stats.live_sessions)
-        self._cached_tokens.set(stats.cached_tokens)
+        metrics.record(metrics.LIVE_SESSIONS, stats.live_sessions, model=model)
+        metrics.record(metrics.CACHED_TOKENS, stats.cached_tokens, model=model)
 
     async def info(self) -> ModelInfo:
         return await self.engine.info()
@@ -102,8 +86,10 @@ class ModelServer:
     async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         return await self.engine.score(session_id, token_ids, keep)
 
-    async def teacher_force(self, session_id: str, token_ids: list[int]) -> TeacherForced:
-        return await self.engine.teacher_force(session_id, token_ids)
+    async def teacher_force(
+        self, session_id: str, token_ids: list[int], top_k: int = 0
+    ) -> TeacherForced:
+        return await self.engine.teacher_force(session_id, token_ids, top_k)
 
     async def next_token_logprobs(self, session_id: str, candidate_ids: list[int]) -> list[float]:
         return await self.engine.next_token_logprobs(session_id, candidate_ids)

@@ -129,6 +129,7 @@ def tokenizer_trim(tokenizers: Mapping[str, Any]) -> Trim:
             text=seg.text[:n_chars],
             logprobs=seg.logprobs[:k],
             gates=seg.gates[:k],
+            top_logprobs=seg.top_logprobs[:k],
         )
 
     return trim

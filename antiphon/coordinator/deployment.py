@@ -20,6 +20,11 @@ has not seen yet, or opens its session). After a request's last event, a backgro
 closes its sessions and sends its turn records to the sink in one batch, so the answer waits
 for neither (`flush_turn_log` waits for both). Logs are JSON lines carrying the request id and
 turn.
+
+Metrics (`antiphon.coordinator.metering`, exported by Ray's metrics agent): turns per request
+and each policy decision's latency by policy, and the committed tokens and segments by writer
+and segment kind (deferred over all: the deferral rate), from every request's records, with or
+without a turn log.
 """
 
 from __future__ import annotations
@@ -40,9 +45,10 @@ from antiphon.actors.protocol import SessionModel
 from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
+from antiphon.coordinator.metering import MeteredTurnSink, timed_policies
 from antiphon.coordinator.records import FeedbackRecord, TurnSink
 from antiphon.coordinator.request import GenerationRequest, GenerationResult, StreamEvent
-from antiphon.coordinator.scoring import prompt_logprobs
+from antiphon.coordinator.scoring import ScoredPrompt, prompt_logprobs
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.logging import configure_logging
 from antiphon.policies.actor import PolicyClient
@@ -107,8 +113,9 @@ class CoordinatorServer:
         self.coordinator = Coordinator(
             models=models,
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
-            resolve_policy=HostedPolicies(policy_actors or {}),
-            turn_sink=turn_sink,
+            resolve_policy=timed_policies(HostedPolicies(policy_actors or {})),
+            # every request's records feed the metrics, with or without a turn log
+            turn_sink=MeteredTurnSink(turn_sink),
             close_in_background=True,  # the replica's event loop outlives every request
         )
 
@@ -120,13 +127,13 @@ class CoordinatorServer:
         async for event in self.coordinator.run(request):
             yield event
 
-    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
-        """The prompt's token ids in `model`'s tokenizer and each one's log-prob given those
-        before it (None for the first)."""
+    async def prompt_logprobs(self, model: str, prompt: str, top_k: int = 0) -> ScoredPrompt:
+        """The prompt's token ids in `model`'s tokenizer, each one's log-prob given those
+        before it (None for the first) and, top_k asked, the most likely tokens there."""
         models, tokenizers = self.coordinator.models, self.coordinator.tokenizers
         if model not in models:
             raise NotFound(f"unknown model {model!r}; known models: {sorted(models)}")
-        return await prompt_logprobs(models[model], tokenizers[model], prompt)
+        return await prompt_logprobs(models[model], tokenizers[model], prompt, top_k)
 
     async def gates(self) -> dict[str, str]:
         """Model -> the fingerprint of its deferral gate, for the models that carry one (a

@@ -65,6 +65,27 @@ class GenerationRequest(BaseModel):
     stop: tuple[str, ...] = Field(
         default=(), max_length=16, description="Stop strings; the text is cut before the first."
     )
+    presence_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description="Lowers the logit of every token the response already holds.",
+    )  # fmt: skip
+    frequency_penalty: float = Field(
+        default=0.0, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description="Lowers a token's logit by this times its count in the response so far.",
+    )  # fmt: skip
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, max_length=300,
+        description="Token id (in the ensemble's one vocabulary) -> added to its logit, "
+        "in [-100, 100].",
+    )  # fmt: skip
+    grammar: str | None = Field(
+        default=None,
+        description="An llguidance grammar every writer's text must follow (structured output; "
+        "`antiphon.actors.grammar.response_format_grammar`).",
+    )
+    top_logprobs: int = Field(
+        default=0, ge=0, le=20, description="Also each token's most likely alternatives."
+    )
     resume: tuple[Segment, ...] = Field(
         default=(),
         description="Segments already streamed to the client by a coordinator replica that "
@@ -86,6 +107,16 @@ class GenerationRequest(BaseModel):
         if strangers:
             raise ValueError(f"resumed segments written by models {strangers} not in the ensemble")
         return self
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, v: dict[int, float]) -> dict[int, float]:
+        for token, bias in v.items():
+            if token < 0:
+                raise ValueError(f"logit_bias: token id {token} is negative")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias of token {token}: {bias} is outside [-100, 100]")
+        return v
 
     @field_validator("stop")
     @classmethod

@@ -9,17 +9,19 @@ Native request (`POST /v1/generate`), every field but prompt/messages optional:
      "policy_params": {"segment_length": 8}, "max_tokens": 64, "temperature": 0.0,
      "stream": false}
 Response: {"id", "ensemble", "policy", "text", "segments": [{"index", "model", "text",
-"num_tokens"}], "finish_reason", "usage"}. With "stream": true the body is server-sent events:
-one `event: segment` per segment (data: a Segment), then one `event: done` (data: the full
-response); a failure after the stream began arrives as `event: error` (data: an ErrorBody).
+"num_tokens", "kind", "turn", "logprobs", "gates"}], "finish_reason", "usage"}. With
+"stream": true the body is server-sent events: one `event: segment` per segment (data: a
+Segment), then one `event: done` (data: the full response); a failure after the stream
+began arrives as `event: error` (data: an ErrorBody).
 """
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
+from antiphon.actors.grammar import response_format_grammar
 from antiphon.config import PolicyParamValue
 
 Role = Literal["system", "user", "assistant"]
@@ -28,6 +30,7 @@ Role = Literal["system", "user", "assistant"]
 MAX_STOP_STRINGS = 16
 MAX_CHOICES = 16  # n x prompts of one OpenAI request; each choice runs as its own request
 MAX_STOP_LENGTH = 256  # characters of one stop string
+MAX_TOP_LOGPROBS = 5  # alternatives per token of a completion, as OpenAI allows
 
 
 # The turn log (msgpack) holds integers in [-2**63, 2**64): a request's numbers must fit.
@@ -140,6 +143,25 @@ class SamplingFields(_Body):
     stop: str | list[str] | None = Field(
         default=None, description="Stop once the response contains one of these strings."
     )
+    presence_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description="Lowers the logit of every token the response already holds (each "
+        "writer counts the response in its own tokens).",
+    )  # fmt: skip
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, allow_inf_nan=False,
+        description="Lowers a token's logit by this times its count in the response so far.",
+    )  # fmt: skip
+    logit_bias: dict[int, float] | None = Field(
+        default=None,
+        description="Token id -> a value in [-100, 100] added to its logit; for ensembles "
+        "whose models share one tokenizer.",
+    )
+    response_format: ResponseFormat | None = Field(
+        default=None,
+        description="Structured output: 'json_object', or 'json_schema' with a schema; "
+        "whichever model writes a turn is held to it (JSON without whitespace).",
+    )
     policy: str | None = Field(
         default=None, description="Policy name overriding the ensemble's default policy."
     )
@@ -148,6 +170,16 @@ class SamplingFields(_Body):
         description="Parameters of the policy (merged over the default's if the "
         "policy is the ensemble's own).",
     )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_in_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        for token, bias in (v or {}).items():
+            if token < 0 or not -100.0 <= bias <= 100.0:
+                raise ValueError(
+                    f"logit_bias: token {token} -> {bias}; ids are >= 0, values in [-100, 100]"
+                )
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -173,6 +205,41 @@ class SamplingFields(_Body):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema (`strict` and `name` are taken as given)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = Field(default=None, description="The schema's name (no effect).")
+    description: str | None = Field(default=None, description="What it is for (no effect).")
+    json_schema: dict[str, JsonValue] = Field(
+        default_factory=dict, alias="schema", description="The JSON Schema of the answer."
+    )
+    strict: bool | None = Field(default=None, description="Always strict here.")
+
+
+class ResponseFormat(BaseModel):
+    """`response_format` of an OpenAI request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="The format.")
+    json_schema: JsonSchemaFormat | None = Field(
+        default=None, description="With type 'json_schema': the schema."
+    )
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type 'json_schema', and only then")
+        return self
+
+    def grammar(self) -> str | None:
+        """Its llguidance grammar (None: plain text); InvalidRequest if the schema has none."""
+        schema = None if self.json_schema is None else self.json_schema.json_schema
+        return response_format_grammar(self.type, schema)
+
+
 class Usage(BaseModel):
     """Token counts of one request."""
 
@@ -191,6 +258,20 @@ class Segment(BaseModel):
     kind: str = Field(
         default="write",
         description="'write' (chosen writer), 'deferred' (written after a deferral) or 'search'.",
+    )
+    turn: int | None = Field(
+        default=None,
+        description="Index of the policy decision that produced it (the segments of one "
+        "decision share it); null from a server that does not send it.",
+    )
+    logprobs: list[float] = Field(
+        default_factory=list,
+        description="Each of its tokens' log-prob under the writer's sampling, in order.",
+    )
+    gates: list[float] = Field(
+        default_factory=list,
+        description="The writer's deferral gate value before each token (one more when it "
+        "stopped at its gate); empty when the writer carries no gate.",
     )
 
 
@@ -265,11 +346,6 @@ class FeedbackResponse(BaseModel):
 NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "top_logprobs": (None, 0),
-    "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
-    "response_format": (None, {"type": "text"}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),
@@ -278,10 +354,15 @@ NOT_IMPLEMENTED: dict[str, tuple[object, ...]] = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
     "web_search_options": (None,),
+    "moderation": (None,),  # may block the input or the answer
 }
-# The OpenAI parameters about the account or its storage, not the answer (user, metadata,
-# store, service_tier, parallel_tool_calls, reasoning_effort, verbosity, prompt_cache_key,
-# safety_identifier) are taken with no effect, as every other unknown key (`_Lenient`).
+# The OpenAI parameters about the account, its storage or caching, not the answer, are taken
+# with no effect, as every other unknown key (`_Lenient`); a reasoning model's knobs too.
+ACCOUNT_ONLY = (
+    "user", "metadata", "store", "service_tier", "parallel_tool_calls", "reasoning_effort",
+    "verbosity", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "safety_identifier",
+)  # fmt: skip
 
 
 def _asks_nothing(value: object, off: tuple[object, ...]) -> bool:
@@ -336,33 +417,30 @@ class _OpenAIFields(SamplingFields, _Lenient):
 class CompletionRequest(_OpenAIFields):
     """Body of `POST /v1/completions` (OpenAI); extra: policy, policy_params, top_k."""
 
-    prompt: str | list[str] = Field(
-        description="The prompt, or a list of prompts (a batch: n choices for each)."
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="The prompt, or a list of prompts (a batch: n choices for each); a prompt "
+        "may be token ids of the ensemble's first model (decoded, special tokens dropped: "
+        "every model adds its own)."
     )
     logprobs: int | None = Field(
-        default=None,
-        description="0: each chosen token's log-prob under its writer (alternatives, >= 1, "
-        "are not supported yet).",
-    )
+        default=None, ge=0, le=MAX_TOP_LOGPROBS,
+        description="Each chosen token's log-prob under its writer, and this many of the "
+        "writer's most likely tokens at each position.",
+    )  # fmt: skip
     echo: bool = Field(
         default=False,
         description="Answer with the prompt before the completion; with logprobs, the "
-        "prompt's under the ensemble's first model (the first token's null).",
+        "prompt's under the ensemble's first model or `echo_model` (the first token's null).",
+    )
+    echo_model: str | None = Field(
+        default=None,
+        description="The model of the ensemble whose log-probs score an echoed prompt "
+        "(default: the first).",
     )
     max_tokens: int | None = Field(
         default=None, ge=0,
         description="Token budget of each completion; 0 (with echo): only the prompt, scored.",
     )  # fmt: skip
-
-    @field_validator("logprobs")
-    @classmethod
-    def _chosen_tokens_only(cls, v: int | None) -> int | None:
-        if v is not None and v != 0:
-            raise ValueError(
-                f"logprobs={v}: top alternatives are not supported by antiphon; 0 gives each "
-                "chosen token's log-prob"
-            )
-        return v
 
     @model_validator(mode="after")
     def _echo_as_the_api_has_it(self) -> CompletionRequest:
@@ -370,12 +448,16 @@ class CompletionRequest(_OpenAIFields):
             raise ValueError("max_tokens: 0 asks for no completion; only with echo=true")
         if self.echo and self.stream:
             raise ValueError("echo: not supported by antiphon with stream=true")
+        if self.echo_model is not None and not self.echo:
+            raise ValueError("echo_model: names the model that scores an echo; only with echo")
         return self
 
     @model_validator(mode="after")
     def _choices_bounded(self) -> CompletionRequest:
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ValueError("prompt: a list prompt must hold at least one string")
+            raise ValueError("prompt: a list prompt must hold at least one string or token id")
+        if any(not p for p in self.prompts()):
+            raise ValueError("prompt: a token-id prompt must hold at least one token id")
         choices = len(self.prompts()) * self.n
         if choices > MAX_CHOICES:
             raise ValueError(
@@ -384,9 +466,13 @@ class CompletionRequest(_OpenAIFields):
             )
         return self
 
-    def prompts(self) -> list[str]:
-        """The prompts of the batch (one for a plain string)."""
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def alternatives(self) -> int:
+        return self.logprobs or 0
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the batch (one for a plain string or one list of token ids)."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
 
 class ChatCompletionRequest(_OpenAIFields):
@@ -399,6 +485,27 @@ class ChatCompletionRequest(_OpenAIFields):
     logprobs: bool | None = Field(
         default=None, description="Each chosen token's log-prob under the model that wrote it."
     )
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="With logprobs: this many of the writer's most likely tokens per position.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _top_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        return self
+
+    def alternatives(self) -> int:
+        return self.top_logprobs or 0
+
+
+class TopLogprob(BaseModel):
+    """One of the most likely tokens at a position, under the model that wrote there."""
+
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Its log-probability.")
+    bytes: list[int] = Field(description="The UTF-8 bytes of `token`.")
 
 
 class TokenLogprob(BaseModel):
@@ -407,8 +514,9 @@ class TokenLogprob(BaseModel):
     token: str = Field(description="The token's text.")
     logprob: float = Field(description="Its log-probability under its writer's sampling.")
     bytes: list[int] = Field(description="The UTF-8 bytes of `token`.")
-    top_logprobs: list[dict[str, object]] = Field(
-        default_factory=list, description="Alternatives: not supported yet, always empty."
+    top_logprobs: list[TopLogprob] = Field(
+        default_factory=list,
+        description="With top_logprobs asked: the writer's most likely tokens here, best first.",
     )
     antiphon_model: str = Field(description="The model that wrote the token.")
 
@@ -427,7 +535,11 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float | None] = Field(
         description="Their log-probs under their writers (an echoed prompt's first: null)."
     )
-    top_logprobs: None = Field(default=None, description="Alternatives: not supported yet.")
+    top_logprobs: list[dict[str, float] | None] | None = Field(
+        default=None,
+        description="With logprobs >= 1: per token, its writer's most likely tokens (text -> "
+        "log-prob; an echoed prompt's first: null).",
+    )
     text_offset: list[int] = Field(description="Where each token starts in the choice's text.")
     antiphon_models: list[str] = Field(description="The model that wrote each token.")
 
@@ -506,6 +618,15 @@ class ModelCard(BaseModel):
     owned_by: str = Field(default="antiphon", description="Always 'antiphon'.")
     antiphon_models: list[str] = Field(description="Models of the ensemble.")
     antiphon_policy: str = Field(description="Default policy of the ensemble.")
+    antiphon_policy_params: dict[str, PolicyParamValue] = Field(
+        default_factory=dict,
+        description="Parameters of the default policy a request may set (those only the "
+        "config sets, paths and deployments, left out); a request's are merged over them.",
+    )
+    antiphon_policies: list[str] = Field(
+        default_factory=list,
+        description="Policies a request to this ensemble may name (its own first).",
+    )
     description: str = Field(default="", description="Ensemble description from the config.")
     antiphon_gates: dict[str, str] = Field(
         default_factory=dict,

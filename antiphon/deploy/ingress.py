@@ -2,8 +2,11 @@
 requests and coordinator results into API bodies.
 
 Routes (bodies in `antiphon.deploy.api`):
-    GET  /health                 liveness (always 200) and what is degraded behind it; the
-                                 one route open without the API key
+    GET  /                       the playground (playground.html): a page that calls the API
+                                 below with the key typed into it; open without the key, as
+                                 it holds no data
+    GET  /health                 liveness (always 200) and what is degraded behind it; open
+                                 without the API key (a probe has none)
     GET  /v1/models              the configured ensembles, OpenAI style
     GET  /v1/models/{id}         one of them
     POST /v1/generate            native API: text + segments; SSE with "stream": true
@@ -24,6 +27,11 @@ its 4xx; a failure after that arrives as a last `error` event. A coordinator rep
 dies mid-request costs a second run on the replica Serve starts instead; a stream is resumed
 after the segments it had sent.
 
+Every answer is counted and timed (`antiphon_requests`, `antiphon_request_errors` by error
+kind and status, `antiphon_request_latency_seconds`, and for a stream
+`antiphon_time_to_first_segment_seconds`; `antiphon.deploy.http_metrics`, the outermost
+middleware), exported by Ray's metrics agent on each node's metrics export port.
+
 The FastAPI app is built per replica by `create_api(backend, config)` from any `Backend`; the
 `Ingress` deployment is the backend that calls the coordinator through its Serve handle.
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import importlib.metadata
+import importlib.resources
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -41,7 +50,7 @@ from typing import Protocol
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.deployment import Application
@@ -60,10 +69,18 @@ from antiphon.coordinator.request import (
     Usage,
     openai_finish_reason,
 )
+from antiphon.coordinator.scoring import ScoredPrompt
 from antiphon.deploy import api
 from antiphon.deploy.chat import render_chat
 from antiphon.deploy.choices import all_or_none, choice_request_id, choice_seed, merged
 from antiphon.deploy.config import AppConfig, EnsembleSpec
+from antiphon.deploy.http_metrics import (
+    RecordHttpMetrics,
+    note_ensemble,
+    note_error,
+    note_first_segment,
+    route_templates,
+)
 from antiphon.deploy.logprobs import (
     WrittenToken,
     chat_logprobs,
@@ -80,7 +97,7 @@ from antiphon.errors import (
     unwrapped,
 )
 from antiphon.logging import configure_logging, get_logger, log_context
-from antiphon.policies.registry import check_request_params
+from antiphon.policies.registry import check_request_params, nameable_policies, request_params
 from antiphon.sequence import Segment
 
 log = get_logger(__name__)
@@ -126,6 +143,11 @@ class Backend(Protocol):
         """Prompt text of a conversation, in the ensemble's chat format."""
         ...
 
+    async def decode(self, model: str, token_ids: Sequence[int]) -> str:
+        """Token ids of `model` as text, special tokens dropped (InvalidRequest naming an id
+        outside its vocabulary)."""
+        ...
+
     async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
         """Each token's text in `model`'s tokenizer ("" for special tokens)."""
         ...
@@ -134,9 +156,9 @@ class Backend(Protocol):
         """Model -> the fingerprint of its deferral gate, for the models that carry one."""
         ...
 
-    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
-        """The prompt's token ids in `model`'s tokenizer and each one's log-prob given those
-        before it (None for the first)."""
+    async def prompt_logprobs(self, model: str, prompt: str, top_k: int = 0) -> ScoredPrompt:
+        """The prompt's token ids in `model`'s tokenizer, each one's log-prob given those
+        before it (None for the first) and, top_k asked, the most likely tokens there."""
         ...
 
 
@@ -171,20 +193,23 @@ class RequestSlots:
         )
 
 
-LIVENESS_PATH = "/health"  # the one route open without the API key (a probe has no key)
+LIVENESS_PATH = "/health"  # open without the API key: a probe has no key
+PLAYGROUND_PATH = "/"  # open without the API key: the page holds no data, its calls send the key
+# "": the app's root without its slash, which the router redirects to the playground's path
+OPEN_PATHS = frozenset({LIVENESS_PATH, PLAYGROUND_PATH, ""})
 
 
 class RequireApiKey:
-    """ASGI middleware: with an API key set, every route but the liveness probe (the API,
-    its docs and schema alike) needs 'Authorization: Bearer <key>', checked before a byte
-    of the body is read."""
+    """ASGI middleware: with an API key set, every route but the liveness probe and the
+    playground page (the API, its docs and schema alike) needs 'Authorization: Bearer <key>',
+    checked before a byte of the body is read."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and _route_path(scope) != LIVENESS_PATH:
+        if scope["type"] == "http" and _route_path(scope) not in OPEN_PATHS:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 error = Unauthorized("missing or wrong API key; send 'Authorization: Bearer <key>'")
@@ -275,6 +300,7 @@ def error_response(
     )
     # A 503 is load shedding: say when to come back (the openai client waits that long).
     headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
+    note_error(status, code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -347,9 +373,11 @@ def coordinator_request(
     ensemble: EnsembleSpec,
     config: AppConfig,
     max_tokens: int | None = None,
+    top_logprobs: int = 0,
 ) -> GenerationRequest:
     """The coordinator request for an API body. The policy is the ensemble's unless the body
-    names another; parameters given for the ensemble's own policy are merged over its defaults."""
+    names another; parameters given for the ensemble's own policy are merged over its defaults.
+    `top_logprobs`: alternatives per token to return (OpenAI bodies name it differently)."""
     own_policy = fields.policy is None or fields.policy == ensemble.policy.name
     policy = ensemble.policy.name if own_policy else fields.policy
     check_request_params(policy, fields.policy_params or {}, own_policy)
@@ -371,8 +399,26 @@ def coordinator_request(
             "top_k": fields.top_k if fields.top_k is not None else 0,
             "seed": fields.seed,
             "stop": fields.stop_strings(),
+            "presence_penalty": fields.presence_penalty or 0.0,
+            "frequency_penalty": fields.frequency_penalty or 0.0,
+            "logit_bias": fields.logit_bias or {},
+            "grammar": None if fields.response_format is None else fields.response_format.grammar(),
+            "top_logprobs": top_logprobs,
         }
     )
+
+
+def echo_scorer(body: api.CompletionRequest, ensemble: EnsembleSpec) -> str:
+    """The model whose log-probs score an echoed prompt: the body's `echo_model`, or the
+    ensemble's first."""
+    if body.echo_model is None:
+        return ensemble.models[0]
+    if body.echo_model not in ensemble.models:
+        raise InvalidRequest(
+            f"echo_model: {body.echo_model!r} is not a model of ensemble {ensemble.name!r} "
+            f"{list(ensemble.models)}"
+        )
+    return body.echo_model
 
 
 def _usage(usage: Usage) -> api.Usage:
@@ -389,18 +435,20 @@ def _choices_usage(usages: Sequence[Usage], n: int) -> api.Usage:
     )
 
 
+def _api_segment(index: int, segment: Segment) -> api.Segment:
+    return api.Segment(
+        index=index, model=segment.model, text=segment.text, num_tokens=len(segment.token_ids),
+        kind=segment.kind, turn=segment.turn, logprobs=list(segment.logprobs),
+        gates=list(segment.gates),
+    )  # fmt: skip
+
+
 def _segments(result: GenerationResult) -> list[api.Segment]:
-    return [
-        api.Segment(index=i, model=s.model, text=s.text, num_tokens=len(s.token_ids), kind=s.kind)
-        for i, s in enumerate(result.segments)
-    ]
+    return [_api_segment(i, s) for i, s in enumerate(result.segments)]
 
 
 def _segment(event: SegmentEvent) -> api.Segment:
-    return api.Segment(
-        index=event.index, model=event.model, text=event.text, num_tokens=event.token_count,
-        kind=event.kind,
-    )  # fmt: skip
+    return _api_segment(event.index, event.segment)
 
 
 def _sse(data: str, event: str | None = None) -> bytes:
@@ -410,6 +458,7 @@ def _sse(data: str, event: str | None = None) -> bytes:
 
 def _error_json(exc: BaseException) -> str:
     err = antiphon_cause(exc)
+    note_error(500 if err is None else err.http_status, None if err is None else type(err).__name__)
     if err is None:
         detail = api.ErrorDetail(message=internal_error_message(exc), type="server_error")
     else:
@@ -464,6 +513,8 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             slots.release(len(requests))
             await events.aclose()
             raise
+        if isinstance(first[1], SegmentEvent):
+            note_first_segment()
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -484,6 +535,13 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    page = importlib.resources.files("antiphon.deploy").joinpath("playground.html").read_text()
+
+    @app.get(PLAYGROUND_PATH, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """The playground page (static: what it shows it fetches from the API)."""
+        return HTMLResponse(page)
+
     @app.get(LIVENESS_PATH)
     async def health() -> api.HealthBody:
         """Always 200 while this process answers (a liveness probe must not restart a front
@@ -500,6 +558,9 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         return api.ModelCard(
             id=ensemble.name, created=started, antiphon_models=list(ensemble.models),
             antiphon_policy=ensemble.policy.name, description=ensemble.description,
+            antiphon_policy_params=request_params(ensemble.policy.name, ensemble.policy.params),
+            antiphon_policies=[ensemble.policy.name]
+            + [p for p in nameable_policies() if p != ensemble.policy.name],
             antiphon_gates={m: gates[m] for m in ensemble.models if m in gates},
         )  # fmt: skip
 
@@ -511,11 +572,13 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     @v1.get("/models/{model_id}")
     async def model(model_id: str) -> api.ModelCard:
         ensemble = config.ensemble(model_id)
+        note_ensemble(ensemble.name)
         return model_card(ensemble, await backend.gates())
 
     @v1.post("/generate", response_model=None)
     async def generate(body: api.GenerateRequest) -> api.GenerateResponse | StreamingResponse:
         ensemble = config.ensemble(body.ensemble)
+        note_ensemble(ensemble.name)
         if body.messages is not None:
             prompt = await backend.render_chat(ensemble, body.messages)
         else:
@@ -550,14 +613,17 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
 
         return await first_then_rest([request], encode, lambda e: _sse(_error_json(e), "error"))
 
-    async def echoed_prompts(prompts: list[str], model: str) -> list[list[WrittenToken]]:
-        """Each prompt's tokens with their log-probs under `model`; a slot each meanwhile."""
+    async def echoed_prompts(
+        prompts: list[str], model: str, top_k: int
+    ) -> list[list[WrittenToken]]:
+        """Each prompt's tokens with their log-probs (and top_k alternatives) under `model`;
+        a slot each meanwhile."""
         slots.acquire(len(prompts))
         try:
-            scored = await all_or_none([backend.prompt_logprobs(model, p) for p in prompts])
+            scored = await all_or_none([backend.prompt_logprobs(model, p, top_k) for p in prompts])
         finally:
             slots.release(len(prompts))
-        return [await prompt_tokens(model, ids, lps, backend.token_texts) for ids, lps in scored]
+        return [await prompt_tokens(model, s, backend.token_texts) for s in scored]
 
     async def openai_answer(
         body: api.CompletionRequest | api.ChatCompletionRequest, prompts: list[str],
@@ -565,7 +631,8 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     ) -> dict[str, object] | StreamingResponse:  # fmt: skip
         """The OpenAI answer: one coordinator request per choice (n per prompt)."""
         logprobs = body.logprobs is not None and body.logprobs is not False  # 0 and True ask
-        first = coordinator_request(body, prompts[0], ensemble, config, max_tokens)
+        alternatives = body.alternatives() if logprobs else 0
+        first = coordinator_request(body, prompts[0], ensemble, config, max_tokens, alternatives)
         requests = [
             first.model_copy(
                 update={
@@ -591,11 +658,12 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         echo = isinstance(body, api.CompletionRequest) and body.echo
         echoed = []
         if echo and (logprobs or body.max_tokens == 0):
-            echoed = await echoed_prompts(prompts, ensemble.models[0])
+            echoed = await echoed_prompts(prompts, echo_scorer(body, ensemble), alternatives)
         if echo and body.max_tokens == 0:  # the prompt alone: a harness's log-likelihood
             choices = [
                 api.CompletionChoice(index=k, text=prompts[k // body.n], finish_reason="length",
-                    logprobs=completion_logprobs(echoed[k // body.n], 0) if logprobs else None)
+                    logprobs=completion_logprobs(echoed[k // body.n], 0, alternatives)
+                    if logprobs else None)
                 for k in range(len(requests))
             ]  # fmt: skip
             scored = sum(len(tokens) for tokens in echoed)
@@ -622,7 +690,8 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
                     text = prompts[k // body.n] + result.text if echo else result.text
                     choices.append(api.CompletionChoice(index=k, text=text,
                         finish_reason=finish, antiphon_segments=segments,
-                        logprobs=completion_logprobs(tokens, 0) if logprobs else None))  # fmt: skip
+                        logprobs=completion_logprobs(tokens, 0, alternatives)
+                        if logprobs else None))  # fmt: skip
             usage = _choices_usage([r.usage for r in results], body.n)
             out = response(choices, usage, "chat.completion" if chat else "text_completion")
             return out.model_dump(mode="json")
@@ -648,7 +717,7 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
             else:
                 choice = api.CompletionChoice(index=k, text=text or "", finish_reason=finish,
                     antiphon_segments=segments,
-                    logprobs=completion_logprobs(tokens, offsets.get(k, 0))
+                    logprobs=completion_logprobs(tokens, offsets.get(k, 0), alternatives)
                     if tokens is not None else None)  # fmt: skip
                 offsets[k] = offsets.get(k, 0) + len(text or "")
             return _sse(response([choice], None, obj).model_dump_json())
@@ -675,13 +744,20 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
     @v1.post("/completions", response_model=None)
     async def completions(body: api.CompletionRequest) -> dict[str, object] | StreamingResponse:
         ensemble = config.ensemble(body.model)
-        return await openai_answer(body, body.prompts(), ensemble, False, body.max_tokens)
+        note_ensemble(ensemble.name)
+        first_model = ensemble.models[0]
+        prompts = [
+            p if isinstance(p, str) else await backend.decode(first_model, p)
+            for p in body.prompts()
+        ]
+        return await openai_answer(body, prompts, ensemble, False, body.max_tokens)
 
     @v1.post("/chat/completions", response_model=None)
     async def chat_completions(
         body: api.ChatCompletionRequest,
     ) -> dict[str, object] | StreamingResponse:
         ensemble = config.ensemble(body.model)
+        note_ensemble(ensemble.name)
         prompt = await backend.render_chat(ensemble, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await openai_answer(body, [prompt], ensemble, True, max_tokens)
@@ -693,6 +769,8 @@ def create_api(backend: Backend, config: AppConfig) -> FastAPI:
         return api.FeedbackResponse(request_id=body.request_id, recorded=True)
 
     app.include_router(v1)
+    # Added last, so outermost: it sees every answer, the other middleware's refusals too.
+    app.add_middleware(RecordHttpMetrics, endpoints=route_templates(app))
     return app
 
 
@@ -762,11 +840,21 @@ class Ingress:
         # The first model reads the prompt first; its chat format is the ensemble's.
         return render_chat(messages, await self._tokenizer(ensemble.models[0]))
 
-    async def prompt_logprobs(self, model: str, prompt: str) -> tuple[list[int], list]:
-        return await unwrapped(self.coordinator.prompt_logprobs.remote(model, prompt))
+    async def prompt_logprobs(self, model: str, prompt: str, top_k: int = 0) -> ScoredPrompt:
+        return await unwrapped(self.coordinator.prompt_logprobs.remote(model, prompt, top_k))
 
     async def gates(self) -> dict[str, str]:
         return await unwrapped(self.coordinator.gates.remote())
+
+    async def decode(self, model: str, token_ids: Sequence[int]) -> str:
+        tokenizer = await self._tokenizer(model)
+        outside = [t for t in token_ids if not 0 <= t < len(tokenizer)]
+        if outside:
+            raise InvalidRequest(
+                f"prompt: token ids {outside[:5]} are outside the vocabulary of model "
+                f"{model!r} ({len(tokenizer)} tokens)"
+            )
+        return tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
     async def token_texts(self, model: str, token_ids: Sequence[int]) -> list[str]:
         tokenizer = await self._tokenizer(model)

@@ -59,6 +59,28 @@ def policy_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
+def request_params(name: str, params: Mapping[str, object]) -> dict[str, object]:
+    """`params` of policy `name` without those only the server's config may set: what a
+    request may send back (NotFound for an unknown policy)."""
+    entry = _REGISTRY.get(name)
+    if entry is None:
+        raise NotFound(f"unknown policy {name!r}; known policies: {list(policy_names())}")
+    return {k: v for k, v in params.items() if k not in entry.params.config_only}
+
+
+def nameable_policies() -> tuple[str, ...]:
+    """The policies a request may name for any ensemble: those that need no parameter that
+    only the server's config sets (an ensemble's own policy it may name besides)."""
+    return tuple(
+        name
+        for name in policy_names()
+        if not any(
+            _REGISTRY[name].params.model_fields[k].is_required()
+            for k in _REGISTRY[name].params.config_only
+        )
+    )
+
+
 def check_request_params(name: str, params: Mapping[str, object], own_policy: bool) -> None:
     """InvalidRequest if a request's policy_params set what only the server's config may
     (`PolicyParams.config_only`: paths, hub ids, deployments, patterns), or if the request

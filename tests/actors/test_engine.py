@@ -40,18 +40,6 @@ def greedy(n: int, **kw) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, ignore_eos=True, **kw)
 
 
-@pytest.fixture(scope="module")
-def spec(tiny_model_dir) -> ModelSpec:
-    return ModelSpec(name="tiny", path=str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def reference(spec):
-    """The same checkpoint loaded again, to compute expected values with plain transformers."""
-    model, tokenizer = load_checkpoint(spec)
-    return model, tokenizer
-
-
 @pytest.fixture
 def engine(spec):
     eng = ModelEngine(spec)

@@ -9,13 +9,15 @@ sampling settings), so it may keep state between turns: the search keeps its bea
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from antiphon.coordinator.commit import Outcome, Trim
 from antiphon.coordinator.request import GenerationRequest
 from antiphon.coordinator.sessions import RequestSessions
-from antiphon.messages import SamplingParams
+from antiphon.errors import InvalidRequest
+from antiphon.messages import ModelInfo, SamplingParams
 from antiphon.policies.base import Decision
 from antiphon.sequence import SequenceState
 
@@ -38,10 +40,14 @@ class ExecutionContext:
     sessions: RequestSessions
     trim: Trim  # cuts a segment at a stop string (for executors that commit in steps)
 
+    def __post_init__(self) -> None:
+        check_logit_bias(self.request, self.sessions.infos)
+
     def sampling(
-        self, max_new: int, *, seed_parts: tuple[int, ...], **kw: object
+        self, model: str, max_new: int, *, seed_parts: tuple[int, ...], **kw: object
     ) -> SamplingParams:
-        """The request's sampling settings for one model call, with a seed of its own."""
+        """The request's sampling settings for one call of `model`, with a seed of its own
+        (penalties and a grammar read the response from the end of its prompt)."""
         r = self.request
         fields = dict(
             max_new_tokens=max_new,
@@ -50,9 +56,34 @@ class ExecutionContext:
             top_k=r.top_k,
             seed=derive_seed(r.seed, *seed_parts),
             stop_strings=r.stop,
+            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+            logit_bias=tuple(sorted(r.logit_bias.items())),
+            grammar=r.grammar,
+            logprobs_top_k=r.top_logprobs,
+            response_start=len(self.sessions.prompt_ids(model)),
         )
         fields.update(kw)
         return SamplingParams(**fields)
+
+
+def check_logit_bias(request: GenerationRequest, infos: Mapping[str, ModelInfo]) -> None:
+    """A logit bias names token ids, which mean one thing only in one vocabulary: every model
+    of the ensemble must share it, and hold each id (InvalidRequest otherwise)."""
+    if not request.logit_bias:
+        return
+    vocabularies = {infos[m].tokenizer_fingerprint for m in request.models}
+    if len(vocabularies) > 1:
+        raise InvalidRequest(
+            f"logit_bias: the ensemble {list(request.models)} mixes tokenizers, so a token "
+            "id names different tokens for different writers"
+        )
+    vocab_size = min(infos[m].vocab_size for m in request.models)
+    outside = sorted(t for t in request.logit_bias if t >= vocab_size)
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias: token ids {outside[:5]} are outside the vocabulary of {vocab_size}"
+        )
 
 
 class Executor(Protocol):

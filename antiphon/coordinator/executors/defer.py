@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from antiphon.actors.sampling import choose_tokens, new_generator
+from antiphon.actors.sampling import choose_tokens, new_generator, top_alternatives
 from antiphon.coordinator.commit import Outcome, apply
 from antiphon.coordinator.executors.base import ExecutionContext, Stateless
 from antiphon.coordinator.executors.write import draft_segment, write_segment
@@ -98,7 +98,13 @@ class DeferExecutor(Stateless):
             lp_base, lp_asst = await _distributions(base, helper, state)
         g = min(max(g, 1e-6), 1 - 1e-6)
         mixed = fuse([lp_base, lp_asst], [1 - g, g])  # (V,) log of the mixture
-        params = self.ctx.sampling(1, seed_parts=(state.turn, 2))
+        params = self.ctx.sampling(d.base, 1, seed_parts=(state.turn, 2))
+        if params.reads_response or params.logit_bias:
+            raise InvalidRequest(
+                "strategy 'compose' samples from a mixture of two models, not from one "
+                "model's logits: it takes no penalties, logit_bias or response_format "
+                "(use strategy 'defer')"
+            )
         (token,), _, _ = choose_tokens(mixed[None], [params], [new_generator(params.seed)])
         from_asst = lp_asst[token] + math.log(g) >= lp_base[token] + math.log(1 - g)
         writer = d.assistant if from_asst else d.base
@@ -108,7 +114,9 @@ class DeferExecutor(Stateless):
         finish = "eos" if token in base.info.eos_token_ids else "length"
         kind = "deferred" if writer == d.assistant else "write"
         logprob = float(mixed[token])
-        return Segment(writer, (token,), text, (logprob,), state.turn, kind, finish, (g,))
+        k = params.logprobs_top_k
+        top = (top_alternatives(mixed, k),) if k else ()
+        return Segment(writer, (token,), text, (logprob,), state.turn, kind, finish, (g,), top)
 
 
 async def _distributions(base: ModelSession, helper: ModelSession, state: SequenceState):
@@ -127,4 +135,5 @@ def _joined(parts: list[Segment]) -> Segment:
     return Segment(
         first.model, sum((p.token_ids for p in parts), ()), "".join(p.text for p in parts),
         sum((p.logprobs for p in parts), ()), first.turn, first.kind, last.model_finish,
+        top_logprobs=sum((p.top_logprobs for p in parts), ()),
     )  # fmt: skip

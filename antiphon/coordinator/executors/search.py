@@ -198,15 +198,24 @@ class SearchExecutor:
 
         def sampling(parent: Beam, parts: tuple[int, ...]):
             budget = min(d.chunk_len, self._room(d, state, parent))
-            return self.ctx.sampling(budget, seed_parts=parts, temperature=d.temperature)
+            return self.ctx.sampling(
+                d.proposer, budget, seed_parts=parts, temperature=d.temperature
+            )
 
         gens = await _gather_all(
             *(prop.model.generate(sid, sampling(parent, parts)) for parent, sid, parts in jobs)
         )
         chunks = [
             Segment(
-                d.proposer, g.token_ids, g.text, g.logprobs, state.turn, "search", g.finish_reason
-            )
+                d.proposer,
+                g.token_ids,
+                g.text,
+                g.logprobs,
+                state.turn,
+                "search",
+                g.finish_reason,
+                top_logprobs=g.top_logprobs,
+            )  # fmt: skip
             for g in gens
         ]
         tracks = await _gather_all(

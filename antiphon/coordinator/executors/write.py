@@ -60,11 +60,12 @@ async def draft_segment(
         return Outcome(finish="length"), None
     limit = min(state.tokens_left, room)
     params = ctx.sampling(
-        min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate,
+        name, min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate,
         gate_warmup=gate_warmup[:limit],
     )  # fmt: skip
     gen = await ms.generate(state, params)
     ids, text, logprobs = list(gen.token_ids), gen.text, list(gen.logprobs)
+    top = list(gen.top_logprobs)
     finish, length = gen.finish_reason, gen.length
     # A byte-level tokenizer can end a segment inside a UTF-8 character; finish the
     # character so every segment's text is whole (the next writer may use another tokenizer).
@@ -75,16 +76,17 @@ async def draft_segment(
         and extra < MAX_CHAR_COMPLETION_TOKENS
         and len(ids) < limit
     ):
-        more = await ms.generate(state, ctx.sampling(1, seed_parts=(state.turn, 1 + extra)))
+        more = await ms.generate(state, ctx.sampling(name, 1, seed_parts=(state.turn, 1 + extra)))
         ids += more.token_ids
         logprobs += more.logprobs
+        top += more.top_logprobs
         finish, length = more.finish_reason, more.length
         text = ms.tokenizer.decode(ids, skip_special_tokens=True)
         extra += 1
     if finish == "eos" and not end_on_eos:
         # The end token leaves the sequence, and the writer's session: cut it off there,
         # so the writer's next turn goes on from its cache.
-        ids, logprobs = ids[:-1], logprobs[:-1]
+        ids, logprobs, top = ids[:-1], logprobs[:-1], top[: len(ids) - 1]
         await ms.truncate(length - 1)
         if not ids:
             return Outcome(finish="eos"), gen
@@ -92,7 +94,9 @@ async def draft_segment(
         return Outcome(), gen
     ms.synced = len(state.segments) + 1  # its own segment is already in its session
     gates = gen.gates[: len(ids) + (finish == "gate")]
-    seg = Segment(name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish, gates)
+    seg = Segment(
+        name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish, gates, tuple(top)
+    )
     return Outcome(segments=(seg,), end_on_eos=end_on_eos), gen
 
 
