@@ -147,7 +147,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = start_server(config, address=args.address, blocking=True)
     get_logger("antiphon.cli").info(
         "serving", url=url, ensembles=[e.name for e in config.ensembles],
-        api_key=config.serving.api_key is not None,
+        api_key=config.serving.has_api_key,
     )  # fmt: skip
     try:
         while True:
@@ -268,6 +268,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                             temperature=0.0)  # fmt: skip
                     print(f"{model} alone:{printer.paint(model, alone.text)}")
     print("done; local cluster shut down.")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import yaml
+
+    from antiphon.deploy.serve_config import serve_config
+
+    file = serve_config(_load(args.config), app_name=args.name, route_prefix=args.route_prefix)
+    text = yaml.safe_dump(file, sort_keys=False)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"Serve config written to {args.out}: serve deploy {args.out} (or serve run)")
     return 0
 
 
@@ -400,6 +415,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="colour segments by model (auto: when stdout is a terminal)")  # fmt: skip
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser("build", help="write a Serve config file (serve deploy / serve run / "
+                       "KubeRay's serveConfigV2) for a config")  # fmt: skip
+    p.add_argument("config", nargs="?", help="YAML config (default: the default ensemble)")
+    p.add_argument("-o", "--out", default="serve.yaml", help="output file; - for stdout")
+    p.add_argument("--name", default=APP_NAME, help=f"application name (default: {APP_NAME})")
+    p.add_argument("--route-prefix", default="/", help="the application's route prefix")
+    p.set_defaults(run=cmd_build)
 
     zoo = sub.add_parser("zoo", help="the project's own checkpoints")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND")

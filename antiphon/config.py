@@ -72,8 +72,14 @@ DEPLOYMENT_FIELDS = (
     "num_replicas",
     "num_gpus",
     "num_cpus",
+    "resources",
+    "accelerator_type",
+    "autoscaling",
     "max_ongoing_requests",
 )
+
+# Ray's own resources have options of their own (num_cpus, num_gpus): Ray refuses them here.
+_RESERVED_RESOURCES = ("CPU", "GPU")
 
 
 class ModelSpec(FrozenModel):
@@ -112,6 +118,23 @@ class ModelSpec(FrozenModel):
     num_replicas: int = Field(default=1, ge=1, description="Serve replicas of this deployment.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica.")
     num_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each replica needs, e.g. {'node_a': 1} to run it "
+        "only on the nodes started with that resource (those that hold the checkpoint).",
+    )
+    accelerator_type: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Ray's accelerator_type of the replicas' node (e.g. 'A100', 'H100'); "
+        "None: any node.",
+    )
+    autoscaling: dict[str, JsonValue] | None = Field(
+        default=None,
+        description="Serve's autoscaling_config (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...), checked by Serve's AutoscalingConfig; replaces "
+        "num_replicas. None: a fixed num_replicas.",
+    )
     max_ongoing_requests: int = Field(
         default=64, ge=1, description="Requests a replica accepts at once before Serve queues."
     )
@@ -133,6 +156,66 @@ class ModelSpec(FrozenModel):
                 "tokenizer)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _autoscaling_or_fixed_replicas(self) -> ModelSpec:
+        if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
+            if self.num_replicas > 1:
+                raise ValueError(
+                    f"model {self.name!r}: num_replicas ({self.num_replicas}) and autoscaling "
+                    "exclude each other (autoscaling's min_replicas and max_replicas bound "
+                    "the replicas): give one of them"
+                )
+        return self
+
+    @field_validator("resources")
+    @classmethod
+    def _resources_are_custom(cls, v: dict[str, float]) -> dict[str, float]:
+        reserved = [name for name in v if name in _RESERVED_RESOURCES]
+        if reserved:
+            raise ValueError(
+                f"{', '.join(reserved)} cannot be a custom resource: use num_cpus / num_gpus "
+                "(Ray refuses them in resources)"
+            )
+        for name, quantity in v.items():
+            if not name:
+                raise ValueError("a resource name must be non-empty")
+            if quantity < 0:
+                raise ValueError(f"resource {name!r}: quantity must be >= 0, got {quantity}")
+            if quantity > 1 and quantity != int(quantity):
+                # Ray schedules a quantity above 1 in whole units only.
+                raise ValueError(
+                    f"resource {name!r}: a quantity above 1 must be whole, got {quantity}"
+                )
+        return v
+
+    @field_validator("autoscaling")
+    @classmethod
+    def _autoscaling_is_valid_for_serve(
+        cls, v: dict[str, JsonValue] | None
+    ) -> dict[str, JsonValue] | None:
+        if v is None:
+            return v
+        # Imported here: the client imports this module and must not need Ray.
+        from pydantic import ValidationError
+        from ray.serve.config import AutoscalingConfig
+
+        # Serve's model ignores keys it does not know; a misspelt key must not vanish.
+        unknown = sorted(set(v) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            known = ", ".join(AutoscalingConfig.model_fields)
+            raise ValueError(f"unknown autoscaling keys {unknown}; Serve's keys: {known}")
+        try:
+            AutoscalingConfig.model_validate(v)
+        except ValidationError as e:
+            problems = []
+            for err in e.errors():
+                where = ".".join(str(p) for p in err["loc"])
+                message = err["msg"].removeprefix("Value error, ")
+                problems.append(f"{where}: {message}" if where else message)
+            refusal = "; ".join(problems)
+            raise ValueError(f"Serve's AutoscalingConfig refuses it: {refusal}") from None
+        return v
 
     @field_validator("device")
     @classmethod

@@ -12,6 +12,11 @@ from tests.switch_models import examples
 
 # Ray 2.60 turns token auth on for new local clusters; tests run their own cluster without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# An API key the suite's Ray workers inherit (set before the cluster starts), as a cluster's
+# secret would be: a config naming it by `serving.api_key_env` reads it in the ingress.
+BUILT_APP_KEY_ENV = "ANTIPHON_TEST_BUILT_APP_KEY"
+BUILT_APP_KEY = "built-app-key"
+os.environ[BUILT_APP_KEY_ENV] = BUILT_APP_KEY
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ import hashlib
 import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field
 from ray.actor import ActorHandle
@@ -46,7 +47,10 @@ def build_app(config: AppConfig | dict) -> Application:
     log_path = str(Path(config.serving.turn_log_path).expanduser().resolve())
     serving = config.serving.model_copy(update={"turn_log_path": log_path})
     config = config.model_copy(update={"serving": serving})
-    return build_ingress(config, build_coordinator_app(config.models, log_path))
+    coordinator = build_coordinator_app(
+        config.models, log_path, num_replicas=serving.coordinator_replicas
+    )
+    return build_ingress(config, coordinator)
 
 
 def build_coordinator_app(
@@ -84,14 +88,21 @@ def turn_log_actor_name_for(path: str) -> str:
 
 
 class AppArgs(BaseModel):
-    """Arguments of `app_builder` (Serve passes `key=value` pairs from the command line)."""
+    """Arguments of `app_builder`: `key=value` pairs from Serve's command line, or the `args`
+    of an application in a Serve config file (`antiphon build` writes the config inline)."""
 
-    config: str | None = Field(default=None, description="YAML config; default: the default one.")
+    config: str | dict[str, Any] | None = Field(
+        default=None,
+        description="A YAML config file, or the config itself; default: the default one.",
+    )
 
 
-def app_builder(args: dict[str, str]) -> Application:
-    """Serve's builder entry point: `serve run antiphon.deploy.app:app_builder config=FILE`."""
+def app_builder(args: dict[str, Any]) -> Application:
+    """Serve's builder entry point: `serve run antiphon.deploy.app:app_builder config=FILE`,
+    or a Serve config file's application (`antiphon.deploy.serve_config`)."""
     from antiphon.deploy.default import default_config
 
     parsed = AppArgs.model_validate(args)
+    if isinstance(parsed.config, dict):
+        return build_app(parse_config(parsed.config, source="the Serve config's args.config"))
     return build_app(load_config(parsed.config) if parsed.config else default_config())

@@ -11,6 +11,7 @@ checks), and the HTTP server (`ServingSpec`). Load one with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import (
@@ -91,6 +92,11 @@ class ServingSpec(FrozenModel):
         default=None,
         description="If set, every /v1 request needs 'Authorization: Bearer <api_key>'.",
     )
+    api_key_env: str | None = Field(
+        default=None, min_length=1,
+        description="Instead of api_key: the environment variable that holds it, read where "
+        "the ingress runs (a cluster's secret; a Serve config file carries only the name).",
+    )  # fmt: skip
     max_concurrent_requests: int = Field(
         default=64, ge=1, description="Generation requests in flight at once; beyond this: 503."
     )
@@ -107,9 +113,36 @@ class ServingSpec(FrozenModel):
         default="runs/turns.atl",
         description="File the turn log (turns, outcomes, feedback) is appended to.",
     )
+    coordinator_replicas: int = Field(
+        default=1, ge=1, description="Replicas of the coordinator (any one serves any request)."
+    )
+    ingress_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Replicas of the HTTP ingress; each admits max_concurrent_requests.",
+    )
+
+    @model_validator(mode="after")
+    def _one_api_key(self) -> ServingSpec:
+        if self.api_key is not None and self.api_key_env is not None:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
+    @property
+    def has_api_key(self) -> bool:
+        return self.api_key is not None or self.api_key_env is not None
 
     def api_key_value(self) -> str | None:
-        """The API key in clear, or None when the API is open."""
+        """The API key in clear, or None when the API is open (ConfigError: `api_key_env`
+        names a variable this process does not have)."""
+        if self.api_key_env is not None:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ConfigError(
+                    f"serving.api_key_env: the environment variable {self.api_key_env!r} that "
+                    "should hold the API key is not set (or empty) where the ingress runs"
+                )
+            return key
         return self.api_key.get_secret_value() if self.api_key is not None else None
 
 

@@ -871,7 +871,8 @@ class Ingress:
 
 
 def build_ingress(config: AppConfig, coordinator: Application) -> Application:
-    """The ingress deployment bound to the coordinator deployment."""
+    """The ingress deployment bound to the coordinator deployment. Each of its
+    `serving.ingress_replicas` replicas admits `serving.max_concurrent_requests` at once."""
     # Requests past our slot limit must reach the app to be refused at once (503 with
     # Retry-After); had Serve's limit been near ours, its proxy would queue them instead until
     # a slot freed, and the refusal would come seconds later. Past that headroom too, Serve
@@ -879,7 +880,7 @@ def build_ingress(config: AppConfig, coordinator: Application) -> Application:
     limit = config.serving.max_concurrent_requests
     options = {
         "name": "Ingress",
-        "num_replicas": 1,
+        "num_replicas": config.serving.ingress_replicas,
         "max_ongoing_requests": limit + SHEDDING_HEADROOM,
         "max_queued_requests": SHEDDING_HEADROOM,
         "ray_actor_options": {"num_cpus": 0},

@@ -97,3 +97,82 @@ def test_shipped_default_yaml_is_valid():
     assert [m.name for m in config.models] == ["base", "sft", "aligned", "expert", "switcher"]
     assert [e.name for e in config.ensembles] == ["default", "switched"]
     assert config.serving.host == "127.0.0.1" and config.serving.port == 8000
+
+
+PLACED = GOOD.replace(
+    "{name: a, path: ckpt-a}",
+    "{name: a, path: ckpt-a, resources: {node_a: 1}, accelerator_type: A100,\n"
+    "     autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}",
+).replace("serving: {", "serving: {coordinator_replicas: 2, ingress_replicas: 3, ")
+
+
+def test_placement_fields_load_and_default_to_anywhere_one_replica(tmp_path):
+    config = load_config(write(tmp_path, PLACED))
+    a, b = config.models
+    assert a.resources == {"node_a": 1.0} and a.accelerator_type == "A100"
+    assert a.autoscaling == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
+    assert b.resources == {} and b.accelerator_type is None and b.autoscaling is None
+    assert (config.serving.coordinator_replicas, config.serving.ingress_replicas) == (2, 3)
+    defaults = load_config(write(tmp_path, GOOD, "defaults.yaml")).serving
+    assert (defaults.coordinator_replicas, defaults.ingress_replicas) == (1, 1)
+
+
+def _a_with(fields: str) -> str:
+    return GOOD.replace("{name: a, path: ckpt-a}", "{name: a, path: ckpt-a, " + fields + "}")
+
+
+@pytest.mark.parametrize(
+    ("bad", "field", "words"),
+    [
+        (_a_with("resources: {CPU: 1}"), "models.0.resources", "use num_cpus / num_gpus"),
+        (_a_with("resources: {node_a: 1.5}"), "models.0.resources", "above 1 must be whole"),
+        (_a_with("resources: {node_a: -1}"), "models.0.resources", "must be >= 0"),
+        (_a_with("accelerator_type: ''"), "models.0.accelerator_type", "at least 1"),
+        (  # Serve's model ignores unknown keys; ours must not
+            _a_with("autoscaling: {max_replica: 4}"),
+            "models.0.autoscaling",
+            "unknown autoscaling keys ['max_replica']",
+        ),
+        (  # checked by Serve's own AutoscalingConfig
+            _a_with("autoscaling: {min_replicas: 3, max_replicas: 2}"),
+            "models.0.autoscaling",
+            "AutoscalingConfig refuses it: max_replicas (2) must be greater than or equal",
+        ),
+        (
+            _a_with("autoscaling: {max_replicas: many}"),
+            "models.0.autoscaling",
+            "max_replicas: Input should be a valid integer",
+        ),
+        (
+            _a_with("num_replicas: 2, autoscaling: {max_replicas: 4}"),
+            "models.0",
+            "num_replicas (2) and autoscaling exclude each other",
+        ),
+        (
+            GOOD.replace("serving: {", "serving: {ingress_replicas: 0, "),
+            "serving.ingress_replicas",
+            "greater than or equal to 1",
+        ),
+        (
+            GOOD.replace("serving: {", "serving: {coordinator_replicas: 0, "),
+            "serving.coordinator_replicas",
+            "greater than or equal to 1",
+        ),
+    ],  # fmt: skip
+)
+def test_invalid_placement_names_file_and_field(tmp_path, bad, field, words):
+    path = write(tmp_path, bad)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message and f"{field}:" in message and words in message
+
+
+@pytest.mark.parametrize(
+    "fields",
+    ["resources: {node_a: 1}", "accelerator_type: A100", "autoscaling: {max_replicas: 2}"],
+)
+def test_placement_is_refused_beside_an_endpoint(tmp_path, fields):
+    endpoint = "endpoint: {base_url: 'http://host:8000/v1', model: m}"
+    with pytest.raises(ConfigError, match="reached through its endpoint and has no deployment"):
+        load_config(write(tmp_path, _a_with(f"{endpoint}, {fields}")))
