@@ -1,8 +1,9 @@
 """Validated, frozen configuration of one checkpoint: `ModelSpec`.
 
 A `ModelSpec` is everything needed to host one checkpoint: where its weights are, how to run
-them (device, dtype), how much session state a replica may keep, and the Ray Serve resources
-of its deployment; or, with an `EndpointSpec`, a model reached over an OpenAI-compatible
+them (device, dtype), how much session state a replica may keep (the engine's knobs), and,
+apart in its `DeploymentSpec`, how Serve deploys it (replicas, resources, placement); or,
+with an `EndpointSpec`, a model reached over an OpenAI-compatible
 completions endpoint, which has no deployment (`path` names only its tokenizer). The whole
 app's config (ensembles, policies, the HTTP server) and the YAML loader are
 `antiphon.deploy.config`'s: it validates policy parameters, which needs the policy registry,
@@ -69,52 +70,16 @@ DEPLOYMENT_FIELDS = (
     "session_idle_timeout_s",
     "max_batch_size",
     "prefix_reuse",
-    "num_replicas",
-    "num_gpus",
-    "num_cpus",
-    "resources",
-    "accelerator_type",
-    "autoscaling",
-    "max_ongoing_requests",
+    "deployment",
 )
 
 # Ray's own resources have options of their own (num_cpus, num_gpus): Ray refuses them here.
 _RESERVED_RESOURCES = ("CPU", "GPU")
 
 
-class ModelSpec(FrozenModel):
-    """One checkpoint and the deployment that serves it, or (with `endpoint`) a model behind
-    a completions endpoint, whose `path` names its tokenizer."""
+class DeploymentSpec(FrozenModel):
+    """How Serve deploys one checkpoint: its replicas and what each needs, where it may run."""
 
-    name: str = Field(description="Name the ensemble and the API use for this model.", min_length=1)
-    path: str = Field(
-        description="Local directory of an HF checkpoint, a hub id, or 'zoo:NAME' for a zoo model."
-    )
-    device: str = Field(default="cpu", description="'cpu', 'cuda' or 'cuda:N'.")
-    dtype: Dtype = Field(default="float32", description="Weights and activations dtype.")
-    trust_remote_code: bool = Field(
-        default=False, description="Run code shipped with the checkpoint (off unless asked)."
-    )
-    gate_path: str | None = Field(
-        default=None,
-        description="safetensors file with the deferral gate ('weight' (hidden,), optional "
-        "'bias' ()); default: 'gate.safetensors' in the checkpoint directory if present.",
-    )
-    max_sessions: int = Field(default=256, ge=1, description="Live sessions per replica (LRU).")
-    max_cached_tokens: int = Field(
-        default=262_144, ge=1, description="Tokens held in KV caches per replica (LRU beyond)."
-    )
-    session_idle_timeout_s: float = Field(
-        default=600.0, gt=0, description="A session unused this long is closed."
-    )
-    max_batch_size: int = Field(
-        default=32, ge=1, description="Most sessions one batched forward pass serves."
-    )
-    prefix_reuse: bool = Field(
-        default=True,
-        description="A session sharing a prompt prefix with a live or recently closed one "
-        "starts from that cache instead of feeding the prefix again.",
-    )
     num_replicas: int = Field(default=1, ge=1, description="Serve replicas of this deployment.")
     num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica.")
     num_cpus: float = Field(default=0.0, ge=0, description="CPUs reserved per replica.")
@@ -139,30 +104,12 @@ class ModelSpec(FrozenModel):
         default=64, ge=1, description="Requests a replica accepts at once before Serve queues."
     )
 
-    endpoint: EndpointSpec | None = Field(
-        default=None,
-        description="Reach this model over an OpenAI-compatible completions endpoint instead "
-        "of deploying it; `path` then names only its tokenizer (budgets count in its tokens).",
-    )
-
     @model_validator(mode="after")
-    def _endpoint_has_no_deployment(self) -> ModelSpec:
-        # Only the fields given count: a default is not a choice the config made.
-        given = [f for f in DEPLOYMENT_FIELDS if f in self.model_fields_set]
-        if self.endpoint is not None and given:
-            raise ValueError(
-                f"model {self.name!r} is reached through its endpoint and has no deployment: "
-                f"{', '.join(given)} do not apply to it (remove them; `path` names only its "
-                "tokenizer)"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _autoscaling_or_fixed_replicas(self) -> ModelSpec:
+    def _autoscaling_or_fixed_replicas(self) -> DeploymentSpec:
         if self.autoscaling is not None and "num_replicas" in self.model_fields_set:
             if self.num_replicas > 1:
                 raise ValueError(
-                    f"model {self.name!r}: num_replicas ({self.num_replicas}) and autoscaling "
+                    f"num_replicas ({self.num_replicas}) and autoscaling "
                     "exclude each other (autoscaling's min_replicas and max_replicas bound "
                     "the replicas): give one of them"
                 )
@@ -216,6 +163,65 @@ class ModelSpec(FrozenModel):
             refusal = "; ".join(problems)
             raise ValueError(f"Serve's AutoscalingConfig refuses it: {refusal}") from None
         return v
+
+
+class ModelSpec(FrozenModel):
+    """One checkpoint and the deployment that serves it, or (with `endpoint`) a model behind
+    a completions endpoint, whose `path` names its tokenizer."""
+
+    name: str = Field(description="Name the ensemble and the API use for this model.", min_length=1)
+    path: str = Field(
+        description="Local directory of an HF checkpoint, a hub id, or 'zoo:NAME' for a zoo model."
+    )
+    device: str = Field(default="cpu", description="'cpu', 'cuda' or 'cuda:N'.")
+    dtype: Dtype = Field(default="float32", description="Weights and activations dtype.")
+    trust_remote_code: bool = Field(
+        default=False, description="Run code shipped with the checkpoint (off unless asked)."
+    )
+    gate_path: str | None = Field(
+        default=None,
+        description="safetensors file with the deferral gate ('weight' (hidden,), optional "
+        "'bias' ()); default: 'gate.safetensors' in the checkpoint directory if present.",
+    )
+    max_sessions: int = Field(default=256, ge=1, description="Live sessions per replica (LRU).")
+    max_cached_tokens: int = Field(
+        default=262_144, ge=1, description="Tokens held in KV caches per replica (LRU beyond)."
+    )
+    session_idle_timeout_s: float = Field(
+        default=600.0, gt=0, description="A session unused this long is closed."
+    )
+    max_batch_size: int = Field(
+        default=32, ge=1, description="Most sessions one batched forward pass serves."
+    )
+    prefix_reuse: bool = Field(
+        default=True,
+        description="A session sharing a prompt prefix with a live or recently closed one "
+        "starts from that cache instead of feeding the prefix again.",
+    )
+    deployment: DeploymentSpec = Field(
+        default_factory=DeploymentSpec,
+        description="How Serve deploys it (replicas, resources, placement), apart from the "
+        "engine's knobs above, as Ray Serve LLM keeps deployment_config apart from "
+        "engine_kwargs.",
+    )
+
+    endpoint: EndpointSpec | None = Field(
+        default=None,
+        description="Reach this model over an OpenAI-compatible completions endpoint instead "
+        "of deploying it; `path` then names only its tokenizer (budgets count in its tokens).",
+    )
+
+    @model_validator(mode="after")
+    def _endpoint_has_no_deployment(self) -> ModelSpec:
+        # Only the fields given count: a default is not a choice the config made.
+        given = [f for f in DEPLOYMENT_FIELDS if f in self.model_fields_set]
+        if self.endpoint is not None and given:
+            raise ValueError(
+                f"model {self.name!r} is reached through its endpoint and has no deployment: "
+                f"{', '.join(given)} do not apply to it (remove them; `path` names only its "
+                "tokenizer)"
+            )
+        return self
 
     @field_validator("device")
     @classmethod

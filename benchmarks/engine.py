@@ -176,7 +176,8 @@ def deployment_vs_engine_b1(setup: Setup, engine: ModelEngine) -> dict[str, floa
         _system_config={"worker_niceness": 0},
     )
     try:
-        spec = setup.spec.model_copy(update={"num_cpus": float(threads)})
+        deployment = setup.spec.deployment.model_copy(update={"num_cpus": float(threads)})
+        spec = setup.spec.model_copy(update={"deployment": deployment})
         handle = serve.run(build_model_deployment(spec), name="bench-deployment", route_prefix=None)
         served_model = ServeModelClient(handle)
         seconds(engine), seconds(served_model)  # warm-up

@@ -132,22 +132,24 @@ class ModelServer:
 
 
 def deployment_options(spec: ModelSpec) -> dict[str, object]:
-    """The `serve.deployment` options of a checkpoint's deployment, all derived from its spec."""
-    actor_options: dict[str, object] = {"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus}
-    if spec.resources:
-        actor_options["resources"] = dict(spec.resources)
-    if spec.accelerator_type is not None:
-        actor_options["accelerator_type"] = spec.accelerator_type
+    """The `serve.deployment` options of a checkpoint's deployment, all derived from its
+    spec's `deployment` knobs (the engine's knobs go to the engine)."""
+    d = spec.deployment
+    actor_options: dict[str, object] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
+    if d.resources:
+        actor_options["resources"] = dict(d.resources)
+    if d.accelerator_type is not None:
+        actor_options["accelerator_type"] = d.accelerator_type
     # Serve refuses a replica count beside an autoscaling config: the config bounds it.
     replicas: dict[str, object] = (
-        {"autoscaling_config": dict(spec.autoscaling)}
-        if spec.autoscaling is not None
-        else {"num_replicas": spec.num_replicas}
+        {"autoscaling_config": dict(d.autoscaling)}
+        if d.autoscaling is not None
+        else {"num_replicas": d.num_replicas}
     )
     return {
         "name": spec.name,
         **replicas,
-        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_ongoing_requests": d.max_ongoing_requests,
         "ray_actor_options": actor_options,
         # Session calls must reach the replica that holds the session's cache.
         "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),

@@ -3,7 +3,7 @@
 the `switch` policy hosted in a policy actor that calls it once per turn.
 
     from ray import serve
-    spec = ModelSpec(name="switcher", path="runs/switcher", num_gpus=1)
+    spec = ModelSpec(name="switcher", path="runs/switcher", deployment={"num_gpus": 1})
     actor = deploy_switch_policy(spec, {"segment_len": 32})
     app = build_coordinator_app(model_specs, "runs/turns.atl", {"switch": actor})  # deploy.app
     serve.run(app, name="antiphon", route_prefix=None)

@@ -172,7 +172,8 @@ async def blackbox_strong(zoo: str):
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     config = parse_config({
         "models": [{"name": PROPOSER, "path": f"{zoo}{PROPOSER}",
-                    "max_ongoing_requests": ENDPOINT_LIMIT, "max_sessions": MAX_SESSIONS}],
+                    "deployment": {"max_ongoing_requests": ENDPOINT_LIMIT},
+                    "max_sessions": MAX_SESSIONS}],
         "ensembles": [{"name": PROPOSER, "models": [PROPOSER],
                        "policy": {"name": "fixed", "params": {"model": PROPOSER}}}],
         "serving": {"max_concurrent_requests": ENDPOINT_LIMIT,

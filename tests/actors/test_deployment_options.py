@@ -9,8 +9,8 @@ from antiphon.actors.server import ModelServer, deployment_options
 from antiphon.config import ModelSpec
 
 
-def spec(**fields: object) -> ModelSpec:
-    return ModelSpec(name="m", path="/nowhere", **fields)
+def spec(**deployment: object) -> ModelSpec:
+    return ModelSpec(name="m", path="/nowhere", deployment=deployment)
 
 
 def test_plain_spec_runs_its_replicas_anywhere():

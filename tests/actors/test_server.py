@@ -77,10 +77,11 @@ def logprobs(lm, prefix: list[int], continuation: list[int]) -> list[float]:
 
 
 def test_options_come_from_the_spec(spec):
-    options = deployment_options(spec.model_copy(update={"num_replicas": 3, "num_gpus": 0.5}))
+    deployment = spec.deployment.model_copy(update={"num_replicas": 3, "num_gpus": 0.5})
+    options = deployment_options(spec.model_copy(update={"deployment": deployment}))
     assert options["name"] == "tiny"
     assert options["num_replicas"] == 3
-    assert options["max_ongoing_requests"] == spec.max_ongoing_requests
+    assert options["max_ongoing_requests"] == spec.deployment.max_ongoing_requests
     assert options["ray_actor_options"] == {"num_cpus": 0.0, "num_gpus": 0.5}
 
 

@@ -32,7 +32,7 @@ NEVER_HANG_S = 60.0  # a guard, not a timing assertion: the call must answer, no
 
 @pytest.fixture(scope="module")
 def model(ray_cluster, tiny_model_dir):
-    spec = ModelSpec(name="tiny2", path=str(tiny_model_dir), num_replicas=2)
+    spec = ModelSpec(name="tiny2", path=str(tiny_model_dir), deployment={"num_replicas": 2})
     handle = serve.run(build_model_deployment(spec), name=APP, route_prefix=None)
     yield ServeModelClient(handle)
     serve.delete(APP)
@@ -130,7 +130,7 @@ class RoundsFromAReplica:
 def test_concurrent_calls_made_while_serving_one_request_each_reach_their_replica(
     ray_cluster, tiny_model_dir
 ):
-    spec = ModelSpec(name="tiny2-inner", path=str(tiny_model_dir), num_replicas=2)
+    spec = ModelSpec(name="tiny2-inner", path=str(tiny_model_dir), deployment={"num_replicas": 2})
     caller = serve.deployment(RoundsFromAReplica, ray_actor_options={"num_cpus": 0})
     handle = serve.run(caller.bind(build_model_deployment(spec)), name=f"{APP}-inner",
                        route_prefix=None)  # fmt: skip

@@ -71,8 +71,8 @@ def app_config(model_a: Path, model_b: Path, turn_log: Path) -> AppConfig:
     return parse_config(
         {
             "models": [
-                {"name": "a", "path": str(model_a), "resources": {"node_a": 1}},
-                {"name": "b", "path": str(model_b), "resources": {"node_b": 1}},
+                {"name": "a", "path": str(model_a), "deployment": {"resources": {"node_a": 1}}},
+                {"name": "b", "path": str(model_b), "deployment": {"resources": {"node_b": 1}}},
             ],
             "ensembles": [
                 {
@@ -228,11 +228,23 @@ def lose_and_replace(cluster: Cluster, node, resource: str, traffic: Traffic) ->
     return {**report, "recovered": recovered}
 
 
+# What the job server answers while its agent is busy starting (a loaded machine): the
+# answer itself says to try again later, as a user would
+AGENT_BUSY = "No available agent to submit job"
+SUBMIT_TRIES = 5
+
+
 def shell(*argv: str, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
-    """A command as a user types it: its exit status and the end of its output."""
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})  # fmt: skip
-    return {"rc": done.returncode, "out": (done.stdout + done.stderr)[-3000:]}
+    """A command as a user types it: its exit status and the end of its output (a job
+    submission the job server is not ready for is sent again, a few seconds later)."""
+    for _ in range(SUBMIT_TRIES):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})  # fmt: skip
+        out = done.stdout + done.stderr
+        if AGENT_BUSY not in out:
+            break
+        time.sleep(3)
+    return {"rc": done.returncode, "out": out[-3000:]}
 
 
 def wait_for_answer(url: str, body: dict, headers: dict, deadline_s: float = 120) -> int:
@@ -280,7 +292,14 @@ def client_job(dashboard: str, entrypoint: str, deadline_s: float = 180) -> dict
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     jobs = JobSubmissionClient(dashboard)
-    job = jobs.submit_job(entrypoint=entrypoint)
+    for attempt in range(SUBMIT_TRIES):
+        try:
+            job = jobs.submit_job(entrypoint=entrypoint)
+            break
+        except RuntimeError as e:
+            if AGENT_BUSY not in str(e) or attempt == SUBMIT_TRIES - 1:
+                raise
+            time.sleep(3)
     deadline = time.monotonic() + deadline_s
     while (
         jobs.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}

@@ -52,8 +52,13 @@ def server_config(
     return parse_config(
         {
             "models": [
-                {"name": "a", "path": str(model_a), "max_ongoing_requests": 16},
-                {"name": "b", "path": str(model_b), "max_ongoing_requests": 16, **gate},
+                {"name": "a", "path": str(model_a), "deployment": {"max_ongoing_requests": 16}},
+                {
+                    "name": "b",
+                    "path": str(model_b),
+                    "deployment": {"max_ongoing_requests": 16},
+                    **gate,
+                },
                 {"name": "switcher", "path": str(switcher)},
             ],
             "ensembles": [

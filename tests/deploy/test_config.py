@@ -101,14 +101,14 @@ def test_shipped_default_yaml_is_valid():
 
 PLACED = GOOD.replace(
     "{name: a, path: ckpt-a}",
-    "{name: a, path: ckpt-a, resources: {node_a: 1}, accelerator_type: A100,\n"
-    "     autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}",
+    "{name: a, path: ckpt-a, deployment: {resources: {node_a: 1}, accelerator_type: A100,\n"
+    "     autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}}",
 ).replace("serving: {", "serving: {coordinator_replicas: 2, ingress_replicas: 3, ")
 
 
 def test_placement_fields_load_and_default_to_anywhere_one_replica(tmp_path):
     config = load_config(write(tmp_path, PLACED))
-    a, b = config.models
+    a, b = (m.deployment for m in config.models)
     assert a.resources == {"node_a": 1.0} and a.accelerator_type == "A100"
     assert a.autoscaling == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}
     assert b.resources == {} and b.accelerator_type is None and b.autoscaling is None
@@ -121,31 +121,47 @@ def _a_with(fields: str) -> str:
     return GOOD.replace("{name: a, path: ckpt-a}", "{name: a, path: ckpt-a, " + fields + "}")
 
 
+DEPLOYMENT = "models.0.deployment"
+RESOURCES = f"{DEPLOYMENT}.resources"
+
+
+def _a_deployed(fields: str) -> str:
+    return _a_with("deployment: {" + fields + "}")
+
+
 @pytest.mark.parametrize(
     ("bad", "field", "words"),
     [
-        (_a_with("resources: {CPU: 1}"), "models.0.resources", "use num_cpus / num_gpus"),
-        (_a_with("resources: {node_a: 1.5}"), "models.0.resources", "above 1 must be whole"),
-        (_a_with("resources: {node_a: -1}"), "models.0.resources", "must be >= 0"),
-        (_a_with("accelerator_type: ''"), "models.0.accelerator_type", "at least 1"),
+        (
+            _a_deployed("resources: {CPU: 1}"),
+            RESOURCES,
+            "use num_cpus / num_gpus",
+        ),
+        (
+            _a_deployed("resources: {node_a: 1.5}"),
+            RESOURCES,
+            "above 1 must be whole",
+        ),
+        (_a_deployed("resources: {node_a: -1}"), RESOURCES, "must be >= 0"),
+        (_a_deployed("accelerator_type: ''"), f"{DEPLOYMENT}.accelerator_type", "at least 1"),
         (  # Serve's model ignores unknown keys; ours must not
-            _a_with("autoscaling: {max_replica: 4}"),
-            "models.0.autoscaling",
+            _a_deployed("autoscaling: {max_replica: 4}"),
+            "models.0.deployment.autoscaling",
             "unknown autoscaling keys ['max_replica']",
         ),
         (  # checked by Serve's own AutoscalingConfig
-            _a_with("autoscaling: {min_replicas: 3, max_replicas: 2}"),
-            "models.0.autoscaling",
+            _a_deployed("autoscaling: {min_replicas: 3, max_replicas: 2}"),
+            "models.0.deployment.autoscaling",
             "AutoscalingConfig refuses it: max_replicas (2) must be greater than or equal",
         ),
         (
-            _a_with("autoscaling: {max_replicas: many}"),
-            "models.0.autoscaling",
+            _a_deployed("autoscaling: {max_replicas: many}"),
+            "models.0.deployment.autoscaling",
             "max_replicas: Input should be a valid integer",
         ),
         (
-            _a_with("num_replicas: 2, autoscaling: {max_replicas: 4}"),
-            "models.0",
+            _a_deployed("num_replicas: 2, autoscaling: {max_replicas: 4}"),
+            "models.0.deployment",
             "num_replicas (2) and autoscaling exclude each other",
         ),
         (
@@ -170,7 +186,11 @@ def test_invalid_placement_names_file_and_field(tmp_path, bad, field, words):
 
 @pytest.mark.parametrize(
     "fields",
-    ["resources: {node_a: 1}", "accelerator_type: A100", "autoscaling: {max_replicas: 2}"],
+    [
+        "deployment: {resources: {node_a: 1}}",
+        "deployment: {accelerator_type: A100}",
+        "deployment: {autoscaling: {max_replicas: 2}}",
+    ],  # fmt: skip
 )
 def test_placement_is_refused_beside_an_endpoint(tmp_path, fields):
     endpoint = "endpoint: {base_url: 'http://host:8000/v1', model: m}"

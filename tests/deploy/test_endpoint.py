@@ -53,8 +53,9 @@ def endpoint_model(
 
 
 def test_an_endpoint_model_takes_no_deployment_fields(tiny_model_dir):
-    with pytest.raises(ValueError, match=r"'big'.*no deployment: gate_path, num_gpus"):
-        ModelSpec(name="big", path=str(tiny_model_dir), num_gpus=1, gate_path="/g.safetensors",
+    with pytest.raises(ValueError, match=r"'big'.*no deployment: gate_path, deployment"):
+        ModelSpec(name="big", path=str(tiny_model_dir), deployment={"num_gpus": 1},
+                  gate_path="/g.safetensors",
                   endpoint={"base_url": "http://h/v1", "model": "m"})  # fmt: skip
     with pytest.raises(ValueError, match="http:// or https://"):
         endpoint_model(tiny_model_dir, base_url="h:8000/v1")
@@ -73,8 +74,8 @@ def test_the_yaml_config_takes_an_endpoint_model_and_refuses_it_as_a_deployment(
     ensembles = [{"name": "pair", "models": ["big", "a"]}]
     config = parse_config({"models": models, "ensembles": ensembles})
     assert config.model("big").endpoint.model == "strong"
-    with pytest.raises(ConfigError, match=r"models\.1: .*num_replicas do not apply"):
-        parse_config({"models": [models[0], {**models[1], "num_replicas": 2}],
+    with pytest.raises(ConfigError, match=r"models\.1: .*deployment do not apply"):
+        parse_config({"models": [models[0], {**models[1], "deployment": {"num_replicas": 2}}],
                       "ensembles": ensembles})  # fmt: skip
     switched = [{"name": "s", "models": ["a"], "policy": {"name": "switch", "params": {
         "switcher_path": "zoo:switcher", "switcher_deployment": "big"}}}]  # fmt: skip

@@ -64,12 +64,12 @@ def test_the_service_serves_what_antiphon_build_makes_of_the_gpu_config():
 def test_the_gpu_config_places_each_checkpoint_on_its_own_gpu_in_bf16():
     config = load_config(GPU_CONFIG)
     assert [m.name for m in config.models] == ["base", "sft", "aligned", "switcher"]
-    assert all(m.num_gpus == 1 and m.dtype == "bfloat16" and m.device == "cuda"
+    assert all(m.deployment.num_gpus == 1 and m.dtype == "bfloat16" and m.device == "cuda"
                for m in config.models)  # fmt: skip
     workers = manifest("rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]
                    ["nvidia.com/gpu"]) for g in workers)  # fmt: skip
-    assert gpus >= sum(m.num_gpus for m in config.models)
+    assert gpus >= sum(m.deployment.num_gpus for m in config.models)
 
 
 @pytest.mark.parametrize(("name", "cluster_key"), [

@@ -30,9 +30,10 @@ WARM_UP_SECONDS = 10.0  # the same load first: allocator pools and caches reach 
 @pytest.fixture(scope="module")
 def load_server(ray_cluster, tiny_model_dir, other_tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("load")
+    deployment = {"max_ongoing_requests": 64}
     config = parse_config({
-        "models": [{"name": "a", "path": str(tiny_model_dir), "max_ongoing_requests": 64},
-                   {"name": "b", "path": str(other_tiny_model_dir), "max_ongoing_requests": 64}],
+        "models": [{"name": "a", "path": str(tiny_model_dir), "deployment": deployment},
+                   {"name": "b", "path": str(other_tiny_model_dir), "deployment": deployment}],
         "ensembles": [{"name": "pair", "models": ["a", "b"],
                        "policy": {"name": "round_robin", "params": {"segment_len": 4}}}],
         "serving": {"max_concurrent_requests": STREAMS, "turn_log_path": str(work / "t.atl")},
