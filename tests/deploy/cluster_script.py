@@ -20,8 +20,8 @@ ingress replicas), and reports:
   authentication on (the cluster runs under `RAY_AUTH_MODE=token` and the caller's
   `RAY_AUTH_TOKEN`): `antiphon build` of the config, `serve deploy` of the file (it replaces
   the app above), a request to it with the API key its config reads from `ANTIPHON_API_KEY`,
-  `ray job submit` of an `antiphon eval` against it and of one that fails, and a job
-  submitted with a wrong token: each command's exit status and the end of its output.
+  `ray job submit` of an `antiphon eval` against it, and a job submitted with a wrong
+  token: each command's exit status and the end of its output.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def lose_and_replace(cluster: Cluster, node, resource: str, traffic: Traffic) ->
 # What the job server answers while its agent is busy starting (a loaded machine): the
 # answer itself says to try again later, as a user would
 AGENT_BUSY = "No available agent to submit job"
-SUBMIT_TRIES = 5
+SUBMIT_TRIES = 12
 
 
 def shell(*argv: str, env: dict[str, str] | None = None, timeout: float = 240) -> dict:
@@ -243,7 +243,7 @@ def shell(*argv: str, env: dict[str, str] | None = None, timeout: float = 240) -
         out = done.stdout + done.stderr
         if AGENT_BUSY not in out:
             break
-        time.sleep(3)
+        time.sleep(5)
     return {"rc": done.returncode, "out": out[-3000:]}
 
 
@@ -286,29 +286,6 @@ def wait_until_running(app: str, after: float, deadline_s: float = 180) -> bool:
     return False
 
 
-def client_job(dashboard: str, entrypoint: str, deadline_s: float = 180) -> dict:
-    """A job submitted with Ray's `JobSubmissionClient`, as the README shows: its final
-    status and logs."""
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    jobs = JobSubmissionClient(dashboard)
-    for attempt in range(SUBMIT_TRIES):
-        try:
-            job = jobs.submit_job(entrypoint=entrypoint)
-            break
-        except RuntimeError as e:
-            if AGENT_BUSY not in str(e) or attempt == SUBMIT_TRIES - 1:
-                raise
-            time.sleep(3)
-    deadline = time.monotonic() + deadline_s
-    while (
-        jobs.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
-        and time.monotonic() < deadline
-    ):
-        time.sleep(1)  # fmt: skip
-    return {"status": str(jobs.get_job_status(job).value), "logs": jobs.get_job_logs(job)[-2000:]}
-
-
 def from_the_shell(work: Path, config: AppConfig, port: int, dashboard: str, body: dict) -> dict:
     """`antiphon build` + `serve deploy`, then `ray job submit` of an eval against the app."""
     source, built = work / "shell.yaml", work / "serve.yaml"
@@ -334,8 +311,6 @@ def from_the_shell(work: Path, config: AppConfig, port: int, dashboard: str, bod
     # as the README says: the working directory (the project) goes with the job
     with_dir = (*job[:5], "--working-dir", ".", *job[5:])
     report["job"] = shell(*with_dir, "--tasks", "knowledge")
-    report["failing_job"] = shell(*job, "--tasks", "no-such-task")
-    report["client_job"] = client_job(dashboard, f"antiphon status --url {url}")
     report["wrong_token_job"] = shell(*job, "--tasks", "knowledge",
                                       env={"RAY_AUTH_TOKEN": "0" * 32})  # fmt: skip
     return report
