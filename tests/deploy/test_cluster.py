@@ -91,5 +91,9 @@ def test_serve_deploy_and_ray_job_submit_from_the_shell_with_token_auth(cluster_
     job = shell["job"]
     assert job["rc"] == 0 and "succeeded" in job["out"], job["out"]
     assert "| round_robin | pair |" in job["out"]  # the job's own output comes back
+    client = shell["client_job"]  # the JobSubmissionClient of the README
+    assert client["status"] == "SUCCEEDED" and "pair" in client["logs"], client["logs"]
+    failing = shell["failing_job"]
+    assert failing["rc"] != 0 and "unknown task(s) ['no-such-task']" in failing["out"]
     wrong = shell["wrong_token_job"]
     assert wrong["rc"] != 0 and "token" in wrong["out"].lower(), wrong["out"]
