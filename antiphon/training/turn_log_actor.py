@@ -36,7 +36,7 @@ class TurnLogActor:
         self.writer = TurnLogWriter(path, fsync_every_s=fsync_every_s)
 
     def append(self, records: list[Record]) -> int:
-        """Append a batch; return the file offset after it."""
+        """Append a batch; return the (absolute) log offset after it."""
         return self.writer.append(records)
 
     def feedback(self, record: FeedbackRecord) -> int:
@@ -53,7 +53,7 @@ class TurnLogActor:
         return str(self.writer.path)
 
     def close(self) -> None:
-        """fsync and close the file (call before killing the actor to keep the last second)."""
+        """fsync and close the log (call before killing the actor to keep the last second)."""
         self.writer.close()
 
 
@@ -62,7 +62,7 @@ def get_or_create_turn_log(
 ) -> ActorHandle:
     """The cluster's turn log actor `name`, created (detached, no CPU reserved) if missing.
 
-    If its process dies, Ray starts it again (it reopens the file, cutting a torn last frame)
+    If its process dies, Ray starts it again (it reopens the log, cutting a torn last frame)
     and retries the calls that were in flight or sent meanwhile, so a crash loses no batch.
     That is at-least-once: a batch the dead actor had written but not yet answered for is
     written again after it."""

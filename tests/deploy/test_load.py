@@ -82,9 +82,11 @@ def ray_worker_titles() -> list[tuple[int, str]]:
     return found
 
 
-def holds_open(pid: int, path: str) -> bool:
+def holds_open(pid: int, log_path: str) -> bool:
+    """Whether the process holds a segment of the log (a directory of segment files) open."""
+    log_dir = os.path.realpath(log_path)
     fds = Path(f"/proc/{pid}/fd")
-    return any(os.path.realpath(fd) == os.path.realpath(path) for fd in fds.iterdir())
+    return any(os.path.dirname(os.path.realpath(fd)) == log_dir for fd in fds.iterdir())
 
 
 def resident_bytes(pid: int) -> int:
