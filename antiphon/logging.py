@@ -24,6 +24,13 @@ import structlog
 LogFormat = Literal["json", "console"]
 
 
+def stderr_logger(*_: object) -> structlog.PrintLogger:
+    """A logger writing to sys.stderr as it is at the time of the call, not at configure time:
+    whoever replaced it since (a test runner capturing output, a daemon) may have closed the
+    old one. stderr, because stdout of the CLI is the answer itself (and may be piped)."""
+    return structlog.PrintLogger(file=sys.stderr)
+
+
 def configure_logging(fmt: LogFormat = "console", level: str = "INFO") -> None:
     """Route structlog through one processor chain that ends in JSON or console rendering."""
     renderer = (
@@ -41,8 +48,7 @@ def configure_logging(fmt: LogFormat = "console", level: str = "INFO") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        # stderr: stdout of the CLI is the answer itself (and may be piped).
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=stderr_logger,
         cache_logger_on_first_use=False,
     )
 
