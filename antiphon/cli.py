@@ -7,6 +7,8 @@
     antiphon zoo build --scale tiny     # train the zoo's checkpoints
     antiphon train switcher --ensemble base,sft,aligned --tasks knowledge --out runs/switch
     antiphon eval --ensemble default --policy round_robin --split test
+    antiphon policy versions --store runs/policy   # the switcher's versions; which is served
+    antiphon policy rollback --store runs/policy [--to VERSION]
 
 Logs go to stderr (console format; JSON inside the server's actors); answers to stdout.
 """
@@ -23,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from antiphon.deploy.api import GenerateResponse, Segment
-from antiphon.experiments import train_gate, train_switcher
+from antiphon.experiments import train_gate, train_online, train_switcher
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 APP_NAME = "antiphon"
@@ -351,6 +353,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+VERSIONS_HEADER = (
+    "| version | step | status | dev score (95% interval) | served | examples | log offsets |\n"
+    "|---|---:|---|---|:---:|---:|---|"
+)
+
+
+def _version_row(v, served: str | None) -> str:
+    """One `policy versions` row of a store's VersionInfo."""
+    offsets = v.provenance.get("log_offsets")
+    cells = (
+        v.version, str(v.step), v.status, str(v.dev_score) if v.dev_score else "-",
+        "*" if v.version == served else "", str(v.provenance.get("examples", "-")),
+        "-" if offsets is None else "..".join(str(o) for o in offsets),
+    )  # fmt: skip
+    return "| " + " | ".join(cells) + " |"
+
+
+def cmd_policy_versions(args: argparse.Namespace) -> int:
+    from antiphon.training.policy_versions import PolicyStore
+
+    store = PolicyStore(args.store, create=False)
+    served = store.served()
+    print(VERSIONS_HEADER)
+    for v in store.versions():
+        print(_version_row(v, served.version if served else None))
+    return 0
+
+
+def cmd_policy_rollback(args: argparse.Namespace) -> int:
+    from antiphon.training.policy_versions import PolicyStore
+
+    store = PolicyStore(args.store, create=False)
+    was = store.served()
+    now = store.rollback(args.to, reason=args.reason)
+    score = f", dev score {now.dev_score}" if now.dev_score else ""
+    print(f"rolled back from {was.version if was else '-'}: now serving {now.version} "
+          f"(step {now.step}{score})")  # fmt: skip
+    return 0
+
+
 # --- parser ----------------------------------------------------------------------------------
 
 
@@ -362,6 +404,10 @@ def cmd_train_switcher(args: argparse.Namespace) -> int:
 def cmd_train_gate(args: argparse.Namespace) -> int:
     train_gate.run(args)
     return 0
+
+
+def cmd_train_online(args: argparse.Namespace) -> int:
+    return train_online.run(args)
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -440,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = train_sub.add_parser("gate", help="Co-LLM's deferral gate for a base and an assistant")
     train_gate.add_arguments(p)
     p.set_defaults(run=cmd_train_gate)
+    p = train_sub.add_parser("online", help="learn the switcher from the turn log, live")
+    train_online.add_arguments(p)
+    p.set_defaults(run=cmd_train_online)
 
     p = sub.add_parser("eval", help="score an ensemble and policy on the zoo's tasks")
     p.add_argument("--url", help="a running server to ask (default: a throwaway local one)")
@@ -455,6 +504,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same numbers)")
     p.add_argument("--out", help="also write the report here (JSON, and a plot beside it: .png)")
     p.set_defaults(run=cmd_eval)
+
+    policy = sub.add_parser("policy", help="the switcher's stored versions: list, roll back")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="WHAT")
+    p = policy_sub.add_parser("versions", help="every stored version; which one is served")
+    p.add_argument("--store", required=True, help="policy store directory")
+    p.set_defaults(run=cmd_policy_versions)
+    p = policy_sub.add_parser("rollback", help="serve the previously served version again")
+    p.add_argument("--store", required=True, help="policy store directory")
+    p.add_argument("--to", metavar="VERSION", help="a version served before (default: the last)")
+    p.add_argument("--reason", default="manual rollback (antiphon policy rollback)",
+                   help="why, kept in the store's history")  # fmt: skip
+    p.set_defaults(run=cmd_policy_rollback)
     return parser
 
 

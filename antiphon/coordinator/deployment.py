@@ -51,7 +51,7 @@ from antiphon.coordinator.request import GenerationRequest, GenerationResult, St
 from antiphon.coordinator.scoring import ScoredPrompt, prompt_logprobs
 from antiphon.errors import InvalidRequest, NotFound
 from antiphon.logging import configure_logging
-from antiphon.policies.actor import PolicyClient
+from antiphon.policies.actor import HostedPolicy, PolicyClient
 from antiphon.policies.base import Policy
 from antiphon.policies.registry import PolicyCache, validate_policy_params
 
@@ -61,8 +61,10 @@ class HostedPolicies:
     every other policy built in-process, once per parameters (rule policies cost no round
     trip).
 
-    A hosted policy runs with the parameters it was created with; a request that names it
-    with other parameters is refused rather than silently run with the hosted ones."""
+    A hosted policy decides the requests that give the parameters it was created with. A
+    request that names it with other parameters gets a policy built in-process with those:
+    what it asked for, e.g. a candidate switcher judged through the serving stack before it
+    is published to the hosted one."""
 
     def __init__(self, actors: Mapping[str, ActorHandle]) -> None:
         self.local = PolicyCache()
@@ -76,15 +78,12 @@ class HostedPolicies:
     def __call__(
         self, name: str, params: Mapping[str, object], ensemble: tuple[str, ...]
     ) -> Policy:
-        if name not in self.clients:
-            return self.local(name, params, ensemble)
-        given = validate_policy_params(name, params, ensemble)
-        if given != self.params[name]:
-            raise InvalidRequest(
-                f"policy {name!r} is hosted with fixed parameters "
-                f"{self.params[name].model_dump()}; the request gave {given.model_dump()}"
-            )
-        return self.clients[name]
+        if (
+            name in self.clients
+            and validate_policy_params(name, params, ensemble) == (self.params[name])
+        ):
+            return self.clients[name]
+        return self.local(name, params, ensemble)
 
 
 class CoordinatorServer:
@@ -95,16 +94,20 @@ class CoordinatorServer:
         specs: Sequence[ModelSpec],
         model_handles: Mapping[str, DeploymentHandle],
         turn_sink: TurnSink | None = None,
-        policy_actors: Mapping[str, ActorHandle] | None = None,
+        policy_actors: Mapping[str, ActorHandle | HostedPolicy] | None = None,
     ) -> None:
         configure_logging("json")
+        policy_actors = {
+            name: a.actor() if isinstance(a, HostedPolicy) else a
+            for name, a in (policy_actors or {}).items()
+        }
         deployed = [s for s in specs if s.endpoint is None]
         missing = sorted({s.name for s in deployed} - set(model_handles))
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
         self.turn_sink = turn_sink
         self.model_handles = {s.name: model_handles[s.name] for s in deployed}
-        self.policy_actors = dict(policy_actors or {})
+        self.policy_actors = policy_actors
         # a model behind an endpoint is called from here: its sessions live in this replica
         models: dict[str, SessionModel] = {
             s.name: ServeModelClient(model_handles[s.name]) if s.endpoint is None
@@ -113,7 +116,7 @@ class CoordinatorServer:
         self.coordinator = Coordinator(
             models=models,
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
-            resolve_policy=timed_policies(HostedPolicies(policy_actors or {})),
+            resolve_policy=timed_policies(HostedPolicies(policy_actors)),
             # every request's records feed the metrics, with or without a turn log
             turn_sink=MeteredTurnSink(turn_sink),
             close_in_background=True,  # the replica's event loop outlives every request
@@ -218,7 +221,7 @@ def build_coordinator_deployment(
     specs: Sequence[ModelSpec],
     model_apps: Mapping[str, Application],
     turn_sink: TurnSink | None = None,
-    policy_actors: Mapping[str, ActorHandle] | None = None,
+    policy_actors: Mapping[str, ActorHandle | HostedPolicy] | None = None,
     *,
     num_replicas: int = 1,
     max_ongoing_requests: int = 256,

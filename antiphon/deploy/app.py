@@ -36,6 +36,7 @@ from antiphon.config import ModelSpec
 from antiphon.coordinator.deployment import build_coordinator_deployment
 from antiphon.deploy.config import AppConfig, load_config, parse_config
 from antiphon.deploy.ingress import build_ingress
+from antiphon.policies.actor import HostedPolicy
 from antiphon.training.turn_log_actor import TurnLogClient
 
 
@@ -48,15 +49,32 @@ def build_app(config: AppConfig | dict) -> Application:
     serving = config.serving.model_copy(update={"turn_log_path": log_path})
     config = config.model_copy(update={"serving": serving})
     coordinator = build_coordinator_app(
-        config.models, log_path, num_replicas=serving.coordinator_replicas
+        config.models, log_path, hosted_policies(config), num_replicas=serving.coordinator_replicas
     )
     return build_ingress(config, coordinator)
+
+
+def hosted_policy_actor_name(ensemble: str) -> str:
+    """The name of the policy actor of an ensemble whose policy is `hosted`."""
+    return f"antiphon-policy-{ensemble}"
+
+
+def hosted_policies(config: AppConfig) -> dict[str, HostedPolicy]:
+    """The policy actor of each ensemble whose policy is hosted (the first coordinator
+    replica starts it; a redeploy finds it running and keeps what was published to it)."""
+    return {
+        e.policy.name: HostedPolicy(
+            e.policy.name, dict(e.policy.params), hosted_policy_actor_name(e.name)
+        )
+        for e in config.ensembles
+        if e.policy.hosted
+    }
 
 
 def build_coordinator_app(
     specs: Sequence[ModelSpec],
     turn_log_path: str | None = None,
-    policy_actors: Mapping[str, ActorHandle] | None = None,
+    policy_actors: Mapping[str, ActorHandle | HostedPolicy] | None = None,
     *,
     num_replicas: int = 1,
     turn_log_actor_name: str | None = None,

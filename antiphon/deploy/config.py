@@ -40,6 +40,12 @@ class PolicySpec(FrozenModel):
         default_factory=dict,
         description="Keyword parameters of the policy; the policy's registry entry checks them.",
     )
+    hosted: bool = Field(
+        default=False,
+        description="Decide in one policy actor shared by every coordinator replica (named "
+        "'antiphon-policy-<ensemble>'), which an online trainer reloads when it publishes a "
+        "new switcher; off: each coordinator replica builds the policy itself.",
+    )
 
     @model_validator(mode="after")
     def _builds(self) -> PolicySpec:
@@ -201,6 +207,10 @@ class AppConfig(FrozenModel):
                         f"the deployment {deployment!r}, which is reached through its "
                         "endpoint and has no deployment"
                     )
+        hosted = [e.policy.name for e in v if e.policy.hosted]
+        twice = sorted({n for n in hosted if hosted.count(n) > 1})
+        if twice:  # a coordinator finds a hosted policy by its name
+            raise ValueError(f"policy hosted by more than one ensemble: {', '.join(twice)}")
         return v
 
     @property

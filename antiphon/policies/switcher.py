@@ -24,6 +24,7 @@ its end token to add ends the response).
 from __future__ import annotations
 
 import math
+import os
 import random
 from collections.abc import Sequence
 from typing import ClassVar, Literal, Protocol
@@ -218,20 +219,28 @@ class _Switchers:
         self.tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
 
     def model(self, params: SwitchParams, version: str) -> IndexScorer:
-        path = resolve_checkpoint_path(params.switcher_path)
+        path = switcher_checkpoint(params)
         key = (path, version, params.switcher_deployment, params.switcher_app)
         if key not in self.models:
-            self.models[key] = _connect(params)
+            self.models[key] = _connect(params, path)
         return self.models[key]
 
     def tokenizer(self, params: SwitchParams, version: str) -> PreTrainedTokenizerBase:
-        path = resolve_checkpoint_path(params.switcher_path)
+        path = switcher_checkpoint(params)
         if (path, version) not in self.tokenizers:
             self.tokenizers[path, version] = load_tokenizer(path)
         return self.tokenizers[path, version]
 
 
-def _connect(params: SwitchParams) -> IndexScorer:
+def switcher_checkpoint(params: SwitchParams) -> str:
+    """The directory the switcher's weights are read from, links followed: a policy store's
+    `served` link names other weights after each promotion, and a policy built before one
+    must keep naming (and loading) the weights it was built with. A hub id stays as it is."""
+    where = resolve_checkpoint_path(params.switcher_path)
+    return os.path.realpath(where) if os.path.exists(where) else where
+
+
+def _connect(params: SwitchParams, path: str) -> IndexScorer:
     """The switcher's model: a client of its deployment, or an engine in this process."""
     if params.switcher_deployment is not None:
         from ray import serve
@@ -243,7 +252,7 @@ def _connect(params: SwitchParams) -> IndexScorer:
     from antiphon.actors.engine import ModelEngine
     from antiphon.config import ModelSpec
 
-    return ModelEngine(ModelSpec(name="switcher", path=params.switcher_path))
+    return ModelEngine(ModelSpec(name="switcher", path=path))
 
 
 SWITCHERS = _Switchers()
@@ -265,7 +274,7 @@ class Switch:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.params = params
-        self.version = weights_fingerprint(resolve_checkpoint_path(params.switcher_path))
+        self.version = weights_fingerprint(switcher_checkpoint(params))
         self.model = model if model is not None else SWITCHERS.model(params, self.version)
         self.tokenizer = tokenizer or SWITCHERS.tokenizer(params, self.version)
         self._max_context: int | None = None  # the switcher model's, fetched on first use

@@ -140,6 +140,27 @@ def switcher_loss(index_logp: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def hits(
+    model: torch.nn.Module,
+    encoded: Sequence[_Encoded],
+    index_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int = 32,
+) -> list[float]:
+    """Per row, 1.0 if the model's most likely index is among the row's best, else 0.0."""
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            batch = collate(chunk, pad_id, len(index_ids))
+            pred = index_logprobs(model, batch, index_ids).argmax(-1)  # (B,)
+            out += [float(p in e.best) for e, p in zip(chunk, pred.tolist(), strict=True)]
+    model.train(was_training)
+    return out
+
+
 def accuracy(
     model: torch.nn.Module,
     encoded: Sequence[_Encoded],
@@ -148,19 +169,22 @@ def accuracy(
     batch_size: int = 32,
 ) -> tuple[float, dict[str, float]]:
     """(share of rows whose most likely index is among the best, the same per task)."""
-    was_training = model.training
-    model.eval()
-    hits: dict[str, list[float]] = {}
-    for start in range(0, len(encoded), batch_size):
-        chunk = encoded[start : start + batch_size]
-        batch = collate(chunk, pad_id, len(index_ids))
-        pred = index_logprobs(model, batch, index_ids).argmax(-1)  # (B,)
-        for e, p in zip(chunk, pred.tolist(), strict=True):
-            hits.setdefault(e.task, []).append(float(p in e.best))
-    model.train(was_training)
-    every = [h for hs in hits.values() for h in hs]
-    by_task = {t: sum(h) / len(h) for t, h in sorted(hits.items())}
-    return (sum(every) / len(every) if every else float("nan")), by_task
+    by_task: dict[str, list[float]] = {}
+    for e, hit in zip(encoded, hits(model, encoded, index_ids, pad_id, batch_size), strict=True):
+        by_task.setdefault(e.task, []).append(hit)
+    every = [h for hs in by_task.values() for h in hs]
+    shares = {t: sum(h) / len(h) for t, h in sorted(by_task.items())}
+    return (sum(every) / len(every) if every else float("nan")), shares
+
+
+def example_hits(switcher: str, examples: Sequence[RolloutExample]) -> list[float]:
+    """Per labelled example, 1.0 if the switcher at `switcher` (an HF dir or 'zoo:NAME')
+    ranks one of its best models first: a dev score per item, for comparing versions."""
+    model, tokenizer = load_init(switcher, None)
+    n = len(examples[0].models)
+    max_len = int(model.config.get_text_config().max_position_embeddings)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return hits(model, encode(tokenizer, examples, max_len), index_token_ids(tokenizer, n), pad_id)
 
 
 def load_init(

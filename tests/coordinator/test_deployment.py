@@ -77,8 +77,11 @@ def test_hosted_policy_decides_through_its_actor(served, engines, tokenizers):
     remote = handle.generate.remote(r).result()
     local = asyncio.run(Coordinator(engines, tokenizers).generate(r))
     assert [s.model for s in remote.segments] == [s.model for s in local.segments]
-    with pytest.raises(InvalidRequest, match="hosted with fixed parameters"):
-        handle.generate.remote(req(policy="random_switch", policy_params={"seed": 4})).result()
+    # other parameters: the policy they name, built in the coordinator
+    other = req(policy="random_switch", policy_params={"seed": 4})
+    remote = handle.generate.remote(other).result()
+    local = asyncio.run(Coordinator(engines, tokenizers).generate(other))
+    assert [s.model for s in remote.segments] == [s.model for s in local.segments]
 
 
 def test_client_mistakes_are_typed_through_the_handle(served):

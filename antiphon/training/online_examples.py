@@ -1,0 +1,188 @@
+"""From the turn log to switcher training examples, for a trainer that learns from traffic.
+
+A request's records land in the log in this order: its turn records, its request record (the
+query and the outcome), then, whenever the client (or a verifier) sends it, a feedback record
+with the reward. `LogJoiner` folds records in log order and hands out each request once, when
+its first reward arrives; a second reward for the same request is counted, not used.
+
+Each switch decision of a rewarded request becomes one `RolloutExample` (the offline
+rollouts' format, so the same trainer fits it): the prefix is the segments before the turn,
+the chosen writer's utility is the request's reward and every other writer's is the
+baseline, the running mean of the rewards seen before it (REINFORCE with a baseline, as a
+classification target). So a reward above the baseline labels the chosen writer best, one
+below it labels every other writer best, and a reward equal to it teaches nothing.
+
+    joiner = LogJoiner(policy="switch")
+    for record, offset in read_records(log_path, state.offset):
+        for example in joiner.add(record):
+            ...
+
+The joiner's state (requests awaiting their reward, the baseline, the counters) is a plain
+dict (`state()` / `LogJoiner.from_state`), checkpointed with the trainer's log offset.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord
+from antiphon.training.rollouts import RolloutExample, label_from_utilities
+
+# Requests whose reward has not come yet are held at most this many at a time; beyond it the
+# oldest is given up (counted in `unrewarded`: the log still holds it)
+MAX_AWAITING = 10_000
+
+
+@dataclass
+class JoinCounters:
+    """What the joiner has seen, for the trainer's provenance and metrics."""
+
+    requests: int = 0  # request records of the policy
+    rewarded: int = 0  # requests handed out with their reward
+    examples: int = 0  # examples made (informative or not)
+    failed: int = 0  # request records of failed requests (nothing to learn from)
+    duplicate_feedback: int = 0  # a second reward for a request already used
+    unknown_feedback: int = 0  # a reward for a request this joiner never saw
+    unrewarded: int = 0  # requests given up waiting for their reward
+
+
+@dataclass
+class LoggedRequest:
+    """A finished request of the policy, awaiting its reward."""
+
+    request: RequestRecord
+    turns: list[TurnRecord] = field(default_factory=list)
+
+
+def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> list[RolloutExample]:
+    """One example per written segment of `logged`, labelled by `reward` against `baseline`
+    (see the module docstring)."""
+    request, models = logged.request, list(logged.request.models)
+    segments = sorted(logged.turns, key=lambda t: t.segment)
+    examples, prefix = [], []
+    for turn in segments:
+        writer = models.index(turn.model)
+        if turn.segment_kind == "write":
+            utilities = [reward if i == writer else baseline for i in range(len(models))]
+            best, label = label_from_utilities(utilities)
+            examples.append(
+                RolloutExample(
+                    key=f"{request.request_id}:{turn.segment}",
+                    task=str(request.policy_params.get("task", "online")),
+                    query=request.prompt,
+                    models=models,
+                    prefix=list(prefix),
+                    utilities=utilities,
+                    scores=[[u] for u in utilities],
+                    best=best,
+                    label=label,
+                    prefix_tokens=sum(len(t.token_ids) for t in segments[: len(prefix)]),
+                    total_tokens=sum(len(t.token_ids) for t in segments),
+                )
+            )
+        prefix.append((writer, turn.text))
+    return examples
+
+
+class LogJoiner:
+    """Folds turn log records (in log order) into labelled examples of one policy's requests."""
+
+    def __init__(self, policy: str = "switch", max_awaiting: int = MAX_AWAITING) -> None:
+        self.policy = policy
+        self.max_awaiting = max_awaiting
+        self.turns: dict[str, list[TurnRecord]] = {}  # of requests not finished yet
+        self.awaiting: OrderedDict[str, LoggedRequest] = OrderedDict()  # oldest first
+        self.used: set[str] = set()  # request ids already handed out (duplicates ignored)
+        self.reward_sum = 0.0
+        self.counters = JoinCounters()
+
+    @property
+    def baseline(self) -> float:
+        """The mean reward of the requests used so far (0.5 before the first: rewards are
+        verifier scores and client ratings in [0, 1])."""
+        n = self.counters.rewarded
+        return self.reward_sum / n if n else 0.5
+
+    def add(self, record: Record) -> list[RolloutExample]:
+        """Take one record; return the examples it completes (only a reward completes any)."""
+        if isinstance(record, TurnRecord):
+            if record.policy == self.policy:
+                self.turns.setdefault(record.request_id, []).append(record)
+        elif isinstance(record, RequestRecord):
+            self._finish(record)
+        elif isinstance(record, FeedbackRecord):
+            return self._reward(record)
+        return []
+
+    def _finish(self, record: RequestRecord) -> None:
+        turns = self.turns.pop(record.request_id, [])
+        if record.policy != self.policy:
+            return
+        self.counters.requests += 1
+        if record.error is not None or not turns:
+            self.counters.failed += 1
+            return
+        self.awaiting[record.request_id] = LoggedRequest(record, turns)
+        while len(self.awaiting) > self.max_awaiting:
+            self.awaiting.popitem(last=False)
+            self.counters.unrewarded += 1
+
+    def _reward(self, record: FeedbackRecord) -> list[RolloutExample]:
+        logged = self.awaiting.pop(record.request_id, None)
+        if logged is None:
+            if record.request_id in self.used:
+                self.counters.duplicate_feedback += 1
+            else:
+                self.counters.unknown_feedback += 1
+            return []
+        examples = request_examples(logged, record.reward, self.baseline)
+        self.used.add(record.request_id)
+        self.reward_sum += record.reward
+        self.counters.rewarded += 1
+        self.counters.examples += len(examples)
+        return examples
+
+    def state(self) -> dict:
+        """Everything needed to go on exactly where this joiner is (msgpack/JSON values)."""
+        return {
+            "policy": self.policy,
+            "max_awaiting": self.max_awaiting,
+            "turns": {rid: [asdict(t) for t in ts] for rid, ts in self.turns.items()},
+            "awaiting": [
+                {"request": asdict(lr.request), "turns": [asdict(t) for t in lr.turns]}
+                for lr in self.awaiting.values()
+            ],
+            "used": sorted(self.used),
+            "reward_sum": self.reward_sum,
+            "counters": asdict(self.counters),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping) -> LogJoiner:
+        joiner = cls(state["policy"], state["max_awaiting"])
+        joiner.turns = {rid: _turns(ts) for rid, ts in state["turns"].items()}
+        for entry in state["awaiting"]:
+            request = _record(RequestRecord, entry["request"])
+            joiner.awaiting[request.request_id] = LoggedRequest(request, _turns(entry["turns"]))
+        joiner.used = set(state["used"])
+        joiner.reward_sum = float(state["reward_sum"])
+        joiner.counters = JoinCounters(**state["counters"])
+        return joiner
+
+
+def _record(cls: type, data: Mapping) -> Record:
+    """A record from its `asdict` form (sequences come back from JSON as lists)."""
+    fields = dict(data)
+    for name in ("token_ids", "logprobs", "gates", "models"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
+    return cls(**fields)
+
+
+def _turns(data: Sequence[Mapping]) -> list[TurnRecord]:
+    return [_record(TurnRecord, t) for t in data]
+
+
+__all__ = ["JoinCounters", "LogJoiner", "LoggedRequest", "request_examples"]

@@ -1,0 +1,306 @@
+"""The online switcher trainer: it tails the turn log, turns rewarded requests into examples
+(`online_examples`), and every `examples_per_candidate` new examples fine-tunes a candidate
+from the served switcher, has it judged on a dev slice against the served one (the
+promotion gate of `policy_versions`) and, if it is at least as good, publishes it.
+
+Exactly once: the trainer's state (its log offset, the joiner's requests awaiting their
+reward, the examples not yet trained on, the replay buffer, the step) is one JSON file
+replaced atomically. Every candidate's provenance names the log range its new examples
+came from. A trainer killed at any point resumes from the last state: the records after its
+offset are read again and the candidate it was making is made again, so no turn is skipped
+or counted twice. Once a state is on disk, the trainer tells the log (a consumer offset)
+that everything before its offset may be rotated away.
+
+    trainer = OnlineSwitcherTrainer(config, evaluate=dev_scores, publish=serve_version)
+    while True:
+        trainer.poll()          # reads what is new; trains, judges, publishes when due
+        time.sleep(config.poll_s)
+
+`evaluate(checkpoint_path) -> per-item dev scores` and `publish(version_info)` are the
+trainer's only contact with serving, so it runs the same in a test, a Ray actor or a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from antiphon.errors import InvalidRequest
+from antiphon.policies.actor import POLICY_NAMESPACE
+from antiphon.training.online_examples import LogJoiner
+from antiphon.training.policy_versions import PolicyStore, VersionInfo, promotion_decision
+from antiphon.training.rollouts import RolloutExample, RolloutStore
+from antiphon.training.switcher_training import SwitcherTrainConfig, example_hits, train_switcher
+from antiphon.training.turn_log import commit_consumer_offset, read_records
+
+log = structlog.get_logger(__name__)
+
+STATE_FILE = "trainer_state.json"
+
+Evaluate = Callable[[str], Sequence[float]]  # checkpoint path -> per-item dev scores
+Publish = Callable[[VersionInfo], None]
+
+
+class DevSlice(BaseModel):
+    """Where candidates are judged against the served switcher: labelled examples (a rollout
+    store's examples.jsonl, judged offline), or the zoo's dev tasks asked through a running
+    app's coordinator (`antiphon.experiments.train_online` builds that judge). Never the test
+    split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    examples: str | None = Field(default=None, description="A rollout store directory.")
+    app: str | None = Field(default=None, description="The Serve app of a running server.")
+    models: list[str] = Field(default_factory=list, description="The ensemble (app only).")
+    policy_params: dict[str, object] = Field(
+        default_factory=dict,
+        description="The switch parameters but the checkpoint, as the ensemble's (app only).",
+    )
+    tasks: list[str] = Field(default_factory=list, description="Zoo tasks (app only; all).")
+    limit: int | None = Field(default=20, ge=1, description="Items per task (app only).")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_judge(self) -> DevSlice:
+        if (self.examples is None) == (self.app is None):
+            raise ValueError("dev: give exactly one of examples (a rollout store) or app")
+        if self.app is not None and not self.models:
+            raise ValueError("dev: an app judge needs the ensemble's models")
+        return self
+
+
+class OnlineTrainConfig(BaseModel):
+    """What `antiphon train online --config FILE` reads (YAML)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    turn_log: str = Field(description="The turn log the serving coordinators write.")
+    store: str = Field(description="The policy store: every version, and which one is served.")
+    state_dir: str = Field(description="The trainer's own state (offset, buffers).")
+    init: str = Field(description="The switcher served first (an HF dir or zoo:NAME).")
+    consumer: str = Field(
+        default="switch-trainer", description="Its name as a consumer of the log."
+    )
+    policy: str = Field(default="switch", description="Whose requests it learns from.")
+    examples_per_candidate: int = Field(default=64, ge=1)
+    replay: int = Field(
+        default=512, ge=0, description="Earlier examples trained on again with the new ones."
+    )
+    poll_s: float = Field(default=5.0, gt=0)
+    dev: DevSlice
+    publish_to: str | None = Field(
+        default=None,
+        description="The policy actor serving the switcher (by name): reloaded at each "
+        "promotion or rollback. Its switcher_path must be the store's served link.",
+    )
+    train: dict[str, object] = Field(
+        default_factory=dict, description="SwitcherTrainConfig fields (epochs, lr, lora_r...)."
+    )
+
+    def train_config(self, step: int) -> SwitcherTrainConfig:
+        # every example trains (the dev slice judges); a step's own seed, so a candidate
+        # made again after a kill is the same candidate
+        return SwitcherTrainConfig(**{"val_fraction": 0.0, **self.train, "seed": step})
+
+
+@dataclass
+class TrainerState:
+    """Everything the trainer needs to go on exactly where it stopped."""
+
+    offset: int = 0  # in the turn log: every record before it is accounted for
+    step: int = 0  # candidates made
+    candidate_start: int = 0  # where the log range of the pending examples starts
+    base: str = ""  # the version the next candidate is trained from
+    joiner: dict = field(default_factory=dict)
+    pending: list[dict] = field(default_factory=list)  # examples not yet trained on
+    replay: list[dict] = field(default_factory=list)  # examples trained on, newest last
+    dev_scores: dict[str, list[float]] = field(default_factory=dict)  # by version
+
+    def save(self, state_dir: Path) -> None:
+        """Replace the state file atomically (a crash leaves the old one or the new one)."""
+        state_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, state_dir / STATE_FILE)
+
+    @classmethod
+    def load(cls, state_dir: Path) -> TrainerState | None:
+        path = state_dir / STATE_FILE
+        return cls(**json.loads(path.read_text())) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class CandidateOutcome:
+    """One candidate, judged: promoted (and published) or kept on disk unserved."""
+
+    version: VersionInfo
+    promoted: bool
+    reason: str
+
+
+class OnlineSwitcherTrainer:
+    """Learns the switcher from the turn log; see the module docstring."""
+
+    def __init__(
+        self,
+        config: OnlineTrainConfig,
+        evaluate: Evaluate,
+        publish: Publish = lambda version: None,
+    ) -> None:
+        self.config = config
+        self.evaluate = evaluate
+        self.publish = publish
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = PolicyStore(config.store)
+        self.state = TrainerState.load(self.state_dir) or TrainerState()
+        self.joiner = (
+            LogJoiner.from_state(self.state.joiner)
+            if self.state.joiner
+            else LogJoiner(policy=config.policy)
+        )
+        if self.store.served() is None:
+            self._serve_initial()
+
+    def served(self) -> VersionInfo:
+        served = self.store.served()
+        assert served is not None  # the initial switcher is served from the start
+        return served
+
+    def _redoing(self) -> bool:
+        """Whether a trainer before this one died making the next candidate: it is in the
+        store already, and must be made again from the same base to come out the same."""
+        return any(v.step == self.state.step + 1 for v in self.store.versions())
+
+    def _serve_initial(self) -> None:
+        first = self.store.add_candidate(
+            self.config.init, step=0,
+            provenance={"trainer": self.config.consumer, "log_offsets": [0, 0], "examples": 0},
+        )  # fmt: skip
+        self.store.promote(first.version, reason="the initial switcher")
+        self.publish(self.served())
+
+    def poll(self) -> list[CandidateOutcome]:
+        """Read the log past the state's offset; make and judge a candidate each time enough
+        new examples have come; save the state. Returns the candidates judged."""
+        outcomes = []
+        if not self._redoing():  # train from what is served now (an operator may roll back)
+            self.state.base = self.served().version
+        for record, offset in read_records(self.config.turn_log, self.state.offset):
+            examples = [e for e in self.joiner.add(record) if e.informative]
+            self.state.pending += [asdict(e) for e in examples]
+            self.state.offset = offset
+            if len(self.state.pending) >= self.config.examples_per_candidate:
+                outcomes.append(self._candidate())
+                self._save()
+        self._save()
+        return outcomes
+
+    def _save(self) -> None:
+        self.state.joiner = self.joiner.state()
+        self.state.save(self.state_dir)
+        # only now may the log drop what came before: the state no longer needs it
+        commit_consumer_offset(self.config.turn_log, self.config.consumer, self.state.offset)
+
+    def _candidate(self) -> CandidateOutcome:
+        """Train a candidate on the pending examples (and the replay buffer) from the served
+        switcher, add it to the store, judge it, promote or refuse it."""
+        state, base = self.state, self.store.info(self.state.base)
+        state.step += 1
+        fresh = [RolloutExample.from_json(e) for e in state.pending]
+        replay = [RolloutExample.from_json(e) for e in state.replay]
+        with tempfile.TemporaryDirectory(dir=self.state_dir) as out:
+            train_switcher(replay + fresh, str(base.path), out,
+                           self.config.train_config(state.step), progress=False)  # fmt: skip
+            candidate = self.store.add_candidate(
+                out, step=state.step,
+                provenance={"trainer": self.config.consumer, "parent": base.version,
+                            "log_offsets": [state.candidate_start, state.offset],
+                            "examples": len(fresh), "replayed": len(replay),
+                            "requests": self.joiner.counters.rewarded},
+            )  # fmt: skip
+        outcome = self._judge(candidate)
+        state.base = self.served().version
+        keep = self.config.replay
+        state.replay = (state.replay + state.pending)[-keep:] if keep else []
+        state.pending, state.candidate_start = [], state.offset
+        return outcome
+
+    def _scores(self, version: VersionInfo) -> list[float]:
+        if version.version not in self.state.dev_scores:
+            self.state.dev_scores[version.version] = list(self.evaluate(str(version.path)))
+        return self.state.dev_scores[version.version]
+
+    def _judge(self, candidate: VersionInfo) -> CandidateOutcome:
+        """Promote (and publish) `candidate` if it scores at least the served version on the
+        dev slice, else refuse it; one judged before a kill keeps its verdict."""
+        if candidate.status != "candidate":
+            if candidate.status == "promoted":
+                self.publish(candidate)
+            return CandidateOutcome(candidate, candidate.status == "promoted", candidate.reason)
+        decision = promotion_decision(self._scores(candidate), self._scores(self.served()))
+        self.store.record_evaluation(candidate.version, decision.candidate)
+        if decision.promote:
+            self.store.promote(candidate.version, reason=decision.reason)
+            self.publish(self.served())
+        else:
+            self.store.refuse(candidate.version, reason=decision.reason)
+        log.info("candidate judged", version=candidate.version, promoted=decision.promote,
+                 reason=decision.reason, step=self.state.step)  # fmt: skip
+        return CandidateOutcome(self.store.info(candidate.version), decision.promote,
+                                decision.reason)  # fmt: skip
+
+
+def examples_judge(store_dir: str | Path) -> Evaluate:
+    """Dev scores from labelled examples: per example, whether the switcher ranks one of its
+    best models first."""
+    examples = [e for e in RolloutStore(store_dir).examples() if e.informative]
+    if not examples:
+        raise InvalidRequest(f"dev: no labelled example in the rollout store {store_dir}")
+    return lambda checkpoint: example_hits(checkpoint, examples)
+
+
+def actor_publisher(name: str, namespace: str = POLICY_NAMESPACE) -> Publish:
+    """Tell the named policy actor to reload (its switcher path is the store's served link)."""
+
+    def publish(version: VersionInfo) -> None:
+        import ray
+
+        got = ray.get(ray.get_actor(name, namespace=namespace).reload.remote())
+        log.info("published", version=version.version, served_version=got)
+
+    return publish
+
+
+def run_online(trainer: OnlineSwitcherTrainer, until_idle: bool = False) -> None:
+    """Poll the log every `poll_s` seconds, for ever, or with `until_idle` until a poll finds
+    nothing new (a batch run over a log that is not being written)."""
+    while True:
+        before = trainer.state.offset
+        trainer.poll()
+        if until_idle and trainer.state.offset == before:
+            return
+        time.sleep(0 if until_idle else trainer.config.poll_s)
+
+
+__all__ = [
+    "CandidateOutcome",
+    "DevSlice",
+    "OnlineSwitcherTrainer",
+    "OnlineTrainConfig",
+    "TrainerState",
+    "actor_publisher",
+    "examples_judge",
+    "run_online",
+]
