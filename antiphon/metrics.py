@@ -15,7 +15,8 @@ the agent every `RAY_metrics_report_interval_ms` (10 s by default).
 Who records what: the HTTP ingress (`antiphon.deploy.http_metrics`) the requests, errors,
 latencies and times to first segment; the coordinator (`antiphon.coordinator.metering`) the
 turns, the tokens and segments by writer and kind, and the policies' decision latencies;
-each model replica (`antiphon.actors.server`) its engine's tokens, sessions and cached tokens.
+each model replica (`antiphon.actors.server`) its engine's tokens, sessions and cached tokens;
+an online trainer (`antiphon.training.online_trainer`) its progress and its candidates.
 
 Recording never raises: metrics must not fail a request. A metric that cannot be made is
 logged and skipped from then on; a point that cannot be recorded is dropped (logged the first
@@ -145,6 +146,32 @@ CACHED_TOKENS = MetricSpec(
     ("model",),
 )
 
+# --- the online trainers ----------------------------------------------------------------------
+TRAINER_LOG_OFFSET = MetricSpec(
+    "antiphon_trainer_log_offset",
+    "gauge",
+    "How far into the turn log the trainer has durably read (bytes), by trainer.",
+    ("trainer",),
+)
+TRAINER_EXAMPLES = MetricSpec(
+    "antiphon_trainer_examples",
+    "counter",
+    "Training examples the trainer made from rewarded requests, by trainer.",
+    ("trainer",),
+)
+TRAINER_CANDIDATES = MetricSpec(
+    "antiphon_trainer_candidates",
+    "counter",
+    "Candidates the promotion gate judged, by trainer and outcome (promoted, refused).",
+    ("trainer", "outcome"),
+)
+SERVED_POLICY_STEP = MetricSpec(
+    "antiphon_served_policy_step",
+    "gauge",
+    "The training step of the version served, by trainer (0: the initial one).",
+    ("trainer",),
+)
+
 METRICS: tuple[MetricSpec, ...] = (
     REQUESTS,
     REQUEST_ERRORS,
@@ -157,6 +184,10 @@ METRICS: tuple[MetricSpec, ...] = (
     TOKENS_GENERATED,
     LIVE_SESSIONS,
     CACHED_TOKENS,
+    TRAINER_LOG_OFFSET,
+    TRAINER_EXAMPLES,
+    TRAINER_CANDIDATES,
+    SERVED_POLICY_STEP,
 )
 
 # One Ray metric per spec and process, made on first use: made in a Serve replica (not at

@@ -34,10 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster of the serving app (publish_to, dev.app)")
 
 
-def serving_judge(dev: DevSlice) -> Evaluate:
+def serving_judge(dev: DevSlice, split: str = "dev") -> Evaluate:
     """Dev scores through the serving app: each item of the dev tasks asked of its
     coordinator deployment with the candidate as the switch policy's checkpoint (the other
-    parameters are the hosted policy's), scored by the task's own metric."""
+    parameters are the hosted policy's), scored by the task's own metric (0-100). `split`
+    only for a report's reference line: a trainer's judge never reads the test split."""
     from ray import serve
 
     from antiphon.coordinator.request import GenerationRequest
@@ -46,11 +47,11 @@ def serving_judge(dev: DevSlice) -> Evaluate:
 
     tasks = [
         dataclasses.replace(t, items=t.items[: dev.limit])
-        for t in zoo_tasks("dev", dev.tasks or TASK_NAMES).values()
+        for t in zoo_tasks(split, dev.tasks or TASK_NAMES).values()
     ]
-    coordinator = serve.get_deployment_handle("coordinator", app_name=dev.app)
 
     async def scores(checkpoint: str) -> list[float]:
+        coordinator = serve.get_deployment_handle("coordinator", app_name=dev.app)
         params = {**dev.policy_params, "switcher_path": checkpoint}
 
         async def ask(prompt, sampling) -> str:

@@ -5,14 +5,17 @@ query and the outcome), then, whenever the client (or a verifier) sends it, a fe
 with the reward. `LogJoiner` folds records in log order and hands out each request once, when
 its first reward arrives; a second reward for the same request is counted, not used.
 
-Each switch decision of a rewarded request becomes one `RolloutExample` (the offline
-rollouts' format, so the same trainer fits it): the prefix is the segments before the turn,
-the chosen writer's utility is the request's reward and every other writer's is the
-baseline, the running mean of the rewards seen before it (REINFORCE with a baseline, as a
-classification target). So a reward above the baseline labels the chosen writer best, one
-below it labels every other writer best, and a reward equal to it teaches nothing.
+Each switch decision of a request rewarded above the baseline (the running mean of the
+rewards before it) becomes one `RolloutExample` (the offline rollouts' format, so the same
+trainer fits it): the prefix is the segments before the turn, and the writer the served
+switcher chose is labelled best (its utility the reward, every other writer's the baseline).
+A request at or below the baseline teaches nothing: its failure says the chosen writers did
+no better than usual, not which other writer would have done better, and labelling "any
+other" would push the switcher towards the models that fail everywhere. This is
+reward-filtered imitation of the served policy's own decisions (as in rejection-sampling
+fine-tuning); the served switch must explore (sample its writers) for it to find better ones.
 
-    joiner = LogJoiner(policy="switch")
+    joiner = LogJoiner(policies=("switch",))
     for record, offset in read_records(log_path, state.offset):
         for example in joiner.add(record):
             ...
@@ -39,7 +42,7 @@ MAX_AWAITING = 10_000
 class JoinCounters:
     """What the joiner has seen, for the trainer's provenance and metrics."""
 
-    requests: int = 0  # request records of the policy
+    requests: int = 0  # request records of the policies learnt from
     rewarded: int = 0  # requests handed out with their reward
     examples: int = 0  # examples made (informative or not)
     failed: int = 0  # request records of failed requests (nothing to learn from)
@@ -50,15 +53,17 @@ class JoinCounters:
 
 @dataclass
 class LoggedRequest:
-    """A finished request of the policy, awaiting its reward."""
+    """A finished request of a policy learnt from, awaiting its reward."""
 
     request: RequestRecord
     turns: list[TurnRecord] = field(default_factory=list)
 
 
 def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> list[RolloutExample]:
-    """One example per written segment of `logged`, labelled by `reward` against `baseline`
-    (see the module docstring)."""
+    """One example per written segment of `logged` if `reward` is above `baseline`, else
+    none (see the module docstring)."""
+    if reward <= baseline:
+        return []
     request, models = logged.request, list(logged.request.models)
     segments = sorted(logged.turns, key=lambda t: t.segment)
     examples, prefix = [], []
@@ -87,11 +92,19 @@ def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> l
 
 
 class LogJoiner:
-    """Folds turn log records (in log order) into labelled examples of one policy's requests."""
+    """Folds turn log records (in log order) into labelled examples of some policies' requests."""
 
-    def __init__(self, policy: str = "switch", max_awaiting: int = MAX_AWAITING) -> None:
-        self.policy = policy
+    def __init__(
+        self,
+        policies: tuple[str, ...] = ("switch",),
+        max_awaiting: int = MAX_AWAITING,
+        invert: bool = False,
+    ) -> None:
+        # whose requests teach: the served policy's, and any behaviour policy's that explores
+        # for it (a writer alone, say); a good trace is imitated whoever chose its writers
+        self.policies = tuple(policies)
         self.max_awaiting = max_awaiting
+        self.invert = invert  # learn from 1 - reward: a deliberately bad trainer
         self.turns: dict[str, list[TurnRecord]] = {}  # of requests not finished yet
         self.awaiting: OrderedDict[str, LoggedRequest] = OrderedDict()  # oldest first
         self.used: set[str] = set()  # request ids already handed out (duplicates ignored)
@@ -108,7 +121,7 @@ class LogJoiner:
     def add(self, record: Record) -> list[RolloutExample]:
         """Take one record; return the examples it completes (only a reward completes any)."""
         if isinstance(record, TurnRecord):
-            if record.policy == self.policy:
+            if record.policy in self.policies:
                 self.turns.setdefault(record.request_id, []).append(record)
         elif isinstance(record, RequestRecord):
             self._finish(record)
@@ -118,7 +131,7 @@ class LogJoiner:
 
     def _finish(self, record: RequestRecord) -> None:
         turns = self.turns.pop(record.request_id, [])
-        if record.policy != self.policy:
+        if record.policy not in self.policies:
             return
         self.counters.requests += 1
         if record.error is not None or not turns:
@@ -137,9 +150,10 @@ class LogJoiner:
             else:
                 self.counters.unknown_feedback += 1
             return []
-        examples = request_examples(logged, record.reward, self.baseline)
+        reward = 1.0 - record.reward if self.invert else record.reward
+        examples = request_examples(logged, reward, self.baseline)
         self.used.add(record.request_id)
-        self.reward_sum += record.reward
+        self.reward_sum += reward
         self.counters.rewarded += 1
         self.counters.examples += len(examples)
         return examples
@@ -147,8 +161,9 @@ class LogJoiner:
     def state(self) -> dict:
         """Everything needed to go on exactly where this joiner is (msgpack/JSON values)."""
         return {
-            "policy": self.policy,
+            "policies": list(self.policies),
             "max_awaiting": self.max_awaiting,
+            "invert": self.invert,
             "turns": {rid: [asdict(t) for t in ts] for rid, ts in self.turns.items()},
             "awaiting": [
                 {"request": asdict(lr.request), "turns": [asdict(t) for t in lr.turns]}
@@ -161,7 +176,7 @@ class LogJoiner:
 
     @classmethod
     def from_state(cls, state: Mapping) -> LogJoiner:
-        joiner = cls(state["policy"], state["max_awaiting"])
+        joiner = cls(tuple(state["policies"]), state["max_awaiting"], state["invert"])
         joiner.turns = {rid: _turns(ts) for rid, ts in state["turns"].items()}
         for entry in state["awaiting"]:
             request = _record(RequestRecord, entry["request"])

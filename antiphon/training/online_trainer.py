@@ -30,10 +30,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from antiphon import metrics
 from antiphon.errors import InvalidRequest
+from antiphon.logging import get_logger
 from antiphon.policies.actor import POLICY_NAMESPACE
 from antiphon.training.online_examples import LogJoiner
 from antiphon.training.policy_versions import PolicyStore, VersionInfo, promotion_decision
@@ -41,7 +42,7 @@ from antiphon.training.rollouts import RolloutExample, RolloutStore
 from antiphon.training.switcher_training import SwitcherTrainConfig, example_hits, train_switcher
 from antiphon.training.turn_log import commit_consumer_offset, read_records
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
@@ -89,7 +90,17 @@ class OnlineTrainConfig(BaseModel):
     consumer: str = Field(
         default="switch-trainer", description="Its name as a consumer of the log."
     )
-    policy: str = Field(default="switch", description="Whose requests it learns from.")
+    policies: list[str] = Field(
+        default=["switch"],
+        min_length=1,
+        description="Whose requests it learns from: the served switch, and any behaviour "
+        "policy that explores for it (e.g. fixed, one writer alone).",
+    )
+    invert_rewards: bool = Field(
+        default=False,
+        description="Learn from 1 - reward: a deliberately bad trainer, to see the gate refuse "
+        "its candidates.",
+    )
     examples_per_candidate: int = Field(default=64, ge=1)
     replay: int = Field(
         default=512, ge=0, description="Earlier examples trained on again with the new ones."
@@ -168,20 +179,31 @@ class OnlineSwitcherTrainer:
         self.joiner = (
             LogJoiner.from_state(self.state.joiner)
             if self.state.joiner
-            else LogJoiner(policy=config.policy)
+            else LogJoiner(tuple(config.policies), invert=config.invert_rewards)
         )
         if self.store.served() is None:
             self._serve_initial()
 
+    @property
+    def name(self) -> str:
+        return self.config.consumer
+
     def served(self) -> VersionInfo:
         served = self.store.served()
         assert served is not None  # the initial switcher is served from the start
+        metrics.record(metrics.SERVED_POLICY_STEP, served.step, trainer=self.name)
         return served
 
     def _redoing(self) -> bool:
-        """Whether a trainer before this one died making the next candidate: it is in the
-        store already, and must be made again from the same base to come out the same."""
-        return any(v.step == self.state.step + 1 for v in self.store.versions())
+        """Whether this trainer died making its next candidate before saving its state: the
+        candidate is in the store already, and must be made again from the same base to come
+        out the same."""
+        state = self.state
+        return bool(state.base) and any(
+            v.step == state.step + 1 and v.provenance.get("trainer") == self.name
+            and v.provenance.get("log_offsets", [None])[0] == state.candidate_start
+            for v in self.store.versions()
+        )  # fmt: skip
 
     def _serve_initial(self) -> None:
         first = self.store.add_candidate(
@@ -191,25 +213,40 @@ class OnlineSwitcherTrainer:
         self.store.promote(first.version, reason="the initial switcher")
         self.publish(self.served())
 
-    def poll(self) -> list[CandidateOutcome]:
+    def poll(self, max_candidates: int | None = None) -> list[CandidateOutcome]:
         """Read the log past the state's offset; make and judge a candidate each time enough
-        new examples have come; save the state. Returns the candidates judged."""
-        outcomes = []
+        new examples have come (stop reading after `max_candidates` of them); save the
+        state. Returns the candidates judged."""
+        outcomes: list[CandidateOutcome] = []
         if not self._redoing():  # train from what is served now (an operator may roll back)
             self.state.base = self.served().version
         for record, offset in read_records(self.config.turn_log, self.state.offset):
             examples = [e for e in self.joiner.add(record) if e.informative]
             self.state.pending += [asdict(e) for e in examples]
+            if examples:
+                metrics.record(metrics.TRAINER_EXAMPLES, len(examples), trainer=self.name)
             self.state.offset = offset
             if len(self.state.pending) >= self.config.examples_per_candidate:
                 outcomes.append(self._candidate())
                 self._save()
+                if max_candidates is not None and len(outcomes) >= max_candidates:
+                    break
         self._save()
         return outcomes
+
+    def train_pending(self) -> CandidateOutcome | None:
+        """Make and judge a candidate from the pending examples now, however few (the end of
+        a round of traffic); None when there are none."""
+        if not self.state.pending:
+            return None
+        outcome = self._candidate()
+        self._save()
+        return outcome
 
     def _save(self) -> None:
         self.state.joiner = self.joiner.state()
         self.state.save(self.state_dir)
+        metrics.record(metrics.TRAINER_LOG_OFFSET, self.state.offset, trainer=self.name)
         # only now may the log drop what came before: the state no longer needs it
         commit_consumer_offset(self.config.turn_log, self.config.consumer, self.state.offset)
 
@@ -258,6 +295,8 @@ class OnlineSwitcherTrainer:
             self.store.refuse(candidate.version, reason=decision.reason)
         log.info("candidate judged", version=candidate.version, promoted=decision.promote,
                  reason=decision.reason, step=self.state.step)  # fmt: skip
+        outcome = "promoted" if decision.promote else "refused"
+        metrics.record(metrics.TRAINER_CANDIDATES, 1, trainer=self.name, outcome=outcome)
         return CandidateOutcome(self.store.info(candidate.version), decision.promote,
                                 decision.reason)  # fmt: skip
 

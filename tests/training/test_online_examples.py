@@ -46,19 +46,15 @@ def test_a_reward_above_the_baseline_labels_each_chosen_writer_best():
     assert all(e.informative for e in examples)
 
 
-def test_a_reward_below_the_baseline_labels_every_other_writer_best():
+def test_a_reward_at_or_below_the_baseline_teaches_nothing_but_moves_the_baseline():
     joiner = LogJoiner()
     feed(joiner, request("good", ["sft"]) + [FeedbackRecord("good", reward=1.0)])
-    # the baseline is now 1.0: a reward of 0 is below it
-    bad = feed(joiner, request("bad", ["aligned"]) + [FeedbackRecord("bad", reward=0.0)])
-    assert [e.best for e in bad] == [[0, 1]]
-    assert joiner.baseline == 0.5
-
-
-def test_a_reward_equal_to_the_baseline_teaches_nothing():
-    joiner = LogJoiner()  # baseline 0.5 before any reward
-    examples = feed(joiner, request("r", ["sft"]) + [FeedbackRecord("r", reward=0.5)])
-    assert len(examples) == 1 and not examples[0].informative
+    # the baseline is now 1.0: a reward of 0 is below it, one of 1 equal to it
+    assert feed(joiner, request("bad", ["aligned"]) + [FeedbackRecord("bad", reward=0.0)]) == []
+    assert joiner.baseline == 0.5 and joiner.counters.rewarded == 2
+    assert feed(joiner, request("tie", ["base"]) + [FeedbackRecord("tie", reward=0.5)]) == []
+    assert [e.best for e in feed(joiner, request("up", ["base"]) + [
+        FeedbackRecord("up", reward=0.6)])] == [[0]]  # fmt: skip
 
 
 def test_each_request_is_used_once_and_other_records_are_counted_not_used():
@@ -79,13 +75,19 @@ def test_each_request_is_used_once_and_other_records_are_counted_not_used():
     assert (c.duplicate_feedback, c.unknown_feedback) == (1, 2)
 
 
+def test_a_behaviour_policy_named_teaches_too():
+    records = request("f", ["sft"], policy="fixed") + [FeedbackRecord("f", reward=1.0)]
+    assert feed(LogJoiner(), records) == []  # not a policy it learns from
+    assert [e.best for e in feed(LogJoiner(policies=("switch", "fixed")), records)] == [[1]]
+
+
 def test_interleaved_requests_join_by_id():
     joiner = LogJoiner()
     a, b = request("a", ["base", "sft"]), request("b", ["aligned"])
     records = [a[0], b[0], a[1], b[1], a[2], FeedbackRecord("b", 0.0), FeedbackRecord("a", 1.0)]
     examples = feed(joiner, records)
-    # b: 0 below the first baseline (0.5); a: 1 above the next (b's 0)
-    assert [(e.key, e.best) for e in examples] == [("b:0", [0, 1]), ("a:0", [0]), ("a:1", [1])]
+    # b: 0, below the first baseline (0.5); a: 1, above the next (b's 0)
+    assert [(e.key, e.best) for e in examples] == [("a:0", [0]), ("a:1", [1])]
 
 
 def test_requests_waiting_too_long_for_a_reward_are_given_up_and_counted():
@@ -114,3 +116,10 @@ def test_state_round_trips_through_json_mid_request():
         tail = feed(restored, records[cut:])
         assert head + tail == whole, cut
         assert restored.counters == original.counters
+
+
+def test_an_inverting_joiner_learns_the_opposite():
+    good = request("r1", ["sft"]) + [FeedbackRecord("r1", reward=1.0)]
+    bad = request("r2", ["base"]) + [FeedbackRecord("r2", reward=0.0)]
+    assert [e.key for e in feed(LogJoiner(), good + bad)] == ["r1:0"]
+    assert [e.key for e in feed(LogJoiner(invert=True), good + bad)] == ["r2:0"]

@@ -87,7 +87,7 @@ def config(tmp_path: Path, init: Path, **overrides) -> OnlineTrainConfig:
     fields = {
         "turn_log": str(tmp_path / "turns"), "store": str(tmp_path / "store"),
         "state_dir": str(tmp_path / "state"), "init": str(init),
-        "examples_per_candidate": 32, "replay": 0, "train": TRAIN,
+        "examples_per_candidate": 16, "replay": 0, "train": TRAIN,
         "dev": {"examples": str(dev_examples(tmp_path / "dev"))},
     }  # fmt: skip
     return OnlineTrainConfig(**{**fields, **overrides})
@@ -97,15 +97,16 @@ def config(tmp_path: Path, init: Path, **overrides) -> OnlineTrainConfig:
 def test_the_gate_promotes_a_better_candidate_and_refuses_one_trained_on_inverted_rewards(
     tmp_path, tiny_model_dir
 ):
-    cfg = config(tmp_path, tiny_model_dir, examples_per_candidate=30)
+    cfg = config(tmp_path, tiny_model_dir, examples_per_candidate=10**6)  # a round each
     published = []
     trainer = OnlineSwitcherTrainer(cfg, examples_judge(cfg.dev.examples), published.append)
     initial = trainer.served()
     assert [v.version for v in published] == [initial.version]  # served from the start
 
     with TurnLogWriter(cfg.turn_log) as log:
-        log.append(traffic(16, good="b"))  # 30 examples that prefer a writer: one candidate
-    (better,) = trainer.poll()
+        log.append(traffic(24, good="b"))
+    assert trainer.poll() == []  # too few examples for a candidate of their own accord
+    better = trainer.train_pending()  # the round ends
     assert better.promoted, better.reason
     assert trainer.served().version == better.version.version
     assert published[-1].version == better.version.version
@@ -115,8 +116,9 @@ def test_the_gate_promotes_a_better_candidate_and_refuses_one_trained_on_inverte
     assert weights_fingerprint(served_link) == weights_fingerprint(better.version.path)
 
     with TurnLogWriter(cfg.turn_log) as log:  # the rewards turned upside down
-        end = log.append(traffic(16, good="a", start=16))
-    (worse,) = trainer.poll()
+        end = log.append(traffic(24, good="a", start=24))
+    trainer.poll()
+    worse = trainer.train_pending()
     assert not worse.promoted, worse.reason
     store = PolicyStore(cfg.store)
     assert store.info(worse.version.version).status == "refused"
@@ -128,8 +130,9 @@ def test_the_gate_promotes_a_better_candidate_and_refuses_one_trained_on_inverte
     state = TrainerState.load(Path(cfg.state_dir))
     assert state.offset == end and state.step == 2
     first, second = better.version.provenance, worse.version.provenance
-    assert second["log_offsets"][0] == first["log_offsets"][1] < second["log_offsets"][1] <= end
-    assert (first["examples"], second["examples"]) == (30, 30)
+    assert second["log_offsets"] == [first["log_offsets"][1], end]
+    assert (first["examples"], second["examples"]) == (28, 26)  # the requests above baseline
+    assert trainer.train_pending() is None  # nothing pending
 
 
 def run_trainer(cfg_path: Path, **popen) -> subprocess.Popen:
@@ -141,7 +144,7 @@ def run_trainer(cfg_path: Path, **popen) -> subprocess.Popen:
 
 
 def finished_state(root: Path, init: Path, kill_after_candidates: int | None) -> dict:
-    """Train over a fixed log (three candidates' worth) from the shell; with
+    """Train over a fixed log (four candidates' worth) from the shell; with
     `kill_after_candidates`, kill -9 the trainer once that many candidates are in the store
     (it is then making the next) and start it again."""
     root.mkdir()
@@ -183,7 +186,7 @@ def test_a_killed_trainer_resumes_with_no_turn_skipped_or_counted_twice(tmp_path
     assert killed["state"]["offset"] == whole["state"]["offset"] > 0
     assert killed["state"]["joiner"]["counters"] == whole["state"]["joiner"]["counters"]
     assert whole["state"]["joiner"]["counters"]["rewarded"] == 64  # each request once
-    assert killed["steps"] == whole["steps"] and len(whole["steps"]) == 4  # initial + 3
+    assert killed["steps"] == whole["steps"] and len(whole["steps"]) == 5  # initial + 4
     assert all(len(ranges) == 1 for ranges in killed["steps"].values())
     ranges = [next(iter(whole["steps"][s])) for s in sorted(whole["steps"])][1:]
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
