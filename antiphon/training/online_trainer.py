@@ -23,7 +23,6 @@ trainer's only contact with serving, so it runs the same in a test, a Ray actor 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -36,6 +35,7 @@ from antiphon import metrics
 from antiphon.errors import InvalidRequest
 from antiphon.logging import get_logger
 from antiphon.policies.actor import POLICY_NAMESPACE
+from antiphon.training.durable import write_json_atomic
 from antiphon.training.online_examples import LogJoiner
 from antiphon.training.policy_versions import PolicyStore, VersionInfo, promotion_decision
 from antiphon.training.rollouts import RolloutExample, RolloutStore
@@ -138,12 +138,7 @@ class TrainerState:
     def save(self, state_dir: Path) -> None:
         """Replace the state file atomically (a crash leaves the old one or the new one)."""
         state_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=state_dir, prefix=".state-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, state_dir / STATE_FILE)
+        write_json_atomic(state_dir / STATE_FILE, asdict(self))
 
     @classmethod
     def load(cls, state_dir: Path) -> TrainerState | None:

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from antiphon.checkpoint import weights_fingerprint
 from antiphon.errors import InvalidRequest, NotFound
+from antiphon.training.durable import TMP_PREFIX, fsync_dir, write_json_atomic
 from antiphon.zoo.evaluate import bootstrap_interval
 
 Status = Literal["candidate", "promoted", "refused", "retired"]
@@ -50,7 +51,6 @@ SERVED = "served.json"
 SERVED_LINK = "served"
 PROVENANCE = "provenance.json"
 LOCK = ".lock"
-TMP_PREFIX = ".tmp-"  # temp files and dirs; never listed as versions
 # Keys the store writes into provenance.json; a caller's provenance may not use them.
 RESERVED = frozenset({"version", "step", "created", "status", "dev_score", "reason"})
 
@@ -233,7 +233,7 @@ class PolicyStore:
                 "reason": "",
                 **extra,
             }
-            _write_json(tmp / PROVENANCE, record, durable=False)
+            write_json_atomic(tmp / PROVENANCE, record, durable=False)
             _fsync_tree(tmp)
             try:
                 os.rename(tmp, final)
@@ -242,7 +242,7 @@ class PolicyStore:
                     raise
                 # Lost a race to an identical add: theirs is the version.
             else:
-                _fsync_dir(self.versions_dir)
+                fsync_dir(self.versions_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return self.info(version)
@@ -345,7 +345,9 @@ class PolicyStore:
         entry = {"version": version, "action": action, "at": time.time(), "reason": reason,
                  "previous": previous}  # fmt: skip
         history = [*pointer["history"], entry]
-        _write_json(self.root / SERVED, {"served": version, "stack": stack, "history": history})
+        write_json_atomic(
+            self.root / SERVED, {"served": version, "stack": stack, "history": history}
+        )
         self._link_served(version)
         if previous is not None:
             self._update(previous, status="retired")
@@ -362,11 +364,11 @@ class PolicyStore:
         tmp = self.root / f".tmp-link-{uuid.uuid4().hex}"
         os.symlink(Path(VERSIONS) / version, tmp)
         os.replace(tmp, self.served_path)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _update(self, version: str, **fields: Any) -> None:
         path = self._version_dir(version) / PROVENANCE
-        _write_json(path, {**_read_json(path), **fields})
+        write_json_atomic(path, {**_read_json(path), **fields})
 
     def _version_dir(self, version: str) -> Path:
         path = self.versions_dir / version
@@ -445,35 +447,10 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise InvalidRequest(f"unreadable policy store file {path}: {e}") from e
 
 
-def _write_json(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
-    """Write `data` to `path` atomically: a temp file beside it, fsynced, then renamed over it
-    (and with `durable`, the directory fsynced so the rename itself survives a crash)."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    if durable:
-        _fsync_dir(path.parent)
-
-
 def _fsync_tree(root: Path) -> None:
     """fsync every file and directory under `root`, so its rename publishes complete files."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             with open(os.path.join(dirpath, name), "rb") as fh:
                 os.fsync(fh.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))

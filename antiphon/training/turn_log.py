@@ -54,7 +54,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -66,6 +65,7 @@ import structlog
 
 from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord
 from antiphon.errors import InvalidRequest, NotFound
+from antiphon.training.durable import fsync_dir, write_json_atomic
 
 log = structlog.get_logger(__name__)
 
@@ -223,15 +223,6 @@ class TurnLogReader:
 # --- the directory: legacy migration, durability --------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, so that a file created or renamed in it survives a machine crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ensure_directory(path: Path) -> None:
     """Make `path` a segment directory: create it if missing; if it is a legacy single-file
     log, move that file in as the segment at base 0 (so its records keep their offsets).
@@ -247,8 +238,8 @@ def _ensure_directory(path: Path) -> None:
         if first.exists():  # never overwrite a segment: leave the stray file to a person
             raise InvalidRequest(f"{aside} is left from a migration but {first} exists")
         os.rename(aside, first)
-        _fsync_dir(path)
-        _fsync_dir(path.parent)
+        fsync_dir(path)
+        fsync_dir(path.parent)
         log.info("turn_log_migrated", path=str(path))
 
 
@@ -276,18 +267,8 @@ def commit_consumer_offset(path: str | Path, consumer: str, offset: int) -> None
     _ensure_directory(path)
     consumers = path / CONSUMERS_DIR
     consumers.mkdir(exist_ok=True)
-    # the temp name ends in .tmp, so `consumer_offsets` never reads a half-written one
-    fd, tmp = tempfile.mkstemp(dir=consumers, prefix=f".{consumer}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump({"offset": offset}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, consumers / f"{consumer}.json")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(consumers)
+    # a temp name never ends in .json, so `consumer_offsets` never reads a half-written one
+    write_json_atomic(consumers / f"{consumer}.json", {"offset": offset})
 
 
 def consumer_offsets(path: str | Path) -> dict[str, int]:
@@ -381,7 +362,7 @@ class TurnLogWriter:
         created = not file.exists()
         self._file = open(file, "ab")
         if created:
-            _fsync_dir(self.path)
+            fsync_dir(self.path)
         self._last_fsync = time.monotonic()
 
     def append(self, records: Iterable[Record]) -> int:

@@ -1,0 +1,41 @@
+"""Files that survive a crash: a JSON file replaced atomically, a directory fsynced. The
+turn log's consumer offsets, the policy store's records and a trainer's state all are
+written this way, so a crash leaves the old content or the new, never half of either."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+TMP_PREFIX = ".tmp-"  # temp files start with it: listings of a directory skip them
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a file created or renamed in it survives a machine crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
+    """Write `data` to `path` atomically: a temp file beside it (named `TMP_PREFIX...`),
+    fsynced, then renamed over it; with `durable`, the directory fsynced too, so the rename
+    itself survives a crash."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    if durable:
+        fsync_dir(path.parent)
