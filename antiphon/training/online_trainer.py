@@ -130,6 +130,7 @@ class TrainerState:
     step: int = 0  # candidates made
     candidate_start: int = 0  # where the log range of the pending examples starts
     base: str = ""  # the version the next candidate is trained from
+    published: str = ""  # the version last published to serving
     joiner: dict = field(default_factory=dict)
     pending: list[dict] = field(default_factory=list)  # examples not yet trained on
     replay: list[dict] = field(default_factory=list)  # examples trained on, newest last
@@ -206,15 +207,23 @@ class OnlineSwitcherTrainer:
             provenance={"trainer": self.config.consumer, "log_offsets": [0, 0], "examples": 0},
         )  # fmt: skip
         self.store.promote(first.version, reason="the initial switcher")
-        self.publish(self.served())
+        self._publish(self.served())
+
+    def _publish(self, version: VersionInfo) -> None:
+        self.publish(version)
+        self.state.published = version.version
 
     def poll(self, max_candidates: int | None = None) -> list[CandidateOutcome]:
-        """Read the log past the state's offset; make and judge a candidate each time enough
-        new examples have come (stop reading after `max_candidates` of them); save the
-        state. Returns the candidates judged."""
+        """Publish the served version if it is not the one last published (`antiphon policy
+        rollback` moved it); read the log past the state's offset; make and judge a candidate
+        each time enough new examples have come (stop reading after `max_candidates` of
+        them); save the state. Returns the candidates judged."""
         outcomes: list[CandidateOutcome] = []
-        if not self._redoing():  # train from what is served now (an operator may roll back)
-            self.state.base = self.served().version
+        served = self.served()
+        if served.version != self.state.published:  # an operator rolled back (or forward)
+            self._publish(served)
+        if not self._redoing():  # train from what is served now
+            self.state.base = served.version
         for record, offset in read_records(self.config.turn_log, self.state.offset):
             examples = [e for e in self.joiner.add(record) if e.informative]
             self.state.pending += [asdict(e) for e in examples]
@@ -279,13 +288,13 @@ class OnlineSwitcherTrainer:
         dev slice, else refuse it; one judged before a kill keeps its verdict."""
         if candidate.status != "candidate":
             if candidate.status == "promoted":
-                self.publish(candidate)
+                self._publish(candidate)
             return CandidateOutcome(candidate, candidate.status == "promoted", candidate.reason)
         decision = promotion_decision(self._scores(candidate), self._scores(self.served()))
         self.store.record_evaluation(candidate.version, decision.candidate)
         if decision.promote:
             self.store.promote(candidate.version, reason=decision.reason)
-            self.publish(self.served())
+            self._publish(self.served())
         else:
             self.store.refuse(candidate.version, reason=decision.reason)
         log.info("candidate judged", version=candidate.version, promoted=decision.promote,

@@ -134,6 +134,11 @@ def test_the_gate_promotes_a_better_candidate_and_refuses_one_trained_on_inverte
     assert (first["examples"], second["examples"]) == (28, 26)  # the requests above baseline
     assert trainer.train_pending() is None  # nothing pending
 
+    # an operator rolls back (antiphon policy rollback): the next poll publishes it
+    store.rollback()
+    assert trainer.poll() == [] and published[-1].version == initial.version
+    assert trainer.poll() == [] and len(published) == 3  # once
+
 
 def run_trainer(cfg_path: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen(
