@@ -78,10 +78,8 @@ class HostedPolicies:
     def __call__(
         self, name: str, params: Mapping[str, object], ensemble: tuple[str, ...]
     ) -> Policy:
-        if (
-            name in self.clients
-            and validate_policy_params(name, params, ensemble) == (self.params[name])
-        ):
+        hosted = name in self.clients
+        if hosted and validate_policy_params(name, params, ensemble) == self.params[name]:
             return self.clients[name]
         return self.local(name, params, ensemble)
 

@@ -218,15 +218,14 @@ class _Switchers:
         self.models: dict[tuple[str, str, str | None, str | None], IndexScorer] = {}
         self.tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
 
-    def model(self, params: SwitchParams, version: str) -> IndexScorer:
-        path = switcher_checkpoint(params)
+    def model(self, params: SwitchParams, path: str, version: str) -> IndexScorer:
+        """The switcher model of the weights at `path` (links resolved: `switcher_checkpoint`)."""
         key = (path, version, params.switcher_deployment, params.switcher_app)
         if key not in self.models:
             self.models[key] = _connect(params, path)
         return self.models[key]
 
-    def tokenizer(self, params: SwitchParams, version: str) -> PreTrainedTokenizerBase:
-        path = switcher_checkpoint(params)
+    def tokenizer(self, path: str, version: str) -> PreTrainedTokenizerBase:
         if (path, version) not in self.tokenizers:
             self.tokenizers[path, version] = load_tokenizer(path)
         return self.tokenizers[path, version]
@@ -274,9 +273,12 @@ class Switch:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         self.params = params
-        self.version = weights_fingerprint(switcher_checkpoint(params))
-        self.model = model if model is not None else SWITCHERS.model(params, self.version)
-        self.tokenizer = tokenizer or SWITCHERS.tokenizer(params, self.version)
+        # the link is read once: the version, the engine and the tokenizer all name the
+        # weights it pointed at then, whatever a promotion moves it to meanwhile
+        path = switcher_checkpoint(params)
+        self.version = weights_fingerprint(path)
+        self.model = model if model is not None else SWITCHERS.model(params, path, self.version)
+        self.tokenizer = tokenizer or SWITCHERS.tokenizer(path, self.version)
         self._max_context: int | None = None  # the switcher model's, fetched on first use
 
     async def distribution(self, view: SequenceView) -> list[float]:

@@ -204,7 +204,7 @@ class OnlineSwitcherTrainer:
     def _serve_initial(self) -> None:
         first = self.store.add_candidate(
             self.config.init, step=0,
-            provenance={"trainer": self.config.consumer, "log_offsets": [0, 0], "examples": 0},
+            provenance={"trainer": self.name, "log_offsets": [0, 0], "examples": 0},
         )  # fmt: skip
         self.store.promote(first.version, reason="the initial switcher")
         self._publish(self.served())
@@ -252,7 +252,7 @@ class OnlineSwitcherTrainer:
         self.state.save(self.state_dir)
         metrics.record(metrics.TRAINER_LOG_OFFSET, self.state.offset, trainer=self.name)
         # only now may the log drop what came before: the state no longer needs it
-        commit_consumer_offset(self.config.turn_log, self.config.consumer, self.state.offset)
+        commit_consumer_offset(self.config.turn_log, self.name, self.state.offset)
 
     def _candidate(self) -> CandidateOutcome:
         """Train a candidate on the pending examples (and the replay buffer) from the served
@@ -266,7 +266,7 @@ class OnlineSwitcherTrainer:
                            self.config.train_config(state.step), progress=False)  # fmt: skip
             candidate = self.store.add_candidate(
                 out, step=state.step,
-                provenance={"trainer": self.config.consumer, "parent": base.version,
+                provenance={"trainer": self.name, "parent": base.version,
                             "log_offsets": [state.candidate_start, state.offset],
                             "examples": len(fresh), "replayed": len(replay),
                             "requests": self.joiner.counters.rewarded},

@@ -151,12 +151,11 @@ def hits(
     was_training = model.training
     model.eval()
     out: list[float] = []
-    with torch.no_grad():
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            batch = collate(chunk, pad_id, len(index_ids))
-            pred = index_logprobs(model, batch, index_ids).argmax(-1)  # (B,)
-            out += [float(p in e.best) for e, p in zip(chunk, pred.tolist(), strict=True)]
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        batch = collate(chunk, pad_id, len(index_ids))
+        pred = index_logprobs(model, batch, index_ids).argmax(-1)  # (B,)
+        out += [float(p in e.best) for e, p in zip(chunk, pred.tolist(), strict=True)]
     model.train(was_training)
     return out
 
