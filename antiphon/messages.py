@@ -113,6 +113,7 @@ class Generation:
         tuple[tuple[int, float], ...], ...
     ] = ()  # per token: (id, logprob) best first
     gates: tuple[float, ...] = ()  # gate value before each token; one more if finish_reason=="gate"
+    gate: str = ""  # the fingerprint of the gate that gave them ("" when the model has none)
     finish_reason: FinishReason = "length"
     length: int = 0  # session length after the call
     new_tokens_computed: int = 0  # positions the model ran forward on in this call (cache check)

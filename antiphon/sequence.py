@@ -48,6 +48,7 @@ class Segment:
     # the writer's deferral gate before each token (one more when it stopped at its gate);
     # empty when the writer carries no gate
     gates: tuple[float, ...] = ()
+    gate: str = ""  # the fingerprint of the gate that gave them (a served gate can change)
     # per token, when asked for: the writer's most likely tokens there, (id, log p) best first
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
 

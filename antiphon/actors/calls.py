@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from antiphon.actors.gate import GateHead
 from antiphon.actors.logits import LogitsProcessor
 from antiphon.messages import SamplingParams
 
@@ -40,6 +41,7 @@ class Generate:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
     gates: list[float] = field(default_factory=list)
+    gate: GateHead | None = None  # the checkpoint's gate when the call started (kept to its end)
     # what its settings do to the logits (bias, penalties, a grammar); set when the call starts
     processors: list[LogitsProcessor] = field(default_factory=list)
 

@@ -40,14 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from transformers import PreTrainedModel
 
 from antiphon.actors.calls import Append, Call, Close, Fork, Generate, Op, Open, Score, Truncate
 from antiphon.actors.core import EngineCore
-from antiphon.actors.gate import GateHead, find_gate, load_gate
+from antiphon.actors.gate import GateSource, find_gate
 from antiphon.actors.outputs import OutputProcessor
 from antiphon.actors.runner import ModelRunner
 from antiphon.checkpoint import checkpoint_facts, load_checkpoint
@@ -83,13 +83,13 @@ class ModelEngine:
         model, tokenizer = load_checkpoint(spec)
         facts = checkpoint_facts(model, tokenizer)
         self.vocab_size, self.max_context = facts.vocab_size, facts.max_context
-        gate = _load_gate(spec, model)
-        runner = ModelRunner(model, self.max_context, capture_head_input=gate is not None)
+        self._gate = _gate_source(spec, model)
+        runner = ModelRunner(model, self.max_context, capture_head_input=self._gate is not None)
 
         def decode(token_ids: list[int]) -> str:
             return tokenizer.decode(token_ids, skip_special_tokens=True)
 
-        outputs = OutputProcessor(decode, frozenset(facts.eos_token_ids), self.max_context, gate)
+        outputs = OutputProcessor(decode, frozenset(facts.eos_token_ids), self.max_context)
         self._core = EngineCore(spec, runner, outputs, tokenizer, self.vocab_size, id_prefix)
         self._info = ModelInfo(
             name=spec.name,
@@ -99,7 +99,7 @@ class ModelEngine:
             tokenizer_fingerprint=facts.tokenizer_fingerprint,
             device=str(runner.device),
             dtype=spec.dtype,
-            gate_fingerprint=gate.fingerprint if gate is not None else "",
+            gate_fingerprint=self._gate.gate.fingerprint if self._gate is not None else "",
         )
         self._crash: BaseException | None = None
         self._worker = threading.Thread(target=self._run, name=f"engine-{spec.name}", daemon=True)
@@ -119,6 +119,8 @@ class ModelEngine:
     # -- public async API (SessionModel) ----------------------------------------------------
 
     async def info(self) -> ModelInfo:
+        if self._gate is not None:  # the gate served now (it may have been published since)
+            self._info = replace(self._info, gate_fingerprint=self._gate.current().fingerprint)
         return self._info
 
     async def open(self, prompt: list[int] | str) -> SessionInfo:
@@ -139,7 +141,8 @@ class ModelEngine:
         as_token_ids([token for token, _ in params.logit_bias], self.vocab_size, "logit_bias")
         if session_id is None and not prefix:
             raise InvalidRequest("generate without a session needs prefix_ids: its prompt")
-        return await self._submit(Generate(session_id, params, prefix))
+        gate = self._gate.current() if self._gate is not None else None
+        return await self._submit(Generate(session_id, params, prefix, gate=gate))
 
     async def score(self, session_id: str, token_ids: list[int], keep: bool = False) -> list[float]:
         ids = as_token_ids(token_ids, self.vocab_size, "token_ids")
@@ -224,7 +227,7 @@ class ModelEngine:
         return await call.future
 
 
-def _load_gate(spec: ModelSpec, model: PreTrainedModel) -> GateHead | None:
+def _gate_source(spec: ModelSpec, model: PreTrainedModel) -> GateSource | None:
     """The checkpoint's deferral gate on the model's device, or None if it has none."""
     gate_file = find_gate(spec)
     if gate_file is None:
@@ -232,4 +235,4 @@ def _load_gate(spec: ModelSpec, model: PreTrainedModel) -> GateHead | None:
     if model.get_output_embeddings() is None:
         raise InvalidRequest(f"model {spec.name!r} has no output head to attach a gate to")
     hidden = model.config.get_text_config().hidden_size
-    return load_gate(gate_file, hidden).to(next(model.parameters()).device)
+    return GateSource(gate_file, hidden, next(model.parameters()).device)

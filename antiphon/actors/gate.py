@@ -5,11 +5,17 @@ gate_t = sigmoid(w . h_t + b), where h_t is the hidden state the LM head reads a
 logits should be written by another model. The gate is stored next to the checkpoint as
 `gate.safetensors` with tensors 'weight' (hidden,) and optionally 'bias' () -- the Co-LLM
 trainer writes it with `save_gate`, the engine reads it with `load_gate`.
+
+A gate can change while the engine serves: `GateSource` re-reads the file when the path it
+resolves to moves (an online trainer promotes a gate by moving a policy store's `served`
+link, and a store's versions never change in place). Each generate call takes the gate of
+the moment it starts and keeps it to its end, and its result names that gate.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +25,9 @@ from safetensors.torch import load_file, save_file
 from antiphon.checkpoint import resolve_checkpoint_path
 from antiphon.config import ModelSpec
 from antiphon.errors import InvalidRequest
+from antiphon.logging import get_logger
+
+log = get_logger(__name__)
 
 GATE_FILENAME = "gate.safetensors"
 
@@ -78,3 +87,26 @@ def find_gate(spec: ModelSpec) -> Path | None:
         return Path(spec.gate_path)
     candidate = Path(resolve_checkpoint_path(spec.path)) / GATE_FILENAME
     return candidate if candidate.is_file() else None
+
+
+class GateSource:
+    """A checkpoint's gate, re-read when its file's resolved path moves (see the module
+    docstring). A file that cannot be read, or does not fit the model, leaves the gate
+    served before in place (logged): a bad publication must not fail the requests."""
+
+    def __init__(self, path: Path, hidden_size: int, device: torch.device | str) -> None:
+        self.path, self.hidden_size, self.device = path, hidden_size, device
+        self.resolved = os.path.realpath(path)
+        self.gate = load_gate(path, hidden_size).to(device)
+
+    def current(self) -> GateHead:
+        """The gate to use from now on: the file's, if the path resolves elsewhere now."""
+        resolved = os.path.realpath(self.path)
+        if resolved != self.resolved:
+            try:
+                self.gate = load_gate(resolved, self.hidden_size).to(self.device)
+                log.info("gate reloaded", path=str(self.path), gate=self.gate.fingerprint)
+            except Exception as e:  # a missing, torn or misshapen file: keep serving
+                log.error("gate not reloaded, the one before is kept", path=resolved, error=str(e))
+            self.resolved = resolved  # tried once: a bad file is not read again each call
+        return self.gate

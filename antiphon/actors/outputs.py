@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from antiphon.actors.calls import Generate
-from antiphon.actors.gate import GateHead
 from antiphon.actors.logits import apply_processors
 from antiphon.actors.sampling import choose_tokens, find_stop_string, top_alternatives
 from antiphon.messages import FinishReason, Generation, TeacherForced
@@ -40,12 +39,10 @@ class OutputProcessor:
         decode: Callable[[list[int]], str],
         eos_ids: frozenset[int],
         max_context: int,
-        gate: GateHead | None,
     ) -> None:
         self.decode = decode  # token ids -> text, special tokens skipped
         self.eos_ids = eos_ids
         self.max_context = max_context
-        self.gate = gate
 
     def next_tokens(
         self,
@@ -55,10 +52,11 @@ class OutputProcessor:
         hidden: torch.Tensor | None,
     ) -> list[TokenStep]:
         """One step of every generate call: logits (B, V) of its next position, its session's
-        length before the step, and the LM head's input (B, H) where a gate reads it."""
+        length before the step, and the LM head's input (B, H) where a gate reads it (each
+        call's own gate: a gate published mid-batch applies to the calls started after it)."""
         gates = None
-        if self.gate is not None and hidden is not None:
-            gates = self.gate(hidden).tolist()
+        if hidden is not None and ops[0].gate is not None:
+            gates = _gate_values(ops, hidden)
         shaped = apply_processors(logits, [op.processors for op in ops])
         tokens, logprobs, matrix = choose_tokens(
             logits, [op.params for op in ops], [op.generator for op in ops], shaped
@@ -114,10 +112,22 @@ class OutputProcessor:
             logprobs=tuple(op.logprobs),
             top_logprobs=tuple(op.top_logprobs),
             gates=tuple(op.gates),
+            gate=op.gate.fingerprint if op.gate is not None else "",
             finish_reason=step.finish,
             length=length,
             new_tokens_computed=computed,
         )
+
+
+def _gate_values(ops: Sequence[Generate], hidden: torch.Tensor) -> list[float]:
+    """Each call's gate on its row of hidden (B, H): one matrix product per distinct gate
+    (one, but for the steps after a publication)."""
+    values = [0.0] * len(ops)
+    for gate in {id(op.gate): op.gate for op in ops}.values():
+        rows = [i for i, op in enumerate(ops) if op.gate is gate]
+        for i, v in zip(rows, gate(hidden[rows]).tolist(), strict=True):
+            values[i] = v
+    return values
 
 
 def token_logprobs(logits: torch.Tensor, token_ids: list[int]) -> list[float]:

@@ -144,7 +144,8 @@ def turn_records(
                 wall_ms=timing.wall_ms,
                 time=commit_times[i],
                 gates=seg.gates,
-                gate=infos[seg.model].gate_fingerprint,
+                # the gate of the call that wrote it; else the writer's (it read no gate)
+                gate=seg.gate or infos[seg.model].gate_fingerprint,
             )
         )
     return records

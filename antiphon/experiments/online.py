@@ -251,10 +251,11 @@ def run(args: argparse.Namespace) -> dict:
 
     from antiphon.deploy.app import build_app, free_port, hosted_policy_actor_name
     from antiphon.experiments.train_online import serving_judge
+    from antiphon.training.online_learners import SwitchLearner
     from antiphon.training.online_trainer import (
         DevSlice,
-        OnlineSwitcherTrainer,
         OnlineTrainConfig,
+        OnlineTrainer,
         actor_publisher,
     )
     from antiphon.zoo.evaluate import zoo_tasks
@@ -284,7 +285,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         judge = serving_judge(dev)
         # the store and its served link exist before the app reads the link
-        trainer = OnlineSwitcherTrainer(config, judge)
+        trainer = OnlineTrainer(config, SwitchLearner(config.train), judge)
         serve.run(build_app(app_config(trainer.store.served_path, work, args.segment_len)),
                   name=APP, route_prefix="/")  # fmt: skip
         trainer.publish = actor_publisher(config.publish_to)
@@ -337,12 +338,13 @@ async def rounds(args, url: str, trainer, stream, tests) -> dict:
 def bad_candidate(config, judge, work: Path) -> dict:
     """A trainer over the same log with its rewards inverted: its one candidate must be
     refused and never served."""
-    from antiphon.training.online_trainer import OnlineSwitcherTrainer
+    from antiphon.training.online_learners import SwitchLearner
+    from antiphon.training.online_trainer import OnlineTrainer
 
     bad = config.model_copy(update={"invert_rewards": True, "consumer": "inverted",
                                     "examples_per_candidate": BAD_EXAMPLES,
                                     "state_dir": str(work / "state-inverted")})  # fmt: skip
-    trainer = OnlineSwitcherTrainer(bad, judge)
+    trainer = OnlineTrainer(bad, SwitchLearner(bad.train), judge)
     served_before = trainer.served().version
     outcomes = trainer.poll(max_candidates=1) or [trainer.train_pending()]
     outcome = outcomes[0]

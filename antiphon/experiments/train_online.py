@@ -1,5 +1,6 @@
-"""`antiphon train online --config FILE`: the online switcher trainer over a turn log (see
-`antiphon.training.online_trainer`), in this process or as a Ray job:
+"""`antiphon train online --config FILE`: the online trainer of the switcher or of a deferral
+gate over a turn log (see `antiphon.training.online_trainer`), in this process or as a Ray
+job:
 
     antiphon train online --config online.yaml                # polls for ever
     antiphon train online --config online.yaml --until-idle   # stops once the log is read
@@ -12,6 +13,12 @@ state directory, the switcher served first, and the dev slice that judges candid
 the switch policy's checkpoint). With `publish_to` (the hosted policy actor of an ensemble,
 `antiphon-policy-<ensemble>`) each promotion is served at once; the trainer then runs on
 the app's Ray cluster (`--address`, default: RAY_ADDRESS or the local one).
+
+`learner: gate` learns the gate of `base_checkpoint` from the `defer` requests: the
+assistant's log-probs come from the app's deployment of the assistant (`dev.policy_params`
+names both models), candidates are judged by a coordinator in this process over the app's
+assistant and an engine of the base carrying the candidate, and a promotion is served by
+the store's link alone (serve the base with `gate_path: <store>/served/gate.safetensors`).
 """
 
 from __future__ import annotations
@@ -20,11 +27,13 @@ import argparse
 import asyncio
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay out of `antiphon --help`
-    from antiphon.training.online_trainer import DevSlice, Evaluate
+    from antiphon.coordinator.request import GenerationRequest
+    from antiphon.training.online_trainer import DevSlice, Evaluate, OnlineTrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,13 +43,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="Ray cluster of the serving app (publish_to, dev.app)")
 
 
-def serving_judge(dev: DevSlice, split: str = "dev") -> Evaluate:
-    """Dev scores through the serving app: each item of the dev tasks asked of its
-    coordinator deployment with the candidate as the switch policy's checkpoint (the other
-    parameters are the hosted policy's), scored by the task's own metric (0-100). `split`
-    only for a report's reference line: a trainer's judge never reads the test split."""
-    from ray import serve
-
+def dev_item_scores(
+    generate: Callable[[GenerationRequest], Awaitable[object]], dev: DevSlice, policy: str,
+    params: dict, split: str = "dev",
+) -> Callable[[], Awaitable[list[float]]]:  # fmt: skip
+    """Each item of the dev tasks asked through `generate` (a coordinator's, or its
+    deployment's) with `policy` and `params`, scored by the task's own metric (0-100).
+    `split` only for a report's reference line: a trainer's judge never reads the test
+    split."""
     from antiphon.coordinator.request import GenerationRequest
     from antiphon.zoo.evaluate import run_task, zoo_tasks
     from antiphon.zoo.tasks import TASK_NAMES
@@ -50,34 +60,87 @@ def serving_judge(dev: DevSlice, split: str = "dev") -> Evaluate:
         for t in zoo_tasks(split, dev.tasks or TASK_NAMES).values()
     ]
 
-    async def scores(checkpoint: str) -> list[float]:
-        coordinator = serve.get_deployment_handle("coordinator", app_name=dev.app)
-        params = {**dev.policy_params, "switcher_path": checkpoint}
+    async def ask(prompt, sampling) -> str:
+        request = GenerationRequest(
+            request_id=f"dev-{uuid.uuid4().hex}", prompt=prompt, models=tuple(dev.models),
+            policy=policy, policy_params=params, max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+            seed=sampling.seed, stop=tuple(sampling.stop_strings),
+        )  # fmt: skip
+        return (await generate(request)).text
 
-        async def ask(prompt, sampling) -> str:
-            request = GenerationRequest(
-                request_id=f"dev-{uuid.uuid4().hex}", prompt=prompt, models=tuple(dev.models),
-                policy="switch", policy_params=params, max_tokens=sampling.max_new_tokens,
-                temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
-                seed=sampling.seed, stop=tuple(sampling.stop_strings),
-            )  # fmt: skip
-            return (await coordinator.generate.remote(request)).text
-
+    async def scores() -> list[float]:
         out = []
         for task in tasks:
             outputs = await run_task(ask, task, seed=dev.seed)
             out += [task.score([item], [o]) for item, o in zip(task.items, outputs, strict=True)]
         return out
 
-    return lambda checkpoint: asyncio.run(scores(checkpoint))
+    return scores
+
+
+def serving_judge(dev: DevSlice, split: str = "dev") -> Evaluate:
+    """Dev scores through the serving app: each dev item asked of its coordinator deployment
+    with the candidate as the switch policy's checkpoint (the other parameters are the
+    hosted policy's)."""
+    from ray import serve
+
+    def evaluate(checkpoint: str) -> list[float]:
+        coordinator = serve.get_deployment_handle("coordinator", app_name=dev.app)
+        params = {**dev.policy_params, "switcher_path": checkpoint}
+        return asyncio.run(
+            dev_item_scores(coordinator.generate.remote, dev, "switch", params, split)()
+        )
+
+    return evaluate
+
+
+def gate_serving_judge(config: OnlineTrainConfig, assistant: Any, tokenizer: Any) -> Evaluate:
+    """Dev scores of a gate: the dev items asked of a coordinator in this process, over an
+    engine of the base whose gate is the candidate (a link moved to each version judged, as
+    serving moves its own) and the app's assistant deployment, with the policy `defer` and
+    the ensemble's parameters."""
+    from antiphon.actors.engine import ModelEngine
+    from antiphon.config import ModelSpec
+    from antiphon.coordinator.loop import Coordinator
+
+    dev = config.dev
+    base_name, assistant_name = dev.policy_params["base"], dev.policy_params["assistant"]
+    link = Path(config.state_dir) / "judged"
+    engine: list[ModelEngine] = []  # started at the first judgement, when the link exists
+
+    def evaluate(version: str) -> list[float]:
+        point_link(link, Path(version))
+        if not engine:
+            engine.append(ModelEngine(ModelSpec(
+                name=base_name, path=config.base_checkpoint,
+                gate_path=str(link / "gate.safetensors"),
+            )))  # fmt: skip
+
+        async def scores() -> list[float]:
+            coord = Coordinator({base_name: engine[0], assistant_name: assistant},
+                                {base_name: tokenizer, assistant_name: tokenizer})  # fmt: skip
+            return await dev_item_scores(coord.generate, dev, "defer", dict(dev.policy_params))()
+
+        return asyncio.run(scores())
+
+    return evaluate
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Make `link` a symlink to `target`, replacing the one there in one rename."""
+    tmp = link.with_name(f"{link.name}.{uuid.uuid4().hex[:8]}")
+    tmp.symlink_to(target.resolve())
+    tmp.replace(link)
 
 
 def run(args: argparse.Namespace) -> int:
     import yaml
 
+    from antiphon.training.online_learners import SwitchLearner
     from antiphon.training.online_trainer import (
-        OnlineSwitcherTrainer,
         OnlineTrainConfig,
+        OnlineTrainer,
         actor_publisher,
         examples_judge,
         run_online,
@@ -89,7 +152,28 @@ def run(args: argparse.Namespace) -> int:
 
         ray.init(address=args.address, log_to_driver=False)
     dev = config.dev
-    judge = examples_judge(dev.examples) if dev.examples else serving_judge(dev)
+    if config.learner == "gate":
+        learner, judge = gate_learner_and_judge(config)
+    else:
+        learner = SwitchLearner(config.train)
+        judge = examples_judge(dev.examples) if dev.examples else serving_judge(dev)
     publish = actor_publisher(config.publish_to) if config.publish_to else (lambda version: None)
-    run_online(OnlineSwitcherTrainer(config, judge, publish), until_idle=args.until_idle)
+    run_online(OnlineTrainer(config, learner, judge, publish), until_idle=args.until_idle)
     return 0
+
+
+def gate_learner_and_judge(config: OnlineTrainConfig):
+    """The gate learner and its judge, the assistant scored on the app's deployment of it."""
+    from ray import serve
+
+    from antiphon.actors.client import ServeModelClient
+    from antiphon.config import ModelSpec
+    from antiphon.training.online_learners import GateLearner
+
+    params = config.dev.policy_params
+    assistant = ServeModelClient(
+        serve.get_deployment_handle(str(params["assistant"]), app_name=config.dev.app)
+    )
+    base = ModelSpec(name=str(params["base"]), path=str(config.base_checkpoint))
+    learner = GateLearner(base, assistant, config.train)
+    return learner, gate_serving_judge(config, assistant, learner.tokenizer)

@@ -1,4 +1,5 @@
-"""From the turn log to switcher training examples, for a trainer that learns from traffic.
+"""From the turn log to training examples, for a trainer that learns from traffic: the
+switcher's (`request_examples`) or the deferral gate's (`sequence_examples`).
 
 A request's records land in the log in this order: its turn records, its request record (the
 query and the outcome), then, whenever the client (or a verifier) sends it, a feedback record
@@ -15,7 +16,12 @@ other" would push the switcher towards the models that fail everywhere. This is
 reward-filtered imitation of the served policy's own decisions (as in rejection-sampling
 fine-tuning); the served switch must explore (sample its writers) for it to find better ones.
 
-    joiner = LogJoiner(policies=("switch",))
+For the gate, a request rewarded above the baseline gives one `SequenceExample`: its prompt
+and its whole logged response (every segment's tokens, whoever wrote them). The gate trainer
+maximises the marginal likelihood of those tokens, as Co-LLM does on gold text: the gate
+learns to defer where the assistant explains a good response better than the base.
+
+    joiner = LogJoiner(policies=("switch",))       # LogJoiner(("defer",), learner="gate")
     for record, offset in read_records(log_path, state.offset):
         for example in joiner.add(record):
             ...
@@ -59,6 +65,34 @@ class LoggedRequest:
     turns: list[TurnRecord] = field(default_factory=list)
 
 
+@dataclass
+class SequenceExample:
+    """A logged response that earned a good outcome: what the gate is trained on."""
+
+    key: str  # the request id
+    prompt: str
+    token_ids: list[int]  # the response, every segment's tokens in order
+    reward: float
+
+    informative = True  # every kept response teaches the gate
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, object]) -> SequenceExample:
+        return cls(**d)
+
+
+def sequence_examples(
+    logged: LoggedRequest, reward: float, baseline: float
+) -> list[SequenceExample]:
+    """The request's prompt and response if `reward` is above `baseline`, else nothing."""
+    if reward <= baseline:
+        return []
+    segments = sorted(logged.turns, key=lambda t: t.segment)
+    tokens = [token for turn in segments for token in turn.token_ids]
+    request = logged.request
+    return [SequenceExample(request.request_id, request.prompt, tokens, reward)] if tokens else []
+
+
 def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> list[RolloutExample]:
     """One example per written segment of `logged` if `reward` is above `baseline`, else
     none (see the module docstring)."""
@@ -91,15 +125,23 @@ def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> l
     return examples
 
 
+EXAMPLES = {"switch": request_examples, "gate": sequence_examples}  # by learner
+
+
 class LogJoiner:
-    """Folds turn log records (in log order) into labelled examples of some policies' requests."""
+    """Folds turn log records (in log order) into labelled examples of some policies' requests,
+    for one learner (`EXAMPLES`)."""
 
     def __init__(
         self,
         policies: tuple[str, ...] = ("switch",),
         max_awaiting: int = MAX_AWAITING,
         invert: bool = False,
+        learner: str = "switch",
     ) -> None:
+        if learner not in EXAMPLES:
+            raise ValueError(f"unknown learner {learner!r}; known: {sorted(EXAMPLES)}")
+        self.learner = learner
         # whose requests teach: the served policy's, and any behaviour policy's that explores
         # for it (a writer alone, say); a good trace is imitated whoever chose its writers
         self.policies = tuple(policies)
@@ -118,7 +160,7 @@ class LogJoiner:
         n = self.counters.rewarded
         return self.reward_sum / n if n else 0.5
 
-    def add(self, record: Record) -> list[RolloutExample]:
+    def add(self, record: Record) -> list[RolloutExample] | list[SequenceExample]:
         """Take one record; return the examples it completes (only a reward completes any)."""
         if isinstance(record, TurnRecord):
             if record.policy in self.policies:
@@ -142,7 +184,7 @@ class LogJoiner:
             self.awaiting.popitem(last=False)
             self.counters.unrewarded += 1
 
-    def _reward(self, record: FeedbackRecord) -> list[RolloutExample]:
+    def _reward(self, record: FeedbackRecord) -> list[RolloutExample] | list[SequenceExample]:
         logged = self.awaiting.pop(record.request_id, None)
         if logged is None:
             if record.request_id in self.used:
@@ -151,7 +193,7 @@ class LogJoiner:
                 self.counters.unknown_feedback += 1
             return []
         reward = 1.0 - record.reward if self.invert else record.reward
-        examples = request_examples(logged, reward, self.baseline)
+        examples = EXAMPLES[self.learner](logged, reward, self.baseline)
         self.used.add(record.request_id)
         self.reward_sum += reward
         self.counters.rewarded += 1
@@ -162,6 +204,7 @@ class LogJoiner:
         """Everything needed to go on exactly where this joiner is (msgpack/JSON values)."""
         return {
             "policies": list(self.policies),
+            "learner": self.learner,
             "max_awaiting": self.max_awaiting,
             "invert": self.invert,
             "turns": {rid: [asdict(t) for t in ts] for rid, ts in self.turns.items()},
@@ -176,7 +219,8 @@ class LogJoiner:
 
     @classmethod
     def from_state(cls, state: Mapping) -> LogJoiner:
-        joiner = cls(tuple(state["policies"]), state["max_awaiting"], state["invert"])
+        joiner = cls(tuple(state["policies"]), state["max_awaiting"], state["invert"],
+                     state["learner"])  # fmt: skip
         joiner.turns = {rid: _turns(ts) for rid, ts in state["turns"].items()}
         for entry in state["awaiting"]:
             request = _record(RequestRecord, entry["request"])
@@ -200,4 +244,12 @@ def _turns(data: Sequence[Mapping]) -> list[TurnRecord]:
     return [_record(TurnRecord, t) for t in data]
 
 
-__all__ = ["JoinCounters", "LogJoiner", "LoggedRequest", "request_examples"]
+__all__ = [
+    "EXAMPLES",
+    "JoinCounters",
+    "LogJoiner",
+    "LoggedRequest",
+    "SequenceExample",
+    "request_examples",
+    "sequence_examples",
+]

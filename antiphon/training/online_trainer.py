@@ -1,6 +1,7 @@
-"""The online switcher trainer: it tails the turn log, turns rewarded requests into examples
-(`online_examples`), and every `examples_per_candidate` new examples fine-tunes a candidate
-from the served switcher, has it judged on a dev slice against the served one (the
+"""The online trainer of one learned policy (the switcher, or a base model's deferral gate:
+`online_learners`): it tails the turn log, turns rewarded requests into examples
+(`online_examples`), and every `examples_per_candidate` new examples trains a candidate
+from the served version, has it judged on a dev slice against the served one (the
 promotion gate of `policy_versions`) and, if it is at least as good, publishes it.
 
 Exactly once: the trainer's state (its log offset, the joiner's requests awaiting their
@@ -11,7 +12,8 @@ offset are read again and the candidate it was making is made again, so no turn 
 or counted twice. Once a state is on disk, the trainer tells the log (a consumer offset)
 that everything before its offset may be rotated away.
 
-    trainer = OnlineSwitcherTrainer(config, evaluate=dev_scores, publish=serve_version)
+    trainer = OnlineTrainer(config, SwitchLearner(config.train), evaluate=dev_scores,
+                            publish=serve_version)
     while True:
         trainer.poll()          # reads what is new; trains, judges, publishes when due
         time.sleep(config.poll_s)
@@ -28,6 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -37,24 +40,25 @@ from antiphon.logging import get_logger
 from antiphon.policies.actor import POLICY_NAMESPACE
 from antiphon.training.durable import write_json_atomic
 from antiphon.training.online_examples import LogJoiner
+from antiphon.training.online_learners import Learner
 from antiphon.training.policy_versions import PolicyStore, VersionInfo, promotion_decision
-from antiphon.training.rollouts import RolloutExample, RolloutStore
-from antiphon.training.switcher_training import SwitcherTrainConfig, example_hits, train_switcher
+from antiphon.training.rollouts import RolloutStore
+from antiphon.training.switcher_training import example_hits
 from antiphon.training.turn_log import commit_consumer_offset, read_records
 
 log = get_logger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
-Evaluate = Callable[[str], Sequence[float]]  # checkpoint path -> per-item dev scores
+Evaluate = Callable[[str], Sequence[float]]  # version directory -> per-item dev scores
 Publish = Callable[[VersionInfo], None]
 
 
 class DevSlice(BaseModel):
-    """Where candidates are judged against the served switcher: labelled examples (a rollout
-    store's examples.jsonl, judged offline), or the zoo's dev tasks asked through a running
-    app's coordinator (`antiphon.experiments.train_online` builds that judge). Never the test
-    split."""
+    """Where candidates are judged against the served version: labelled examples (a rollout
+    store's examples.jsonl, judged offline; switchers only), or the zoo's dev tasks asked
+    through a running app (`antiphon.experiments.train_online` builds that judge). Never the
+    test split."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,7 +67,8 @@ class DevSlice(BaseModel):
     models: list[str] = Field(default_factory=list, description="The ensemble (app only).")
     policy_params: dict[str, object] = Field(
         default_factory=dict,
-        description="The switch parameters but the checkpoint, as the ensemble's (app only).",
+        description="The policy's parameters as the ensemble's, but the switcher's checkpoint "
+        "(app only).",
     )
     tasks: list[str] = Field(default_factory=list, description="Zoo tasks (app only; all).")
     limit: int | None = Field(default=20, ge=1, description="Items per task (app only).")
@@ -86,15 +91,26 @@ class OnlineTrainConfig(BaseModel):
     turn_log: str = Field(description="The turn log the serving coordinators write.")
     store: str = Field(description="The policy store: every version, and which one is served.")
     state_dir: str = Field(description="The trainer's own state (offset, buffers).")
-    init: str = Field(description="The switcher served first (an HF dir or zoo:NAME).")
+    learner: Literal["switch", "gate"] = Field(
+        default="switch", description="What it learns: the switcher, or a deferral gate."
+    )
+    init: str = Field(
+        description="The version served first: a switcher (an HF dir or zoo:NAME), or a gate "
+        "(its file, or a directory holding gate.safetensors)."
+    )
+    base_checkpoint: str | None = Field(
+        default=None,
+        description="The checkpoint that carries the gate (learner gate): its head inputs and "
+        "log-probs are computed in the trainer's process.",
+    )
     consumer: str = Field(
         default="switch-trainer", description="Its name as a consumer of the log."
     )
     policies: list[str] = Field(
         default=["switch"],
         min_length=1,
-        description="Whose requests it learns from: the served switch, and any behaviour "
-        "policy that explores for it (e.g. fixed, one writer alone).",
+        description="Whose requests it learns from: the served policy's (switch, defer), and "
+        "any behaviour policy's that explores for it (e.g. fixed, one writer alone).",
     )
     invert_rewards: bool = Field(
         default=False,
@@ -113,13 +129,19 @@ class OnlineTrainConfig(BaseModel):
         "promotion or rollback. Its switcher_path must be the store's served link.",
     )
     train: dict[str, object] = Field(
-        default_factory=dict, description="SwitcherTrainConfig fields (epochs, lr, lora_r...)."
+        default_factory=dict,
+        description="SwitcherTrainConfig fields (epochs, lr, lora_r...), or GateTrainConfig's.",
     )
 
-    def train_config(self, step: int) -> SwitcherTrainConfig:
-        # every example trains (the dev slice judges); a step's own seed, so a candidate
-        # made again after a kill is the same candidate
-        return SwitcherTrainConfig(**{"val_fraction": 0.0, **self.train, "seed": step})
+    @model_validator(mode="after")
+    def _gate_needs_its_model(self) -> OnlineTrainConfig:
+        if self.learner == "gate":
+            if self.base_checkpoint is None:
+                raise ValueError("learner gate: give base_checkpoint, the model carrying it")
+            if self.dev.app is None:
+                raise ValueError("learner gate: judge through an app (dev.app), whose "
+                                 "deployment also scores the assistant's log-probs")  # fmt: skip
+        return self
 
 
 @dataclass
@@ -156,16 +178,18 @@ class CandidateOutcome:
     reason: str
 
 
-class OnlineSwitcherTrainer:
-    """Learns the switcher from the turn log; see the module docstring."""
+class OnlineTrainer:
+    """Learns a policy from the turn log; see the module docstring."""
 
     def __init__(
         self,
         config: OnlineTrainConfig,
+        learner: Learner,
         evaluate: Evaluate,
         publish: Publish = lambda version: None,
     ) -> None:
         self.config = config
+        self.learner = learner
         self.evaluate = evaluate
         self.publish = publish
         self.state_dir = Path(config.state_dir)
@@ -175,7 +199,9 @@ class OnlineSwitcherTrainer:
         self.joiner = (
             LogJoiner.from_state(self.state.joiner)
             if self.state.joiner
-            else LogJoiner(tuple(config.policies), invert=config.invert_rewards)
+            else LogJoiner(
+                tuple(config.policies), invert=config.invert_rewards, learner=config.learner
+            )  # fmt: skip
         )
         if self.store.served() is None:
             self._serve_initial()
@@ -186,7 +212,7 @@ class OnlineSwitcherTrainer:
 
     def served(self) -> VersionInfo:
         served = self.store.served()
-        assert served is not None  # the initial switcher is served from the start
+        assert served is not None  # the initial version is served from the start
         metrics.record(metrics.SERVED_POLICY_STEP, served.step, trainer=self.name)
         return served
 
@@ -202,11 +228,12 @@ class OnlineSwitcherTrainer:
         )  # fmt: skip
 
     def _serve_initial(self) -> None:
-        first = self.store.add_candidate(
-            self.config.init, step=0,
-            provenance={"trainer": self.name, "log_offsets": [0, 0], "examples": 0},
-        )  # fmt: skip
-        self.store.promote(first.version, reason="the initial switcher")
+        with tempfile.TemporaryDirectory(dir=self.state_dir) as scratch:
+            first = self.store.add_candidate(
+                self.learner.initial(self.config.init, Path(scratch)), step=0,
+                provenance={"trainer": self.name, "log_offsets": [0, 0], "examples": 0},
+            )  # fmt: skip
+        self.store.promote(first.version, reason="the initial version")
         self._publish(self.served())
 
     def _publish(self, version: VersionInfo) -> None:
@@ -256,14 +283,13 @@ class OnlineSwitcherTrainer:
 
     def _candidate(self) -> CandidateOutcome:
         """Train a candidate on the pending examples (and the replay buffer) from the served
-        switcher, add it to the store, judge it, promote or refuse it."""
+        version, add it to the store, judge it, promote or refuse it."""
         state, base = self.state, self.store.info(self.state.base)
         state.step += 1
-        fresh = [RolloutExample.from_json(e) for e in state.pending]
-        replay = [RolloutExample.from_json(e) for e in state.replay]
+        fresh = [self.learner.examples_from_json(e) for e in state.pending]
+        replay = [self.learner.examples_from_json(e) for e in state.replay]
         with tempfile.TemporaryDirectory(dir=self.state_dir) as out:
-            train_switcher(replay + fresh, str(base.path), out,
-                           self.config.train_config(state.step), progress=False)  # fmt: skip
+            self.learner.train(replay + fresh, Path(base.path), Path(out), state.step)
             candidate = self.store.add_candidate(
                 out, step=state.step,
                 provenance={"trainer": self.name, "parent": base.version,
@@ -326,7 +352,7 @@ def actor_publisher(name: str, namespace: str = POLICY_NAMESPACE) -> Publish:
     return publish
 
 
-def run_online(trainer: OnlineSwitcherTrainer, until_idle: bool = False) -> None:
+def run_online(trainer: OnlineTrainer, until_idle: bool = False) -> None:
     """Poll the log every `poll_s` seconds, for ever, or with `until_idle` until a poll finds
     nothing new (a batch run over a log that is not being written)."""
     while True:
@@ -340,7 +366,7 @@ def run_online(trainer: OnlineSwitcherTrainer, until_idle: bool = False) -> None
 __all__ = [
     "CandidateOutcome",
     "DevSlice",
-    "OnlineSwitcherTrainer",
+    "OnlineTrainer",
     "OnlineTrainConfig",
     "TrainerState",
     "actor_publisher",

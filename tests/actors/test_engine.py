@@ -520,6 +520,48 @@ def test_gate_file_found_next_to_checkpoint(tmp_path):
     assert g.gates == pytest.approx((0.5, 0.5, 0.5))
 
 
+def test_a_gate_published_by_moving_its_link_applies_to_the_calls_after_it(tmp_path):
+    """The served link moves to another gate while a session is open: the next generate call
+    reads the new gate and names it, info() names it, and a bad file keeps the old gate."""
+    from tests.factories import make_tiny_model
+
+    directory = make_tiny_model(tmp_path / "gated", seed=2)
+    versions = tmp_path / "versions"
+    for name, bias in (("v1", 0.0), ("v2", 2.0)):
+        (versions / name).mkdir(parents=True)
+        save_gate(versions / name, torch.zeros(64), bias=bias)
+    (versions / "bad").mkdir()
+    save_gate(versions / "bad", torch.zeros(32), bias=0.0)  # another model's hidden size
+    served = tmp_path / "served"
+    served.symlink_to(versions / "v1")
+    eng = ModelEngine(ModelSpec(name="gated", path=str(directory),
+                                gate_path=str(served / "gate.safetensors")))  # fmt: skip
+
+    def move_link(to: str) -> None:
+        (tmp_path / "next").symlink_to(versions / to)
+        (tmp_path / "next").replace(served)  # atomically, as the policy store does
+
+    async def go():
+        s = await eng.open("abc")
+        first = await eng.generate(s.session_id, greedy(2))
+        move_link("v2")
+        second = await eng.generate(s.session_id, greedy(2))
+        info = await eng.info()
+        move_link("bad")
+        third = await eng.generate(s.session_id, greedy(2))
+        return first, second, info, third
+
+    try:
+        first, second, info, third = run(go())
+    finally:
+        run(eng.shutdown())
+    assert first.gates == pytest.approx((0.5, 0.5))
+    assert second.gates == pytest.approx((torch.sigmoid(torch.tensor(2.0)).item(),) * 2)
+    assert first.gate and second.gate and first.gate != second.gate
+    assert info.gate_fingerprint == second.gate
+    assert third.gate == second.gate and third.gates == second.gates  # the bad file is refused
+
+
 # ---------------------------------------------------------------------------------------------
 # Concurrency
 

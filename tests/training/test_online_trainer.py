@@ -1,4 +1,4 @@
-"""The online switcher trainer on a real turn log and real checkpoints: the promotion gate
+"""The online trainer of the switcher on a real turn log and real checkpoints: the promotion gate
 both ways, the served link, and exactly-once progress across a real kill."""
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import pytest
 import yaml
 
 from antiphon.checkpoint import weights_fingerprint
+from antiphon.training.online_learners import SwitchLearner
 from antiphon.training.online_trainer import (
-    OnlineSwitcherTrainer,
     OnlineTrainConfig,
+    OnlineTrainer,
     TrainerState,
     examples_judge,
 )
@@ -99,7 +100,8 @@ def test_the_gate_promotes_a_better_candidate_and_refuses_one_trained_on_inverte
 ):
     cfg = config(tmp_path, tiny_model_dir, examples_per_candidate=10**6)  # a round each
     published = []
-    trainer = OnlineSwitcherTrainer(cfg, examples_judge(cfg.dev.examples), published.append)
+    judge = examples_judge(cfg.dev.examples)
+    trainer = OnlineTrainer(cfg, SwitchLearner(cfg.train), judge, published.append)
     initial = trainer.served()
     assert [v.version for v in published] == [initial.version]  # served from the start
 

@@ -57,7 +57,7 @@ class DeferExecutor(Stateless):
         if after.done or gen is None or gen.finish_reason != "gate":
             return drafted
         if d.strategy == "compose":
-            composed = await self._compose(d, after, gen.gates[-1])
+            composed = await self._compose(d, after, gen.gates[-1], gen.gate)
             if composed is not None:
                 return drafted.then(Outcome(segments=(composed,)))
         return drafted.then(await self._assist(d, after))
@@ -80,7 +80,7 @@ class DeferExecutor(Stateless):
         return Outcome(segments=(_joined(parts),))
 
     async def _compose(
-        self, d: WriteUntilDeferral, state: SequenceState, g: float
+        self, d: WriteUntilDeferral, state: SequenceState, g: float, gate: str
     ) -> Segment | None:
         """The token of the mixture at the gated position, or None where one token cannot
         stand alone as text (a split character: the assistant writes it out instead)."""
@@ -116,7 +116,9 @@ class DeferExecutor(Stateless):
         logprob = float(mixed[token])
         k = params.logprobs_top_k
         top = (top_alternatives(mixed, k),) if k else ()
-        return Segment(writer, (token,), text, (logprob,), state.turn, kind, finish, (g,), top)
+        return Segment(
+            writer, (token,), text, (logprob,), state.turn, kind, finish, (g,), gate, top
+        )
 
 
 async def _distributions(base: ModelSession, helper: ModelSession, state: SequenceState):
@@ -135,5 +137,5 @@ def _joined(parts: list[Segment]) -> Segment:
     return Segment(
         first.model, sum((p.token_ids for p in parts), ()), "".join(p.text for p in parts),
         sum((p.logprobs for p in parts), ()), first.turn, first.kind, last.model_finish,
-        top_logprobs=sum((p.top_logprobs for p in parts), ()),
+        gate=first.gate, top_logprobs=sum((p.top_logprobs for p in parts), ()),
     )  # fmt: skip

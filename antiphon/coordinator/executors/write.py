@@ -95,8 +95,9 @@ async def draft_segment(
     ms.synced = len(state.segments) + 1  # its own segment is already in its session
     gates = gen.gates[: len(ids) + (finish == "gate")]
     seg = Segment(
-        name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish, gates, tuple(top)
-    )
+        name, tuple(ids), text, tuple(logprobs), state.turn, kind, finish, gates, gen.gate,
+        tuple(top),
+    )  # fmt: skip
     return Outcome(segments=(seg,), end_on_eos=end_on_eos), gen
 
 
