@@ -116,7 +116,7 @@ class CoordinatorServer:
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
             resolve_policy=timed_policies(HostedPolicies(policy_actors)),
             # every request's records feed the metrics, with or without a turn log
-            turn_sink=MeteredTurnSink(turn_sink),
+            turn_sink=MeteredTurnSink(turn_sink, serve.get_replica_context().replica_id.unique_id),
             close_in_background=True,  # the replica's event loop outlives every request
         )
 

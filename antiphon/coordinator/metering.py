@@ -4,7 +4,8 @@ the deployment that hosts it: from each request's records, and around each polic
 - `MeteredTurnSink` wraps the turn sink the loop sends each finished request's records to:
   it records `antiphon_turns_per_request` (by policy) and `antiphon_response_tokens` /
   `antiphon_response_segments` (by writer and segment kind: deferred over all is the
-  deferral rate), then hands the batch on to the sink it wraps, if any.
+  deferral rate), then hands the batch on to the sink it wraps, if any, each request record
+  stamped with the replica that ran it (several replicas write one turn log).
 - `timed_policies` wraps a policy resolver: every policy it resolves records
   `antiphon_policy_decision_seconds` (by policy) for each decision, turns that commit no
   segment included (a search step, a Finish), which the records do not show.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 
 from antiphon import metrics
 from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord, TurnSink
@@ -27,12 +29,16 @@ class MeteredTurnSink:
     """A `TurnSink` that records the metrics of each batch of records it is sent, then sends
     the batch on to `inner` (None: the records go nowhere else)."""
 
-    def __init__(self, inner: TurnSink | None) -> None:
+    def __init__(self, inner: TurnSink | None, coordinator: str = "") -> None:
         self.inner = inner
+        self.coordinator = coordinator  # the replica's id, stamped on its request records
 
     async def write(self, records: list[Record]) -> None:
         record_request_metrics(records)  # never raises: the inner sink still gets the batch
         if self.inner is not None:
+            if self.coordinator:  # several replicas write one log: each names itself
+                records = [replace(r, coordinator=self.coordinator)
+                           if isinstance(r, RequestRecord) else r for r in records]  # fmt: skip
             await self.inner.write(records)
 
     async def feedback(self, record: FeedbackRecord) -> None:

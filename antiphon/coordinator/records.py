@@ -65,6 +65,7 @@ class RequestRecord:
     finish_reason: str | None  # None when the request failed
     error: str | None  # error class and message when it failed
     time: float = field(default_factory=time.time)
+    coordinator: str = ""  # the coordinator replica that ran it ("" outside Serve)
 
 
 @dataclass(frozen=True, slots=True)
