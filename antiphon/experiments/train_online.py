@@ -19,6 +19,10 @@ assistant's log-probs come from the app's deployment of the assistant (`dev.poli
 names both models), candidates are judged by a coordinator in this process over the app's
 assistant and an engine of the base carrying the candidate, and a promotion is served by
 the store's link alone (serve the base with `gate_path: <store>/served/gate.safetensors`).
+
+With `rollouts:` the switcher also learns from fresh rollouts from each rewarded request's
+logged prefixes, run through the app's coordinator and scored by the zoo's verifier of its
+prompt (`antiphon.training.online_rollouts`).
 """
 
 from __future__ import annotations
@@ -158,8 +162,31 @@ def run(args: argparse.Namespace) -> int:
         learner = SwitchLearner(config.train)
         judge = examples_judge(dev.examples) if dev.examples else serving_judge(dev)
     publish = actor_publisher(config.publish_to) if config.publish_to else (lambda version: None)
-    run_online(OnlineTrainer(config, learner, judge, publish), until_idle=args.until_idle)
+    rollouts = logged_prefix_rollouts(config) if config.rollouts is not None else None
+    trainer = OnlineTrainer(config, learner, judge, publish, rollouts)
+    run_online(trainer, until_idle=args.until_idle)
     return 0
+
+
+def logged_prefix_rollouts(config: OnlineTrainConfig):
+    """Rollouts from logged prefixes through the app's coordinator deployment, verified on
+    the zoo's dev items (the prompts the stream asks)."""
+    from ray import serve
+
+    from antiphon.training.online_rollouts import LoggedPrefixRollouts, queries_by_prompt
+    from antiphon.training.rollouts import RolloutConfig, queries_from_tasks, serve_generate
+    from antiphon.zoo.evaluate import zoo_tasks
+    from antiphon.zoo.tasks import TASK_NAMES
+
+    setup = config.rollouts
+    tasks = zoo_tasks("dev", setup.tasks or config.dev.tasks or TASK_NAMES)
+    coordinator = serve.get_deployment_handle("coordinator", app_name=config.dev.app)
+    rollout_config = RolloutConfig(
+        k=setup.k, segment_len=setup.segment_len,
+        prefixes_per_query=setup.prefixes_per_request, seed=setup.seed,
+    )  # fmt: skip
+    queries = queries_by_prompt(queries_from_tasks(tasks))
+    return LoggedPrefixRollouts(serve_generate(coordinator), queries, rollout_config)
 
 
 def gate_learner_and_judge(config: OnlineTrainConfig):

@@ -152,6 +152,8 @@ class LogJoiner:
         self.used: set[str] = set()  # request ids already handed out (duplicates ignored)
         self.reward_sum = 0.0
         self.counters = JoinCounters()
+        # the request the last record handed out with its reward (for rollouts from it)
+        self.rewarded_now: LoggedRequest | None = None
 
     @property
     def baseline(self) -> float:
@@ -162,6 +164,7 @@ class LogJoiner:
 
     def add(self, record: Record) -> list[RolloutExample] | list[SequenceExample]:
         """Take one record; return the examples it completes (only a reward completes any)."""
+        self.rewarded_now = None
         if isinstance(record, TurnRecord):
             if record.policy in self.policies:
                 self.turns.setdefault(record.request_id, []).append(record)
@@ -195,6 +198,7 @@ class LogJoiner:
         reward = 1.0 - record.reward if self.invert else record.reward
         examples = EXAMPLES[self.learner](logged, reward, self.baseline)
         self.used.add(record.request_id)
+        self.rewarded_now = logged
         self.reward_sum += reward
         self.counters.rewarded += 1
         self.counters.examples += len(examples)

@@ -39,10 +39,10 @@ from antiphon.errors import InvalidRequest
 from antiphon.logging import get_logger
 from antiphon.policies.actor import POLICY_NAMESPACE
 from antiphon.training.durable import write_json_atomic
-from antiphon.training.online_examples import LogJoiner
+from antiphon.training.online_examples import LoggedRequest, LogJoiner
 from antiphon.training.online_learners import Learner
 from antiphon.training.policy_versions import PolicyStore, VersionInfo, promotion_decision
-from antiphon.training.rollouts import RolloutStore
+from antiphon.training.rollouts import RolloutExample, RolloutStore
 from antiphon.training.switcher_training import example_hits
 from antiphon.training.turn_log import commit_consumer_offset, read_records
 
@@ -52,6 +52,8 @@ STATE_FILE = "trainer_state.json"
 
 Evaluate = Callable[[str], Sequence[float]]  # version directory -> per-item dev scores
 Publish = Callable[[VersionInfo], None]
+# a rewarded request -> examples labelled by fresh rollouts from its prefixes
+Rollouts = Callable[[LoggedRequest], Sequence[RolloutExample]]
 
 
 class DevSlice(BaseModel):
@@ -81,6 +83,20 @@ class DevSlice(BaseModel):
         if self.app is not None and not self.models:
             raise ValueError("dev: an app judge needs the ensemble's models")
         return self
+
+
+class OnlineRollouts(BaseModel):
+    """Rollouts from logged prefixes (`antiphon.training.online_rollouts`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(default=2, ge=1, description="Completions per candidate writer.")
+    segment_len: int = Field(default=16, ge=1, description="Tokens per branch segment.")
+    prefixes_per_request: int = Field(default=2, ge=1, description="Segment boundaries.")
+    tasks: list[str] = Field(
+        default_factory=list, description="Zoo tasks whose dev prompts are verified (all)."
+    )
+    seed: int = 0
 
 
 class OnlineTrainConfig(BaseModel):
@@ -123,6 +139,12 @@ class OnlineTrainConfig(BaseModel):
     )
     poll_s: float = Field(default=5.0, gt=0)
     dev: DevSlice
+    rollouts: OnlineRollouts | None = Field(
+        default=None,
+        description="Also label each rewarded switch request by fresh rollouts from its "
+        "logged prefixes on the app's deployments (dev.app), scored by the zoo task's "
+        "verifier of its prompt.",
+    )
     publish_to: str | None = Field(
         default=None,
         description="The policy actor serving the switcher (by name): reloaded at each "
@@ -141,6 +163,10 @@ class OnlineTrainConfig(BaseModel):
             if self.dev.app is None:
                 raise ValueError("learner gate: judge through an app (dev.app), whose "
                                  "deployment also scores the assistant's log-probs")  # fmt: skip
+            if self.rollouts is not None:
+                raise ValueError("rollouts label switch decisions: not for learner gate")
+        if self.rollouts is not None and self.dev.app is None:
+            raise ValueError("rollouts run on the app's deployments: give dev.app")
         return self
 
 
@@ -187,9 +213,11 @@ class OnlineTrainer:
         learner: Learner,
         evaluate: Evaluate,
         publish: Publish = lambda version: None,
+        rollouts: Rollouts | None = None,
     ) -> None:
         self.config = config
         self.learner = learner
+        self.rollouts = rollouts  # more examples from each rewarded request (switcher only)
         self.evaluate = evaluate
         self.publish = publish
         self.state_dir = Path(config.state_dir)
@@ -253,6 +281,8 @@ class OnlineTrainer:
             self.state.base = served.version
         for record, offset in read_records(self.config.turn_log, self.state.offset):
             examples = [e for e in self.joiner.add(record) if e.informative]
+            if self.rollouts is not None and self.joiner.rewarded_now is not None:
+                examples += [e for e in self.rollouts(self.joiner.rewarded_now) if e.informative]
             self.state.pending += [asdict(e) for e in examples]
             if examples:
                 metrics.record(metrics.TRAINER_EXAMPLES, len(examples), trainer=self.name)
@@ -367,6 +397,7 @@ __all__ = [
     "CandidateOutcome",
     "DevSlice",
     "OnlineTrainer",
+    "OnlineRollouts",
     "OnlineTrainConfig",
     "TrainerState",
     "actor_publisher",
