@@ -37,6 +37,7 @@ from antiphon.coordinator.deployment import build_coordinator_deployment
 from antiphon.deploy.config import AppConfig, load_config, parse_config
 from antiphon.deploy.ingress import build_ingress
 from antiphon.policies.actor import HostedPolicy
+from antiphon.training.turn_log import DEFAULT_SEGMENT_BYTES
 from antiphon.training.turn_log_actor import TurnLogClient
 
 
@@ -49,8 +50,9 @@ def build_app(config: AppConfig | dict) -> Application:
     serving = config.serving.model_copy(update={"turn_log_path": log_path})
     config = config.model_copy(update={"serving": serving})
     coordinator = build_coordinator_app(
-        config.models, log_path, hosted_policies(config), num_replicas=serving.coordinator_replicas
-    )
+        config.models, log_path, hosted_policies(config), num_replicas=serving.coordinator_replicas,
+        turn_log_segment_bytes=serving.turn_log_segment_bytes,
+    )  # fmt: skip
     return build_ingress(config, coordinator)
 
 
@@ -78,13 +80,14 @@ def build_coordinator_app(
     *,
     num_replicas: int = 1,
     turn_log_actor_name: str | None = None,
+    turn_log_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
 ) -> Application:
     """Model deployments for `specs` plus a coordinator over them (logging to the turn log at
     `turn_log_path`, if given), as one Serve application."""
     sink = None
     if turn_log_path is not None:
         name = turn_log_actor_name or turn_log_actor_name_for(turn_log_path)
-        sink = TurnLogClient(turn_log_path, name=name)
+        sink = TurnLogClient(turn_log_path, name=name, segment_bytes=turn_log_segment_bytes)
     # a model behind an endpoint has no deployment: the coordinator calls the endpoint
     models = {s.name: build_model_deployment(s) for s in specs if s.endpoint is None}
     return build_coordinator_deployment(

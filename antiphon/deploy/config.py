@@ -119,6 +119,12 @@ class ServingSpec(FrozenModel):
         default="runs/turns.atl",
         description="File the turn log (turns, outcomes, feedback) is appended to.",
     )
+    turn_log_segment_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=4096,
+        description="The turn log rotates into a new segment file past this size; a segment "
+        "every trainer has read past is removed.",
+    )
     coordinator_replicas: int = Field(
         default=1, ge=1, description="Replicas of the coordinator (any one serves any request)."
     )

@@ -42,6 +42,10 @@ from antiphon.training.rollouts import RolloutExample, label_from_utilities
 # Requests whose reward has not come yet are held at most this many at a time; beyond it the
 # oldest is given up (counted in `unrewarded`: the log still holds it)
 MAX_AWAITING = 10_000
+# The ids of requests already handed out are remembered this many at a time, newest kept, so
+# the joiner's state stays bounded on a log that never ends; a second reward for a request
+# older than that counts as unknown feedback, and is not used either
+MAX_REMEMBERED = 100_000
 
 
 @dataclass
@@ -138,6 +142,7 @@ class LogJoiner:
         max_awaiting: int = MAX_AWAITING,
         invert: bool = False,
         learner: str = "switch",
+        max_remembered: int = MAX_REMEMBERED,
     ) -> None:
         if learner not in EXAMPLES:
             raise ValueError(f"unknown learner {learner!r}; known: {sorted(EXAMPLES)}")
@@ -149,7 +154,9 @@ class LogJoiner:
         self.invert = invert  # learn from 1 - reward: a deliberately bad trainer
         self.turns: dict[str, list[TurnRecord]] = {}  # of requests not finished yet
         self.awaiting: OrderedDict[str, LoggedRequest] = OrderedDict()  # oldest first
-        self.used: set[str] = set()  # request ids already handed out (duplicates ignored)
+        # request ids already handed out, oldest first (a duplicate reward is ignored)
+        self.used: OrderedDict[str, None] = OrderedDict()
+        self.max_remembered = max_remembered
         self.reward_sum = 0.0
         self.counters = JoinCounters()
         # the request the last record handed out with its reward (for rollouts from it)
@@ -197,7 +204,9 @@ class LogJoiner:
             return []
         reward = 1.0 - record.reward if self.invert else record.reward
         examples = EXAMPLES[self.learner](logged, reward, self.baseline)
-        self.used.add(record.request_id)
+        self.used[record.request_id] = None
+        while len(self.used) > self.max_remembered:
+            self.used.popitem(last=False)
         self.rewarded_now = logged
         self.reward_sum += reward
         self.counters.rewarded += 1
@@ -216,7 +225,8 @@ class LogJoiner:
                 {"request": asdict(lr.request), "turns": [asdict(t) for t in lr.turns]}
                 for lr in self.awaiting.values()
             ],
-            "used": sorted(self.used),
+            "used": list(self.used),
+            "max_remembered": self.max_remembered,
             "reward_sum": self.reward_sum,
             "counters": asdict(self.counters),
         }
@@ -224,12 +234,12 @@ class LogJoiner:
     @classmethod
     def from_state(cls, state: Mapping) -> LogJoiner:
         joiner = cls(tuple(state["policies"]), state["max_awaiting"], state["invert"],
-                     state["learner"])  # fmt: skip
+                     state["learner"], state["max_remembered"])  # fmt: skip
         joiner.turns = {rid: _turns(ts) for rid, ts in state["turns"].items()}
         for entry in state["awaiting"]:
             request = _record(RequestRecord, entry["request"])
             joiner.awaiting[request.request_id] = LoggedRequest(request, _turns(entry["turns"]))
-        joiner.used = set(state["used"])
+        joiner.used = OrderedDict.fromkeys(state["used"])
         joiner.reward_sum = float(state["reward_sum"])
         joiner.counters = JoinCounters(**state["counters"])
         return joiner

@@ -182,7 +182,7 @@ class TrainerState:
     joiner: dict = field(default_factory=dict)
     pending: list[dict] = field(default_factory=list)  # examples not yet trained on
     replay: list[dict] = field(default_factory=list)  # examples trained on, newest last
-    dev_scores: dict[str, list[float]] = field(default_factory=dict)  # by version
+    dev_scores: dict[str, list[float]] = field(default_factory=dict)  # the served version's
 
     def save(self, state_dir: Path) -> None:
         """Replace the state file atomically (a crash leaves the old one or the new one)."""
@@ -329,6 +329,8 @@ class OnlineTrainer:
             )  # fmt: skip
         outcome = self._judge(candidate)
         state.base = self.served().version
+        # only the served version's scores are judged against again (the state stays small)
+        state.dev_scores = {v: s for v, s in state.dev_scores.items() if v == state.base}
         keep = self.config.replay
         state.replay = (state.replay + state.pending)[-keep:] if keep else []
         state.pending, state.candidate_start = [], state.offset

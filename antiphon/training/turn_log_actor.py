@@ -22,7 +22,7 @@ from ray.exceptions import ActorDiedError
 
 from antiphon.coordinator.records import FeedbackRecord, Record
 from antiphon.errors import unwrapped
-from antiphon.training.turn_log import TurnLogWriter
+from antiphon.training.turn_log import DEFAULT_SEGMENT_BYTES, TurnLogWriter
 
 log = structlog.get_logger(__name__)
 
@@ -32,8 +32,10 @@ DEFAULT_ACTOR_NAME = "antiphon-turn-log"
 class TurnLogActor:
     """Appends record batches and feedback to one `TurnLogWriter` (see turn_log.py)."""
 
-    def __init__(self, path: str, fsync_every_s: float = 1.0) -> None:
-        self.writer = TurnLogWriter(path, fsync_every_s=fsync_every_s)
+    def __init__(
+        self, path: str, fsync_every_s: float = 1.0, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    ) -> None:
+        self.writer = TurnLogWriter(path, fsync_every_s=fsync_every_s, segment_bytes=segment_bytes)
 
     def append(self, records: list[Record]) -> int:
         """Append a batch; return the (absolute) log offset after it."""
@@ -58,7 +60,10 @@ class TurnLogActor:
 
 
 def get_or_create_turn_log(
-    path: str, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = "antiphon"
+    path: str,
+    name: str = DEFAULT_ACTOR_NAME,
+    namespace: str | None = "antiphon",
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES,
 ) -> ActorHandle:
     """The cluster's turn log actor `name`, created (detached, no CPU reserved) if missing.
 
@@ -76,7 +81,7 @@ def get_or_create_turn_log(
         max_concurrency=1,
         max_restarts=-1,
         max_task_retries=-1,
-    ).remote(path)
+    ).remote(path, segment_bytes=segment_bytes)
 
 
 class TurnLogClient:
@@ -84,16 +89,22 @@ class TurnLogClient:
     without waiting for the disk; `flush` waits for everything sent so far."""
 
     def __init__(
-        self, path: str, name: str = DEFAULT_ACTOR_NAME, namespace: str | None = "antiphon"
+        self,
+        path: str,
+        name: str = DEFAULT_ACTOR_NAME,
+        namespace: str | None = "antiphon",
+        segment_bytes: int = DEFAULT_SEGMENT_BYTES,
     ) -> None:
         self.path = path
         self.name = name
         self.namespace = namespace
+        self.segment_bytes = segment_bytes  # for the actor it starts, if none runs yet
         self._actor: ActorHandle | None = None  # found on first use
         self._in_flight: set[asyncio.Future] = set()
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "name": self.name, "namespace": self.namespace}
+        return {"path": self.path, "name": self.name, "namespace": self.namespace,
+                "segment_bytes": self.segment_bytes}  # fmt: skip
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -101,7 +112,9 @@ class TurnLogClient:
     @property
     def actor(self) -> ActorHandle:
         if self._actor is None:
-            self._actor = get_or_create_turn_log(self.path, self.name, self.namespace)
+            self._actor = get_or_create_turn_log(
+                self.path, self.name, self.namespace, self.segment_bytes
+            )
         return self._actor
 
     async def write(self, records: list[Record]) -> None:

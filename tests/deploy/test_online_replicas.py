@@ -1,6 +1,6 @@
 """Several coordinator replicas write one turn log and one trainer reads it: the requests
-that ran side by side on two replicas (each request record names its replica) are each
-joined with their reward exactly once."""
+that ran side by side on two replicas (each request record names its replica), in a log
+rotated at the configured segment size, are each joined with their reward exactly once."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def two_replica_app(ray_cluster, tiny_model_dir, other_tiny_model_dir, tmp_path_
                    {"name": "b", "path": str(other_tiny_model_dir)}],
         "ensembles": [{"name": "random", "models": ["a", "b"],
                        "policy": {"name": "random_switch", "params": {"segment_len": 2}}}],
-        "serving": {"turn_log_path": str(work / "turns"), "coordinator_replicas": 2},
+        "serving": {"turn_log_path": str(work / "turns"), "coordinator_replicas": 2,
+                    "turn_log_segment_bytes": 4096},
     })  # fmt: skip
     serve.run(build_app(config), name=APP, route_prefix=f"/{APP}")
     yield http_url(f"/{APP}"), work
@@ -68,6 +69,7 @@ def test_one_trainer_joins_what_two_coordinator_replicas_logged(
     requests = [r for r, _ in read_records(work / "turns") if isinstance(r, RequestRecord)]
     assert sorted(r.request_id for r in requests) == sorted(ids)
     assert len({r.coordinator for r in requests}) == 2  # both replicas wrote the log
+    assert len(list((work / "turns").glob("*.atl"))) > 1  # rotated at the configured size
 
     cfg = OnlineTrainConfig(
         turn_log=str(work / "turns"), store=str(tmp_path / "store"),

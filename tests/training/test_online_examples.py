@@ -97,6 +97,16 @@ def test_requests_waiting_too_long_for_a_reward_are_given_up_and_counted():
     assert feed(joiner, [FeedbackRecord("r1", 1.0)]) == []
 
 
+def test_the_ids_of_used_requests_are_remembered_newest_first_within_a_bound():
+    joiner = LogJoiner(max_remembered=2)
+    for rid in ("r1", "r2", "r3"):
+        feed(joiner, request(rid, ["sft"]) + [FeedbackRecord(rid, 1.0)])
+    assert list(joiner.used) == ["r2", "r3"]
+    restored = LogJoiner.from_state(json.loads(json.dumps(joiner.state())))
+    assert feed(restored, [FeedbackRecord("r3", 1.0), FeedbackRecord("r1", 1.0)]) == []
+    assert (restored.counters.duplicate_feedback, restored.counters.unknown_feedback) == (1, 1)
+
+
 def test_state_round_trips_through_json_mid_request():
     """A trainer checkpoints the joiner between any two records: the restored one goes on
     exactly as the original would have."""
