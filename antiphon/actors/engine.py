@@ -213,10 +213,15 @@ class ModelEngine:
         if self._core.stopping or not self._worker.is_alive():
             raise RuntimeError(f"engine {self.spec.name!r} is shut down")
 
-    async def shutdown(self) -> None:
-        """Stop the worker; requests still waiting fail with Overloaded."""
+    def stop(self) -> None:
+        """Tell the worker to stop, without waiting for it; requests still waiting fail with
+        Overloaded."""
         self._core.stopping = True
         self._core.inbox.put(None)
+
+    async def shutdown(self) -> None:
+        """Stop the worker and wait for it to end."""
+        self.stop()
         await asyncio.get_running_loop().run_in_executor(None, self._worker.join)
 
     async def _submit(self, op: Op) -> Any:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import ClassVar, Literal, Protocol
 
@@ -206,24 +208,47 @@ class SwitchParams(PolicyParams):
         return (self.switcher_deployment,)
 
 
+# Switcher models kept loaded though no policy holds them: an online trainer promotes a new
+# checkpoint now and then and judges candidates through serving, each one an engine here
+MAX_UNUSED_SWITCHERS = 2
+
+
 class _Switchers:
     """The switcher models and tokenizers of this process, shared by every `switch` policy
     over the same checkpoint: policies differ by their parameters (a seed per request, a
     segment length) and are cheap; a switcher model is an engine or a deployment client.
 
     Keyed by the fingerprint of the weights too, so a checkpoint rewritten in place gets a
-    new engine, and a policy's version always names the weights its model loaded."""
+    new engine, and a policy's version always names the weights its model loaded. Each
+    model knows the policies that hold it (weakly): beyond the newest MAX_UNUSED_SWITCHERS,
+    a model no live policy holds is dropped and its engine stopped."""
 
     def __init__(self) -> None:
-        self.models: dict[tuple[str, str, str | None, str | None], IndexScorer] = {}
+        # (path, version, switcher_deployment, switcher_app) -> model, least recent first
+        self.models: OrderedDict[tuple, IndexScorer] = OrderedDict()
+        self.users: dict[tuple, weakref.WeakSet] = {}
         self.tokenizers: dict[tuple[str, str], PreTrainedTokenizerBase] = {}
 
-    def model(self, params: SwitchParams, path: str, version: str) -> IndexScorer:
-        """The switcher model of the weights at `path` (links resolved: `switcher_checkpoint`)."""
+    def model(self, params: SwitchParams, path: str, version: str, user: object) -> IndexScorer:
+        """The switcher model of the weights at `path` (links resolved: `switcher_checkpoint`),
+        held by `user` (its policy) for as long as that lives."""
         key = (path, version, params.switcher_deployment, params.switcher_app)
         if key not in self.models:
-            self.models[key] = _connect(params, path)
+            self.models[key], self.users[key] = _connect(params, path), weakref.WeakSet()
+        self.models.move_to_end(key)
+        self.users[key].add(user)
+        self._drop_unused()
         return self.models[key]
+
+    def _drop_unused(self) -> None:
+        unused = [key for key in self.models if not self.users[key]]
+        for key in unused[: max(0, len(unused) - MAX_UNUSED_SWITCHERS)]:
+            model = self.models.pop(key)
+            del self.users[key]
+            self.tokenizers.pop(key[:2], None)
+            stop = getattr(model, "stop", None)  # an engine's worker; a client holds nothing
+            if stop is not None:
+                stop()
 
     def tokenizer(self, path: str, version: str) -> PreTrainedTokenizerBase:
         if (path, version) not in self.tokenizers:
@@ -277,7 +302,9 @@ class Switch:
         # weights it pointed at then, whatever a promotion moves it to meanwhile
         path = switcher_checkpoint(params)
         self.version = weights_fingerprint(path)
-        self.model = model if model is not None else SWITCHERS.model(params, path, self.version)
+        self.model = (
+            model if model is not None else SWITCHERS.model(params, path, self.version, self)
+        )
         self.tokenizer = tokenizer or SWITCHERS.tokenizer(path, self.version)
         self._max_context: int | None = None  # the switcher model's, fetched on first use
 

@@ -142,6 +142,33 @@ def test_policies_over_one_switcher_share_its_model_whatever_their_parameters(tm
     assert {p.version for p in policies} == {policies[0].version} != {"unknown"}
 
 
+def test_switchers_no_policy_holds_are_stopped_beyond_a_few(tmp_path):
+    """An online trainer promotes (and judges) one switcher after another: the engines of
+    the old ones are stopped once no policy holds them, the newest few kept."""
+    import gc
+
+    from antiphon.policies.switcher import MAX_UNUSED_SWITCHERS, SWITCHERS
+    from tests.factories import make_tiny_model
+
+    def policy(i: int) -> Switch:
+        path = str(make_tiny_model(tmp_path / f"switcher-{i}", seed=20 + i))
+        return build_policy("switch", {"switcher_path": path}, ("a", "b"))
+
+    held = policy(0)  # a request in flight, say
+    dropped = [policy(i).model for i in range(1, MAX_UNUSED_SWITCHERS + 3)]
+    gc.collect()
+    newest = policy(99)  # building a policy drops what nobody holds, beyond the newest few
+    loaded = list(SWITCHERS.models.values())
+    assert held.model in loaded and newest.model in loaded
+    stopped = [m for m in dropped if m not in loaded]
+    assert len(stopped) == 2 and stopped == dropped[:2]  # the oldest unused ones
+    for engine in stopped:
+        with pytest.raises(RuntimeError, match="shut down"):
+            engine.check_health()
+    held.model.check_health()  # the held one still serves
+    assert asyncio.run(held.distribution(view(models=("a", "b"))))  # and answers
+
+
 def test_stop_at_eos_off_lets_the_next_writer_go_on_after_an_end_token(trained_switcher):
     """Zoo models: aligned (forced first) answers ' No.' and its end token; the trained test
     switcher prefers model 1, base. stop_at_eos on: the answer ends there; off: the end token
