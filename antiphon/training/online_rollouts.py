@@ -31,7 +31,6 @@ from antiphon.training.rollouts import (
     RolloutConfig,
     RolloutExample,
     RolloutQuery,
-    label_from_utilities,
     label_prefix,
     retrying,
 )
@@ -68,17 +67,10 @@ class LoggedPrefixRollouts:
         generate = retrying(self.generate)
 
         async def one(j: int, branch_rng: random.Random, request_seed: int) -> RolloutExample:
-            prefix = segments[:j]
-            utilities, scores, replayed = await label_prefix(
-                generate, q, models, cfg, [t.model for t in prefix],
-                [len(t.token_ids) for t in prefix], branch_rng, request_seed,
-            )  # fmt: skip
-            best, label = label_from_utilities(utilities)
-            return RolloutExample(
-                key=f"{request.request_id}:rollout{j}", task=q.task, query=q.prompt,
-                models=list(models), prefix=[(models.index(s.model), s.text) for s in replayed],
-                utilities=utilities, scores=scores, best=best, label=label,
-                prefix_tokens=sum(len(t.token_ids) for t in prefix), total_tokens=total,
+            decisions = ([t.model for t in segments[:j]], [len(t.token_ids) for t in segments[:j]])
+            return await label_prefix(
+                generate, q, models, cfg, decisions, branch_rng, request_seed,
+                key=f"{request.request_id}:rollout{j}", total_tokens=total,
             )  # fmt: skip
 
         return list(await asyncio.gather(*(one(j, *s) for j, s in zip(cuts, seeds, strict=True))))

@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from antiphon.coordinator.request import GenerationRequest, GenerationResult
 from antiphon.errors import retry_overloaded
-from antiphon.sequence import Segment
 
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 EXAMPLES_FILE = "examples.jsonl"
@@ -202,23 +201,10 @@ async def label_query(
     if cfg.empty_first_prefix and prefix_index == 0:
         cut = 0
     prefix_models, prefix_tokens = prefix_decisions(written, cut)
-    utilities, scores, replayed = await label_prefix(
-        generate, q, models, cfg, prefix_models, prefix_tokens, rng, request_seed
-    )
-    best, label = label_from_utilities(utilities)
-    return RolloutExample(
-        key=f"{q.key}:{prefix_index}",
-        task=q.task,
-        query=q.prompt,
-        models=list(models),
-        prefix=[(models.index(s.model), s.text) for s in replayed],
-        utilities=utilities,
-        scores=scores,
-        best=best,
-        label=label,
-        prefix_tokens=cut,
-        total_tokens=total,
-    )
+    return await label_prefix(
+        generate, q, models, cfg, (prefix_models, prefix_tokens), rng, request_seed,
+        key=f"{q.key}:{prefix_index}", total_tokens=total,
+    )  # fmt: skip
 
 
 async def label_prefix(
@@ -226,14 +212,17 @@ async def label_prefix(
     q: RolloutQuery,
     models: tuple[str, ...],
     cfg: RolloutConfig,
-    prefix_models: Sequence[str],
-    prefix_tokens: Sequence[int],
+    prefix: tuple[Sequence[str], Sequence[int]],
     rng: random.Random,
     request_seed: int,
-) -> tuple[list[float], list[list[float]], list[Segment]]:
-    """Steps 3-5 for one prefix (its writers' decisions): each candidate's branch, completed
-    k times and verified. Returns the candidates' utilities, their completions' scores and
-    the prefix's segments as the replays wrote them."""
+    *,
+    key: str,
+    total_tokens: int,
+) -> RolloutExample:
+    """Steps 3-5 for one prefix, its writers' decisions (models, tokens): each candidate's
+    branch, completed k times and verified; the example `key` of a response of
+    `total_tokens` tokens."""
+    prefix_models, prefix_tokens = prefix
     completion_seeds = [rng.randrange(2**31) for _ in range(cfg.k)]
 
     async def complete(candidate: str, r: int) -> GenerationResult:
@@ -254,7 +243,21 @@ async def label_prefix(
     texts = [[results[i * cfg.k + r].text for r in range(cfg.k)] for i in range(len(models))]
     scores = [[float(q.verify(t)) for t in branch] for branch in texts]
     utilities = [q.utility(branch) for branch in texts]
-    return utilities, scores, list(results[0].segments[: len(prefix_models)])
+    best, label = label_from_utilities(utilities)
+    replayed = results[0].segments[: len(prefix_models)]
+    return RolloutExample(
+        key=key,
+        task=q.task,
+        query=q.prompt,
+        models=list(models),
+        prefix=[(models.index(s.model), s.text) for s in replayed],
+        utilities=utilities,
+        scores=scores,
+        best=best,
+        label=label,
+        prefix_tokens=sum(prefix_tokens),
+        total_tokens=total_tokens,
+    )
 
 
 class RolloutStore:
