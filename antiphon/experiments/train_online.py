@@ -5,6 +5,7 @@ job:
     antiphon train online --config online.yaml                # polls for ever
     antiphon train online --config online.yaml --until-idle   # stops once the log is read
     ray job submit --working-dir . -- antiphon train online --config online.yaml
+    antiphon train online --config online.yaml --actor      # a detached trainer actor
 
 The config (YAML, `OnlineTrainConfig`) names the turn log, the policy store, the trainer's
 state directory, the switcher served first, and the dev slice that judges candidates:
@@ -45,6 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until-idle", action="store_true",
                    help="stop once a poll finds nothing new (default: poll for ever)")  # fmt: skip
     p.add_argument("--address", help="Ray cluster of the serving app (publish_to, dev.app)")
+    p.add_argument("--actor", action="store_true",
+                   help="start it as a detached Ray actor on the cluster "
+                   "(antiphon-trainer-<consumer>) and return")  # fmt: skip
 
 
 def dev_item_scores(
@@ -139,22 +143,28 @@ def point_link(link: Path, target: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import ray
     import yaml
 
-    from antiphon.training.online_learners import SwitchLearner
-    from antiphon.training.online_trainer import (
-        OnlineTrainConfig,
-        OnlineTrainer,
-        actor_publisher,
-        examples_judge,
-        run_online,
-    )
+    from antiphon.training.online_trainer import OnlineTrainConfig, run_online
 
     config = OnlineTrainConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
+    if args.actor:  # on a running cluster: a detached actor outlives this driver
+        ray.init(address=args.address or "auto", log_to_driver=False)
+        actor = start_trainer_actor(config)
+        print(f"trainer actor {trainer_actor_name(config)}: {ray.get(actor.status.remote())}")
+        return 0
     if config.publish_to is not None or config.dev.app is not None:
-        import ray
-
         ray.init(address=args.address, log_to_driver=False)
+    run_online(build_trainer(config), until_idle=args.until_idle)
+    return 0
+
+
+def build_trainer(config: OnlineTrainConfig):
+    """The trainer a config describes: its learner, judge, publisher and rollouts."""
+    from antiphon.training.online_learners import SwitchLearner
+    from antiphon.training.online_trainer import OnlineTrainer, actor_publisher, examples_judge
+
     dev = config.dev
     if config.learner == "gate":
         learner, judge = gate_learner_and_judge(config)
@@ -163,9 +173,65 @@ def run(args: argparse.Namespace) -> int:
         judge = examples_judge(dev.examples) if dev.examples else serving_judge(dev)
     publish = actor_publisher(config.publish_to) if config.publish_to else (lambda version: None)
     rollouts = logged_prefix_rollouts(config) if config.rollouts is not None else None
-    trainer = OnlineTrainer(config, learner, judge, publish, rollouts)
-    run_online(trainer, until_idle=args.until_idle)
-    return 0
+    return OnlineTrainer(config, learner, judge, publish, rollouts)
+
+
+class TrainerActor:
+    """One online trainer as a Ray actor (`start_trainer_actor`): it polls the log every
+    poll_s in a thread of its own, so `status()` answers while it trains. Restarted after a
+    crash, it goes on from its saved state (exactly once, as the trainer is)."""
+
+    def __init__(self, config: dict) -> None:
+        import threading
+
+        from antiphon.training.online_trainer import OnlineTrainConfig
+
+        self.trainer = build_trainer(OnlineTrainConfig.model_validate(config))
+        self.stopping = threading.Event()
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="online-trainer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from antiphon.logging import get_logger
+
+        try:
+            while not self.stopping.is_set():
+                self.trainer.poll()
+                self.stopping.wait(self.trainer.config.poll_s)
+        except Exception as e:  # kept for status(): the actor stays up to say why
+            self.error = f"{type(e).__name__}: {e}"
+            get_logger(__name__).error("trainer stopped", error=self.error)
+
+    def status(self) -> dict:
+        """Where the trainer is: its log offset, candidates made, the served version, the
+        examples waiting for the next candidate, and why it stopped if it did."""
+        state = self.trainer.state
+        return {"offset": state.offset, "step": state.step, "served": state.published,
+                "pending": len(state.pending), "running": self.thread.is_alive(),
+                "error": self.error}  # fmt: skip
+
+    def stop(self) -> None:
+        """End the polling loop after the poll under way; the state is saved by each poll."""
+        self.stopping.set()
+        self.thread.join()
+
+
+def trainer_actor_name(config: OnlineTrainConfig) -> str:
+    return f"antiphon-trainer-{config.consumer}"
+
+
+def start_trainer_actor(config: OnlineTrainConfig):
+    """The named, detached trainer actor of `config` (namespace antiphon), started if it is
+    not running yet; one per consumer of the log."""
+    import ray
+
+    from antiphon.policies.actor import POLICY_NAMESPACE
+
+    return ray.remote(TrainerActor).options(
+        name=trainer_actor_name(config), namespace=POLICY_NAMESPACE, get_if_exists=True,
+        lifetime="detached", max_restarts=3, max_concurrency=4,
+    ).remote(config.model_dump())  # fmt: skip
 
 
 def logged_prefix_rollouts(config: OnlineTrainConfig):
