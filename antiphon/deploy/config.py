@@ -26,6 +26,7 @@ from pydantic import (
 from antiphon.config import FrozenModel, ModelSpec, PolicyParamValue
 from antiphon.errors import AntiphonError, ConfigError, NotFound
 from antiphon.policies import validate_policy_params
+from antiphon.training.turn_log import DEFAULT_SEGMENT_BYTES
 
 
 class PolicySpec(FrozenModel):
@@ -120,7 +121,7 @@ class ServingSpec(FrozenModel):
         description="File the turn log (turns, outcomes, feedback) is appended to.",
     )
     turn_log_segment_bytes: int = Field(
-        default=64 * 1024 * 1024,
+        default=DEFAULT_SEGMENT_BYTES,
         ge=4096,
         description="The turn log rotates into a new segment file past this size; a segment "
         "every trainer has read past is removed.",

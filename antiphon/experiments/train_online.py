@@ -111,6 +111,7 @@ def gate_serving_judge(config: OnlineTrainConfig, assistant: Any, tokenizer: Any
     from antiphon.actors.engine import ModelEngine
     from antiphon.config import ModelSpec
     from antiphon.coordinator.loop import Coordinator
+    from antiphon.training.durable import replace_link
 
     dev = config.dev
     base_name, assistant_name = dev.policy_params["base"], dev.policy_params["assistant"]
@@ -118,7 +119,7 @@ def gate_serving_judge(config: OnlineTrainConfig, assistant: Any, tokenizer: Any
     engine: list[ModelEngine] = []  # started at the first judgement, when the link exists
 
     def evaluate(version: str) -> list[float]:
-        point_link(link, Path(version))
+        replace_link(link, Path(version).resolve(), durable=False)  # judged again after a crash
         if not engine:
             engine.append(ModelEngine(ModelSpec(
                 name=base_name, path=config.base_checkpoint,
@@ -135,27 +136,21 @@ def gate_serving_judge(config: OnlineTrainConfig, assistant: Any, tokenizer: Any
     return evaluate
 
 
-def point_link(link: Path, target: Path) -> None:
-    """Make `link` a symlink to `target`, replacing the one there in one rename."""
-    tmp = link.with_name(f"{link.name}.{uuid.uuid4().hex[:8]}")
-    tmp.symlink_to(target.resolve())
-    tmp.replace(link)
-
-
 def run(args: argparse.Namespace) -> int:
-    import ray
     import yaml
 
     from antiphon.training.online_trainer import OnlineTrainConfig, run_online
 
     config = OnlineTrainConfig.model_validate(yaml.safe_load(Path(args.config).read_text()))
-    if args.actor:  # on a running cluster: a detached actor outlives this driver
-        ray.init(address=args.address or "auto", log_to_driver=False)
+    if args.actor or config.publish_to is not None or config.dev.app is not None:
+        import ray
+
+        # a detached actor must outlive this driver: on a running cluster, not a private one
+        ray.init(address=args.address or ("auto" if args.actor else None), log_to_driver=False)
+    if args.actor:
         actor = start_trainer_actor(config)
         print(f"trainer actor {trainer_actor_name(config)}: {ray.get(actor.status.remote())}")
         return 0
-    if config.publish_to is not None or config.dev.app is not None:
-        ray.init(address=args.address, log_to_driver=False)
     run_online(build_trainer(config), until_idle=args.until_idle)
     return 0
 

@@ -1,12 +1,14 @@
-"""Files that survive a crash: a JSON file replaced atomically, a directory fsynced. The
-turn log's consumer offsets, the policy store's records and a trainer's state all are
-written this way, so a crash leaves the old content or the new, never half of either."""
+"""Files that survive a crash: a JSON file replaced atomically, a symlink moved atomically, a
+directory fsynced. The turn log's consumer offsets, the policy store's records and served
+link and a trainer's state all are written this way, so a crash leaves the old content or
+the new, never half of either."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -39,3 +41,13 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
         Path(tmp).unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
+
+
+def replace_link(link: Path, target: str | Path, *, durable: bool = True) -> None:
+    """Point the symlink `link` at `target` (a new link renamed over the old: a reader sees
+    one or the other); with `durable`, the directory fsynced too."""
+    tmp = link.parent / f"{TMP_PREFIX}link-{uuid.uuid4().hex}"
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    if durable:
+        fsync_dir(link.parent)

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from antiphon.checkpoint import weights_fingerprint
 from antiphon.errors import InvalidRequest, NotFound
-from antiphon.training.durable import TMP_PREFIX, fsync_dir, write_json_atomic
+from antiphon.training.durable import TMP_PREFIX, fsync_dir, replace_link, write_json_atomic
 from antiphon.zoo.evaluate import bootstrap_interval
 
 Status = Literal["candidate", "promoted", "refused", "retired"]
@@ -360,11 +360,8 @@ class PolicyStore:
         return self.root / SERVED_LINK
 
     def _link_served(self, version: str) -> None:
-        """Point the served link at `version` (a new link renamed over the old: atomic)."""
-        tmp = self.root / f".tmp-link-{uuid.uuid4().hex}"
-        os.symlink(Path(VERSIONS) / version, tmp)
-        os.replace(tmp, self.served_path)
-        fsync_dir(self.root)
+        """Point the served link at `version` (relative: the store can move as a whole)."""
+        replace_link(self.served_path, Path(VERSIONS) / version)
 
     def _update(self, version: str, **fields: Any) -> None:
         path = self._version_dir(version) / PROVENANCE
