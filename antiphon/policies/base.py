@@ -45,6 +45,9 @@ class WriteSegment:
     # still ends the response, so every turn makes progress.
     end_on_eos: bool = True
     version: str = ""  # of the policy that made it
+    # True: once this segment is written its writer drafts the next one while the policy
+    # decides; the draft is kept if the same decision comes (`executors/speculate.py`)
+    speculate: bool = False
 
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteSegment.max_tokens")

@@ -198,6 +198,11 @@ class SwitchParams(PolicyParams):
         description="A writer's end token ends the response; False: it ends only that "
         "segment and the switcher picks the next writer (the reference code's behaviour).",
     )
+    speculate: bool = Field(
+        default=True,
+        description="While the switcher decides, the last writer drafts the next segment; "
+        "kept if it is chosen again, cut off otherwise (the response is the same either way).",
+    )
 
     def referenced_models(self) -> tuple[str, ...]:
         return tuple(m for m in (self.first_model, self.last_model) if m is not None)
@@ -332,4 +337,4 @@ class Switch:
             seed = p.seed if p.seed is not None else (view.seed or 0)
             rng = random.Random(f"switch:{seed}:{view.turn}")
             writer = view.models[select(probs, p.selection, p.top_p, rng)]
-        return WriteSegment(writer, p.segment_len, end_on_eos=p.stop_at_eos)
+        return WriteSegment(writer, p.segment_len, end_on_eos=p.stop_at_eos, speculate=p.speculate)

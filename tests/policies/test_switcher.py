@@ -123,9 +123,13 @@ def test_policy_reads_the_switcher_once_per_turn_and_forces_first_and_last(tiny_
         return first, probs, mid, last
 
     first, probs, mid, last = asyncio.run(run())
-    assert first == WriteSegment("c", 8) and last == WriteSegment("a", 8)
+    assert first == WriteSegment("c", 8, speculate=True) and last == WriteSegment(
+        "a", 8, speculate=True
+    )
     assert len(probs) == 3 and abs(sum(probs) - 1) < 1e-6
-    assert mid == WriteSegment(("a", "b", "c")[max(range(3), key=lambda i: probs[i])], 8)
+    assert mid == WriteSegment(
+        ("a", "b", "c")[max(range(3), key=lambda i: probs[i])], 8, speculate=True
+    )
     assert scorer.calls == 2  # distribution + one decide: the forced turns cost nothing
 
 

@@ -9,8 +9,12 @@ with that token dropped from the sequence and cut off the writer's session.
 
 from __future__ import annotations
 
-from antiphon.coordinator.commit import Outcome
+import asyncio
+from collections.abc import Awaitable
+
+from antiphon.coordinator.commit import Outcome, apply
 from antiphon.coordinator.executors.base import ExecutionContext, Stateless
+from antiphon.coordinator.executors.speculate import Draft, next_turn
 from antiphon.errors import PromptTooLong
 from antiphon.messages import Generation
 from antiphon.policies.base import Finish, WriteSegment
@@ -101,21 +105,50 @@ async def draft_segment(
     return Outcome(segments=(seg,), end_on_eos=end_on_eos), gen
 
 
-class WriteExecutor(Stateless):
-    """Runs `WriteSegment`."""
+class WriteExecutor:
+    """Runs `WriteSegment`; with `speculate`, the writer drafts the next segment as soon as
+    this one is written (`speculate.Draft`), for the next turn to take or cut off."""
 
     def __init__(self, ctx: ExecutionContext) -> None:
         self.ctx = ctx
+        self.draft: Draft | None = None
 
     async def run(self, decision: WriteSegment, state: SequenceState) -> Outcome:
-        return await write_segment(
-            self.ctx,
-            state,
-            decision.model,
-            decision.max_tokens,
-            "write",
-            end_on_eos=decision.end_on_eos,
-        )
+        draft, self.draft = self.draft, None
+        if draft is not None and draft.matches(decision, state):
+            outcome = await draft.take()
+        elif draft is not None and draft.decision.model != decision.model:
+            discarding = asyncio.ensure_future(draft.discard())  # beside the new writer
+            try:
+                outcome = await self._write(state, decision)
+            finally:
+                await discarding
+        else:
+            if draft is not None:
+                await draft.discard()
+            outcome = await self._write(state, decision)
+        after = apply(state, outcome, self.ctx.trim)
+        if decision.speculate and not after.done and after.tokens_left > 0:
+            session = self.ctx.sessions[decision.model]
+            self.draft = Draft.start(self._draft, next_turn(after), decision, session)
+        return outcome
+
+    async def settle(self, state: SequenceState) -> Outcome:
+        """Another kind of decision, or the end: a draft left is cut off, nothing committed."""
+        draft, self.draft = self.draft, None
+        if draft is not None:
+            await draft.discard()
+        return Outcome()
+
+    async def _write(self, state: SequenceState, decision: WriteSegment) -> Outcome:
+        outcome, _ = await self._draft(state, decision)
+        return outcome
+
+    def _draft(
+        self, state: SequenceState, decision: WriteSegment
+    ) -> Awaitable[tuple[Outcome, Generation | None]]:
+        return draft_segment(self.ctx, state, decision.model, decision.max_tokens, "write",
+                             end_on_eos=decision.end_on_eos)  # fmt: skip
 
 
 class FinishExecutor(Stateless):
