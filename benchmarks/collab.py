@@ -4,15 +4,20 @@
     python benchmarks/collab.py --max-tokens 64 --repeats 1      # quicker
     python benchmarks/collab.py --zoo       # the zoo's base and sft instead (if it is built)
 
-Deploys two same-size checkpoints (two random-weight ones: they rarely write end-of-sequence, so
-every config writes the whole budget and tokens/s compare requests of equal length; with --zoo
-the zoo's base and sft, whose answers end where they end) behind the real HTTP ingress on a
-local Ray, and times `/v1/generate` (greedy, same prompts; the budget cut to what the models'
-context holds) for:
+Deploys two same-size checkpoints (two random-weight ones; with --zoo the zoo's base and sft)
+behind the real HTTP ingress on a local Ray, and times `/v1/generate` (greedy, same prompts;
+the budget cut to what the models' context holds; the end token banned with a `logit_bias`
+of -100, so every config writes the whole budget and tokens/s compare requests of equal
+length) for:
 - single: one model writes everything (policy fixed, one segment for the whole budget);
-- round robin between the two models with segments of 32, 8 and 1 tokens.
+- round robin between the two models with segments of 32, 8 and 1 tokens;
+in two layouts, one after the other: one deployment per model (the default), and colocated
+(`serving.colocate_models`: the coordinator replica runs both models, no process hop in a turn).
 Figures are ratios measured in the same run: `roundrobin_segN_vs_single` = tokens/s of round
-robin / tokens/s of the single model (target for 32: >= 0.85). `turn_overhead_ms` is the median
+robin / tokens/s of the single model, deployments (targets: seg 32 >= 0.95, seg 8 >= 0.85);
+`colocated_roundrobin_segN_vs_single` the same colocated, against the single model colocated;
+`colocated_single_vs_single` the single model colocated against deployed. Per layout in
+`details.layouts`. `turn_overhead_ms` is the median
 over round-robin turns of a turn's coordination time outside the models, from its turn record:
 `wall_ms - model_ms` (the whole turn, from asking the policy to its segment streamed out, minus
 its model call -- one `generate` carrying the other model's tokens, handle round trip
@@ -63,12 +68,14 @@ def two_models(work: Path, zoo: bool) -> list[dict[str, str]]:
     ]
 
 
-def run_configs(url: str, configs: dict[str, dict], max_tokens: int, repeats: int) -> dict:
+def run_configs(url: str, configs: dict[str, dict], max_tokens: int, repeats: int,
+                eos_id: int) -> dict:  # fmt: skip
     """Time every prompt `repeats` times under every config, interleaved (config after config
     for each prompt) so a change in machine load hits all configs alike. Returns, per config,
     tokens, seconds, tokens/s and the wall time of each request by id."""
     runs = {name: {"tokens": 0, "seconds": 0.0, "wall_ms": {}} for name in configs}
     client = httpx.Client(base_url=url, timeout=600)  # one connection, kept alive
+    configs = {name: {**body, "logit_bias": {str(eos_id): -100}} for name, body in configs.items()}
     for config in configs.values():  # warm up: first sessions, first policy build
         body = {**config, "ensemble": "pair", "max_tokens": max_tokens, "prompt": PROMPTS[0]}
         client.post("/v1/generate", json=body).raise_for_status()
@@ -129,6 +136,19 @@ def wait_for_turn_log(log_path: Path, request_ids: set[str], timeout_s: float = 
         time.sleep(0.2)
 
 
+def end_token_id(models: list[dict[str, str]]) -> int:
+    """The end token's id, the same in both models' tokenizers."""
+    from transformers import AutoTokenizer
+
+    from antiphon.checkpoint import resolve_checkpoint_path
+
+    ids = {AutoTokenizer.from_pretrained(resolve_checkpoint_path(m["path"])).eos_token_id
+           for m in models}  # fmt: skip
+    if len(ids) != 1:
+        raise SystemExit(f"the two models' end tokens differ: {sorted(ids)}")
+    return ids.pop()
+
+
 def fitting_budget(models: list[dict[str, str]], max_tokens: int) -> int:
     """max_tokens, cut so that the longest prompt plus the response fits every model's context
     (one position spare: a session that fills its context cannot write)."""
@@ -146,34 +166,30 @@ def fitting_budget(models: list[dict[str, str]], max_tokens: int) -> int:
     return budget
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--zoo", action="store_true", help="the zoo's base and sft")
-    args = parser.parse_args()
+LAYOUTS = {"deployments": False, "colocated": True}  # serving.colocate_models
 
-    import ray
+
+def measure(models: list[dict[str, str]], work: Path, colocate: bool, args) -> tuple[dict, dict]:
+    """Deploy the pair in one layout behind the HTTP ingress, time every config, take the
+    app down; the runs and their turn records."""
     from ray import serve
 
     from antiphon.deploy.app import build_app, free_port
     from antiphon.deploy.config import parse_config
 
-    work = Path(tempfile.mkdtemp(prefix="antiphon-collab-"))
-    models = two_models(work, args.zoo)
-    args.max_tokens = fitting_budget(models, args.max_tokens)
+    log_path = work / f"turns-{'colocated' if colocate else 'deployments'}.atl"
     config = parse_config(
         {
             "models": models,
             "ensembles": [{"name": "pair", "models": [m["name"] for m in models]}],
-            "serving": {"port": free_port(), "turn_log_path": str(work / "turns.atl")},
+            "serving": {"port": free_port(), "turn_log_path": str(log_path),
+                        "colocate_models": colocate},
         },
         source="collab benchmark",
-    )
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    )  # fmt: skip
+    serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
+    serve.run(build_app(config), name="collab", route_prefix="/")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
-        serve.run(build_app(config), name="collab", route_prefix="/")
         url = f"http://127.0.0.1:{config.serving.port}"
         configs = {
             "single": {
@@ -186,15 +202,17 @@ def main() -> None:
                 "policy": "round_robin",
                 "policy_params": {"segment_len": seg},
             }
-        runs = run_configs(url, configs, args.max_tokens, args.repeats)  # fmt: skip
-        log_path = work / "turns.atl"
+        runs = run_configs(url, configs, args.max_tokens, args.repeats, end_token_id(models))
         all_ids = {i for run in runs.values() for i in run["wall_ms"]}
         wait_for_turn_log(log_path, all_ids)
     finally:
-        serve.shutdown()
-        ray.shutdown()
-
+        serve.shutdown()  # the next layout starts its own
     turns = {name: turns_by_request(log_path, set(run["wall_ms"])) for name, run in runs.items()}
+    return runs, turns
+
+
+def figures(runs: dict, turns: dict) -> dict[str, object]:
+    """One layout's ratios against its own single model, and where a turn's time goes."""
     overheads = [ms for seg in SEGMENTS for ms in turn_overheads_ms(turns[f"roundrobin_seg{seg}"])]
     outside = [
         ms for name, run in runs.items() for ms in outside_turns_ms(run["wall_ms"], turns[name])
@@ -205,38 +223,67 @@ def main() -> None:
         runs["single"]["wall_ms"].values()
     )
     single = runs["single"]["tokens_per_s"]
-    results: dict[str, object] = {
+    out: dict[str, object] = {
         f"roundrobin_seg{seg}_vs_single": runs[f"roundrobin_seg{seg}"]["tokens_per_s"] / single
         for seg in SEGMENTS
     }
-    results["turn_overhead_ms"] = statistics.median(overheads) if overheads else None
+    out["turn_overhead_ms"] = statistics.median(overheads) if overheads else None
+    out["turns_measured"] = len(overheads)
+    out["request_outside_turns_ms"] = statistics.median(outside)
+    out["marginal_turn_ms"] = extra_ms / extra_turns if extra_turns else None
+    out["tokens_per_s"] = {k: round(v["tokens_per_s"], 2) for k, v in runs.items()}
+    out["tokens"] = {k: v["tokens"] for k, v in runs.items()}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--zoo", action="store_true", help="the zoo's base and sft")
+    args = parser.parse_args()
+
+    import ray
+
+    work = Path(tempfile.mkdtemp(prefix="antiphon-collab-"))
+    models = two_models(work, args.zoo)
+    args.max_tokens = fitting_budget(models, args.max_tokens)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        layouts = {name: figures(*measure(models, work, colocate, args))
+                   for name, colocate in LAYOUTS.items()}  # fmt: skip
+    finally:
+        ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)  # the checkpoints and turn logs of this run
+
+    ratios = [f"roundrobin_seg{seg}_vs_single" for seg in SEGMENTS]
+    deployed, colocated = layouts["deployments"], layouts["colocated"]
+    results: dict[str, object] = {key: deployed[key] for key in ratios}
+    results["turn_overhead_ms"] = deployed["turn_overhead_ms"]
+    results.update({f"colocated_{key}": colocated[key] for key in ratios})
+    results["colocated_single_vs_single"] = (
+        colocated["tokens_per_s"]["single"] / deployed["tokens_per_s"]["single"]
+    )
     results["details"] = {
         "models": [m["path"] if m["path"].startswith("zoo:") else "random weights" for m in models],
         "max_tokens": args.max_tokens,
         "requests_per_config": args.repeats * len(PROMPTS),
-        "turns_measured": len(overheads),
-        "request_outside_turns_ms": statistics.median(outside),
-        "marginal_turn_ms": extra_ms / extra_turns if extra_turns else None,
-        "tokens_per_s": {k: round(v["tokens_per_s"], 2) for k, v in runs.items()},
-        "tokens": {k: v["tokens"] for k, v in runs.items()},
+        "layouts": layouts,
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
-
-    print(f"{'config':<22}{'tokens':>8}{'tokens/s':>12}{'vs single':>12}")
-    for name, run in runs.items():
-        ratio = run["tokens_per_s"] / single
-        print(f"{name:<22}{run['tokens']:>8}{run['tokens_per_s']:>12.1f}{ratio:>12.3f}")
-    overhead = results["turn_overhead_ms"]
-    print(f"turn_overhead_ms (median over {len(overheads)} turns): "
-          f"{overhead:.2f}" if overhead is not None else "turn_overhead_ms: no turns")  # fmt: skip
+    print(f"{'layout':<13}{'config':<20}{'tokens':>8}{'tokens/s':>11}{'vs single':>11}")
+    for layout, f in layouts.items():
+        single = f["tokens_per_s"]["single"]
+        for name, tps in f["tokens_per_s"].items():
+            print(f"{layout:<13}{name:<20}{f['tokens'][name]:>8}{tps:>11.1f}{tps / single:>11.3f}")
+    for layout, f in layouts.items():
+        marginal = f["marginal_turn_ms"]
+        print(f"{layout}: one more turn, all in (seg 1 vs single): "
+              f"{marginal:.2f} ms; per request outside its turns: "
+              f"{f['request_outside_turns_ms']:.2f} ms")  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)  # the checkpoints and turn log of this run
-    marginal = results["details"]["marginal_turn_ms"]
-    if marginal is not None:
-        print(f"marginal cost of one more turn, all in (seg 1 vs single): {marginal:.2f} ms")
-    print(f"per request outside its turns: {results['details']['request_outside_turns_ms']:.2f} ms")
     print(f"wrote {RESULTS}")
 
 

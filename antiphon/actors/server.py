@@ -15,6 +15,8 @@ metrics, and give the engine an id prefix so session ids name their replica (see
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
@@ -131,15 +133,31 @@ class ModelServer:
         await self.engine.shutdown()
 
 
+def actor_options(specs: Sequence[ModelSpec]) -> dict[str, object]:
+    """`ray_actor_options` of a replica that runs these checkpoints (one, or several
+    colocated): the sum of what each one's `deployment` asks for."""
+    options: dict[str, object] = {
+        "num_cpus": sum(s.deployment.num_cpus for s in specs),
+        "num_gpus": sum(s.deployment.num_gpus for s in specs),
+    }
+    resources: dict[str, float] = {}
+    for s in specs:
+        for key, amount in s.deployment.resources.items():
+            resources[key] = resources.get(key, 0.0) + amount
+    if resources:
+        options["resources"] = resources
+    kinds = {s.deployment.accelerator_type for s in specs} - {None}
+    if len(kinds) > 1:
+        raise ValueError(f"one replica cannot run on accelerator types {sorted(kinds)} at once")
+    if kinds:
+        options["accelerator_type"] = kinds.pop()
+    return options
+
+
 def deployment_options(spec: ModelSpec) -> dict[str, object]:
     """The `serve.deployment` options of a checkpoint's deployment, all derived from its
     spec's `deployment` knobs (the engine's knobs go to the engine)."""
     d = spec.deployment
-    actor_options: dict[str, object] = {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus}
-    if d.resources:
-        actor_options["resources"] = dict(d.resources)
-    if d.accelerator_type is not None:
-        actor_options["accelerator_type"] = d.accelerator_type
     # Serve refuses a replica count beside an autoscaling config: the config bounds it.
     replicas: dict[str, object] = (
         {"autoscaling_config": dict(d.autoscaling)}
@@ -150,7 +168,7 @@ def deployment_options(spec: ModelSpec) -> dict[str, object]:
         "name": spec.name,
         **replicas,
         "max_ongoing_requests": d.max_ongoing_requests,
-        "ray_actor_options": actor_options,
+        "ray_actor_options": actor_options([spec]),
         # Session calls must reach the replica that holds the session's cache.
         "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),
         "health_check_period_s": 10.0,

@@ -4,7 +4,9 @@
 Each replica holds a `ServeModelClient` per model deployment (a `CompletionsModel` for a
 model behind a completions endpoint, which has no deployment), the tokenizers (loaded from the
 models' specs), the policies hosted in policy actors, and the turn sink it was given (the app
-builder in `antiphon.deploy.app` makes it: a client of the turn log actor).
+builder in `antiphon.deploy.app` makes it: a client of the turn log actor). Colocated
+(`colocate=True`), a replica runs every model itself, each a `ModelServer` in this process (its
+engine, metrics and health check): no model deployments, no process hop in a turn.
 
     from ray import serve
     app = build_coordinator_deployment(specs, model_apps, turn_sink=sink)
@@ -42,6 +44,7 @@ from ray.serve.handle import DeploymentHandle
 from antiphon.actors.client import ServeModelClient
 from antiphon.actors.endpoint import CompletionsModel
 from antiphon.actors.protocol import SessionModel
+from antiphon.actors.server import ModelServer, actor_options
 from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
@@ -93,24 +96,30 @@ class CoordinatorServer:
         model_handles: Mapping[str, DeploymentHandle],
         turn_sink: TurnSink | None = None,
         policy_actors: Mapping[str, ActorHandle | HostedPolicy] | None = None,
+        colocate: bool = False,
     ) -> None:
         configure_logging("json")
         policy_actors = {
             name: a.actor() if isinstance(a, HostedPolicy) else a
             for name, a in (policy_actors or {}).items()
         }
-        deployed = [s for s in specs if s.endpoint is None]
+        served = [s for s in specs if s.endpoint is None]
+        deployed = [] if colocate else served
         missing = sorted({s.name for s in deployed} - set(model_handles))
         if missing:
             raise ValueError(f"no deployment handle for models {missing}")
         self.turn_sink = turn_sink
         self.model_handles = {s.name: model_handles[s.name] for s in deployed}
+        self.colocated = {s.name: ModelServer(s) for s in served} if colocate else {}
         self.policy_actors = policy_actors
-        # a model behind an endpoint is called from here: its sessions live in this replica
-        models: dict[str, SessionModel] = {
-            s.name: ServeModelClient(model_handles[s.name]) if s.endpoint is None
-            else CompletionsModel(s) for s in specs
-        }  # fmt: skip
+        models: dict[str, SessionModel] = {}
+        for s in specs:
+            if s.endpoint is not None:  # called from here: its sessions live in this replica
+                models[s.name] = CompletionsModel(s)
+            else:
+                models[s.name] = self.colocated.get(s.name) or ServeModelClient(
+                    model_handles[s.name]
+                )
         self.coordinator = Coordinator(
             models=models,
             tokenizers={s.name: load_tokenizer(s.path, s.trust_remote_code) for s in specs},
@@ -207,6 +216,17 @@ class CoordinatorServer:
         found = await asyncio.gather(*(check(n, a) for n, a in self.policy_actors.items()))
         return {f"policy:{name}": problem for name, problem in found if problem}
 
+    def check_health(self) -> None:
+        """Serve calls this every health_check_period_s: a colocated model whose engine
+        stopped makes the replica unhealthy, and Serve replaces it."""
+        for model in self.colocated.values():
+            model.check_health()
+
+    async def __del__(self) -> None:
+        # Serve awaits this on graceful replica shutdown.
+        for model in self.colocated.values():
+            await model.engine.shutdown()
+
     async def flush_turn_log(self) -> None:
         """Wait until every record of this replica's finished requests is in the turn log
         (and their sessions are closed)."""
@@ -223,14 +243,19 @@ def build_coordinator_deployment(
     *,
     num_replicas: int = 1,
     max_ongoing_requests: int = 256,
+    colocate: bool = False,
 ) -> Application:
-    """The coordinator bound to its model deployments (bound apps become handles in Serve)."""
+    """The coordinator bound to its model deployments (bound apps become handles in Serve);
+    `colocate`: running the models itself, with the resources they ask for."""
     options = {
         "name": "coordinator",
         "num_replicas": num_replicas,
         "max_ongoing_requests": max_ongoing_requests,  # waits on models, not CPU-bound
-        "ray_actor_options": {"num_cpus": 0},
-    }
+        "ray_actor_options": (
+            actor_options([s for s in specs if s.endpoint is None]) if colocate
+            else {"num_cpus": 0}
+        ),
+    }  # fmt: skip
     return serve.deployment(CoordinatorServer, **options).bind(
-        list(specs), dict(model_apps), turn_sink, dict(policy_actors or {})
+        list(specs), dict(model_apps), turn_sink, dict(policy_actors or {}), colocate
     )

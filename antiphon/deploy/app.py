@@ -51,7 +51,7 @@ def build_app(config: AppConfig | dict) -> Application:
     config = config.model_copy(update={"serving": serving})
     coordinator = build_coordinator_app(
         config.models, log_path, hosted_policies(config), num_replicas=serving.coordinator_replicas,
-        turn_log_segment_bytes=serving.turn_log_segment_bytes,
+        turn_log_segment_bytes=serving.turn_log_segment_bytes, colocate=serving.colocate_models,
     )  # fmt: skip
     return build_ingress(config, coordinator)
 
@@ -81,17 +81,21 @@ def build_coordinator_app(
     num_replicas: int = 1,
     turn_log_actor_name: str | None = None,
     turn_log_segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+    colocate: bool = False,
 ) -> Application:
     """Model deployments for `specs` plus a coordinator over them (logging to the turn log at
-    `turn_log_path`, if given), as one Serve application."""
+    `turn_log_path`, if given), as one Serve application. `colocate`: no model deployments;
+    each coordinator replica runs the models itself."""
     sink = None
     if turn_log_path is not None:
         name = turn_log_actor_name or turn_log_actor_name_for(turn_log_path)
         sink = TurnLogClient(turn_log_path, name=name, segment_bytes=turn_log_segment_bytes)
     # a model behind an endpoint has no deployment: the coordinator calls the endpoint
-    models = {s.name: build_model_deployment(s) for s in specs if s.endpoint is None}
+    models = {} if colocate else {
+        s.name: build_model_deployment(s) for s in specs if s.endpoint is None
+    }  # fmt: skip
     return build_coordinator_deployment(
-        specs, models, sink, policy_actors, num_replicas=num_replicas
+        specs, models, sink, policy_actors, num_replicas=num_replicas, colocate=colocate
     )
 
 

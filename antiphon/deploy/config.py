@@ -129,6 +129,13 @@ class ServingSpec(FrozenModel):
     coordinator_replicas: int = Field(
         default=1, ge=1, description="Replicas of the coordinator (any one serves any request)."
     )
+    colocate_models: bool = Field(
+        default=False,
+        description="Run every model (not behind an endpoint) inside each coordinator replica "
+        "instead of one deployment per model: the turn loop calls them with no process hop. "
+        "For checkpoints that fit on one device together; the replica takes the sum of their "
+        "resources. Default: one deployment per model.",
+    )
     ingress_replicas: int = Field(
         default=1,
         ge=1,
@@ -219,6 +226,35 @@ class AppConfig(FrozenModel):
         if twice:  # a coordinator finds a hosted policy by its name
             raise ValueError(f"policy hosted by more than one ensemble: {', '.join(twice)}")
         return v
+
+    @model_validator(mode="after")
+    def _colocated_models_have_no_deployments(self) -> AppConfig:
+        if not self.serving.colocate_models:
+            return self
+        for i, m in enumerate(self.models):
+            d = m.deployment
+            if m.endpoint is None and (d.num_replicas != 1 or d.autoscaling is not None):
+                raise ValueError(
+                    f"models[{i}].deployment: with serving.colocate_models, model {m.name!r} "
+                    "runs inside each coordinator replica: scale it with "
+                    "serving.coordinator_replicas, not with replicas of its own"
+                )
+        kinds = {m.deployment.accelerator_type for m in self.models} - {None}
+        if len(kinds) > 1:
+            raise ValueError(
+                f"serving.colocate_models: the models ask for different accelerator types "
+                f"({', '.join(sorted(kinds))}) but run in one replica"
+            )
+        for i, e in enumerate(self.ensembles):
+            params = validate_policy_params(e.policy.name, e.policy.params)
+            for deployment in params.referenced_deployments():
+                raise ValueError(
+                    f"ensembles[{i}].policy.params: policy {e.policy.name!r} calls the "
+                    f"deployment {deployment!r}, but with serving.colocate_models no model has "
+                    "a deployment; leave it out and the policy runs its model in the "
+                    "coordinator's process"
+                )
+        return self
 
     @property
     def default_ensemble(self) -> EnsembleSpec:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from antiphon.deploy.config import AppConfig, load_config
@@ -196,3 +198,59 @@ def test_placement_is_refused_beside_an_endpoint(tmp_path, fields):
     endpoint = "endpoint: {base_url: 'http://host:8000/v1', model: m}"
     with pytest.raises(ConfigError, match="reached through its endpoint and has no deployment"):
         load_config(write(tmp_path, _a_with(f"{endpoint}, {fields}")))
+
+
+COLOCATED = """
+models:
+  - {name: a, path: /ckpt/a, deployment: {num_gpus: 0.5, resources: {node_a: 1}}}
+  - {name: b, path: /ckpt/b, deployment: {num_gpus: 0.25, num_cpus: 1, resources: {node_a: 1}}}
+ensembles:
+  - {name: pair, models: [a, b]}
+serving: {colocate_models: true, coordinator_replicas: 2}
+"""
+
+
+def test_colocated_models_give_their_resources_to_the_coordinator_replica(tmp_path):
+    from antiphon.actors.server import actor_options
+
+    config = load_config(write(tmp_path, COLOCATED))
+    assert config.serving.colocate_models
+    assert actor_options(config.models) == {
+        "num_cpus": 1.0, "num_gpus": 0.75, "resources": {"node_a": 2.0}
+    }  # fmt: skip
+    assert not load_config(write(tmp_path, GOOD)).serving.colocate_models  # the default
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ("  - {name: c, path: /ckpt/c, deployment: {num_replicas: 2}}",
+         "models[2].deployment: with serving.colocate_models, model 'c' runs inside each"),
+        ("  - {name: c, path: /ckpt/c, deployment: {autoscaling: {max_replicas: 4}}}",
+         "scale it with serving.coordinator_replicas"),
+        ("  - {name: c, path: /ckpt/c, deployment: {accelerator_type: H100}}\n"
+         "  - {name: d, path: /ckpt/d, deployment: {accelerator_type: A100}}",
+         "different accelerator types (A100, H100)"),
+    ],
+)  # fmt: skip
+def test_colocated_models_refuse_deployment_knobs_they_cannot_honour(tmp_path, change, words):
+    text = COLOCATED.replace("ensembles:", change + "\nensembles:")
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(write(tmp_path, text))
+
+
+def test_colocated_models_refuse_a_policy_that_calls_a_deployment(tmp_path):
+    text = """
+models:
+  - {name: a, path: /ckpt/a}
+  - {name: b, path: /ckpt/b}
+ensembles:
+  - name: switched
+    models: [a, b]
+    policy: {name: switch, params: {switcher_path: /ckpt/a, switcher_deployment: a}}
+serving: {colocate_models: true}
+"""
+    with pytest.raises(ConfigError, match="calls the deployment 'a', but with serving.colocate"):
+        load_config(write(tmp_path, text))
+    allowed = text.replace(", switcher_deployment: a", "")  # the switcher in the coordinator
+    assert load_config(write(tmp_path, allowed)).serving.colocate_models
