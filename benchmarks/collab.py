@@ -16,16 +16,20 @@ in two layouts, one after the other: one deployment per model (the default), and
 Figures are ratios measured in the same run: `roundrobin_segN_vs_single` = tokens/s of round
 robin / tokens/s of the single model, deployments (targets: seg 32 >= 0.95, seg 8 >= 0.85);
 `colocated_roundrobin_segN_vs_single` the same colocated, against the single model colocated;
-`colocated_single_vs_single` the single model colocated against deployed. Per layout in
-`details.layouts`. `turn_overhead_ms` is the median
-over round-robin turns of a turn's coordination time outside the models, from its turn record:
-`wall_ms - model_ms` (the whole turn, from asking the policy to its segment streamed out, minus
-its model call -- one `generate` carrying the other model's tokens, handle round trip
-included). `details.request_outside_turns_ms` is the median per-request cost outside the turns
-(HTTP, ingress, handle hops, request setup): request wall time minus its turns' `wall_ms`.
-`details.marginal_turn_ms` is the all-in view: what one more turn costs (round trip and the
-other model catching up included), from segment 1 vs single. Requests go over one kept-alive
-HTTP connection, as a real client's would.
+`colocated_single_vs_single` the single model colocated against deployed. And the reference
+approach's round robin, written faithfully and run in this process, no HTTP
+(switch_generation's writer loop: per segment the whole text re-tokenised and re-prefilled by
+`generate`): `roundrobin_segN_vs_reference` = ours, deployed over HTTP, / it.
+
+Per layout in `details.layouts`: `turn_overhead_ms`, the median over round-robin turns of a
+turn's coordination time outside the models, from its turn record: `wall_ms - model_ms` (the
+whole turn, from asking the policy to its segment streamed out, minus its model call -- one
+`generate` carrying the other model's tokens, handle round trip included);
+`request_outside_turns_ms`, the median per-request cost outside the turns (HTTP, ingress,
+handle hops, request setup): request wall time minus its turns' `wall_ms`;
+`marginal_turn_ms`, the all-in view: what one more turn costs (round trip and the other model
+catching up included), from segment 1 vs single. Requests go over one kept-alive HTTP
+connection, as a real client's would.
 """
 
 from __future__ import annotations
@@ -236,6 +240,44 @@ def figures(runs: dict, turns: dict) -> dict[str, object]:
     return out
 
 
+def reference_tokens_per_s(models: list[dict[str, str]], max_tokens: int, eos_id: int) -> dict:
+    """The reference approach's round robin (switch_generation's writer loop), in this
+    process: per segment, the chosen model runs `generate` on the whole text so far,
+    re-tokenised and re-prefilled, and the decoded segment is appended (greedy, the end token
+    suppressed as in ours). Tokens/s of single (one `generate` for the whole budget) and of
+    every segment length, each prompt once."""
+    import torch
+
+    from antiphon.checkpoint import load_checkpoint
+    from antiphon.config import ModelSpec
+
+    loaded = [load_checkpoint(ModelSpec(name=m["name"], path=m["path"])) for m in models]
+
+    def tokens_per_s(segment: int) -> float:
+        tokens, seconds = 0, 0.0
+        for prompt in PROMPTS:
+            text, written = prompt, 0
+            t0 = time.perf_counter()
+            while written < max_tokens:
+                model, tokenizer = loaded[(written // segment) % len(loaded)]
+                inputs = tokenizer(text, return_tensors="pt")
+                with torch.no_grad():
+                    out = model.generate(**inputs, do_sample=False, suppress_tokens=[eos_id],
+                                         max_new_tokens=min(segment, max_tokens - written),
+                                         pad_token_id=eos_id)  # fmt: skip
+                new = out[0, inputs["input_ids"].shape[1] :]
+                text += tokenizer.decode(new, skip_special_tokens=True)
+                written += len(new)
+            seconds += time.perf_counter() - t0
+            tokens += written
+        return tokens / seconds
+
+    tokens_per_s(8)  # warm up
+    out = {"single": tokens_per_s(max_tokens)}
+    out.update({f"roundrobin_seg{seg}": tokens_per_s(seg) for seg in SEGMENTS})
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-tokens", type=int, default=128)
@@ -254,6 +296,7 @@ def main() -> None:
                    for name, colocate in LAYOUTS.items()}  # fmt: skip
     finally:
         ray.shutdown()
+    reference = reference_tokens_per_s(models, args.max_tokens, end_token_id(models))
     shutil.rmtree(work, ignore_errors=True)  # the checkpoints and turn logs of this run
 
     ratios = [f"roundrobin_seg{seg}_vs_single" for seg in SEGMENTS]
@@ -261,6 +304,9 @@ def main() -> None:
     results: dict[str, object] = {key: deployed[key] for key in ratios}
     results["turn_overhead_ms"] = deployed["turn_overhead_ms"]
     results.update({f"colocated_{key}": colocated[key] for key in ratios})
+    for seg in SEGMENTS:  # ours (deployed, over HTTP) against the reference at one segment
+        key = f"roundrobin_seg{seg}"
+        results[f"{key}_vs_reference"] = deployed["tokens_per_s"][key] / reference[key]
     results["colocated_single_vs_single"] = (
         colocated["tokens_per_s"]["single"] / deployed["tokens_per_s"]["single"]
     )
@@ -269,6 +315,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "requests_per_config": args.repeats * len(PROMPTS),
         "layouts": layouts,
+        "reference_tokens_per_s": reference,
         "cpu_count": os.cpu_count(),
         "python": sys.version.split()[0],
     }
@@ -277,6 +324,8 @@ def main() -> None:
         single = f["tokens_per_s"]["single"]
         for name, tps in f["tokens_per_s"].items():
             print(f"{layout:<13}{name:<20}{f['tokens'][name]:>8}{tps:>11.1f}{tps / single:>11.3f}")
+    for name, tps in reference.items():
+        print(f"{'reference':<13}{name:<20}{'':>8}{tps:>11.1f}{tps / reference['single']:>11.3f}")
     for layout, f in layouts.items():
         marginal = f["marginal_turn_ms"]
         print(f"{layout}: one more turn, all in (seg 1 vs single): "

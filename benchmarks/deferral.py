@@ -15,7 +15,7 @@ engine and coordinator code of a deployment, without the Ray hops, which the col
 measures):
 - `defer_vs_single`: tokens/s of `defer` (the base drafts until its gate fires, inside one
   generate call; the assistant writes one token; the base continues from its cache) / tokens/s
-  of the base alone (`fixed`, one segment). Target >= 0.7.
+  of the base alone (`fixed`, one segment). Target >= 0.8.
 - `defer_vs_reprefill_256`: tokens/s of `defer` / tokens/s of the reference approach written
   faithfully here (clinicalml/co-llm's generate loop: for every token both the base's forward
   pass over the whole prefix (logits and gate) and, where the gate fires, the assistant's over
@@ -161,7 +161,7 @@ async def main_async(args) -> dict:
         "defer_vs_single": round(defer_tps / single_tps, 3),
         f"defer_vs_reprefill_{args.new_tokens}": round(defer_tps / ref_tps, 2),
         "same_tokens": ours == theirs == alone,
-        "targets": {"defer_vs_single": ">= 0.7", "defer_vs_reprefill_256": ">= 5"},
+        "targets": {"defer_vs_single": ">= 0.8", "defer_vs_reprefill_256": ">= 5"},
     }  # fmt: skip
 
 
@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     out = asyncio.run(main_async(args))
     print(f"{'figure':<28} {'value':>10}  target")
-    print(f"{'defer_vs_single':<28} {out['defer_vs_single']:>10}  >= 0.7")
+    print(f"{'defer_vs_single':<28} {out['defer_vs_single']:>10}  >= 0.8")
     key = f"defer_vs_reprefill_{args.new_tokens}"
     print(f"{key:<28} {out[key]:>10}  >= 5")
     print(f"{'deferral_rate':<28} {out['deferral_rate']:>10}  ~0.1")

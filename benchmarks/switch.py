@@ -14,7 +14,10 @@ time through the coordinator's handle, timed for:
 - switch: the switcher picks the writer of every 32-token segment (one switcher call each),
   with speculative continuation (the last writer drafts the next segment while the switcher
   decides; kept when it is chosen again: `details.runs.switch.kept` of `decisions`);
-- switch_no_speculation: the same with `speculate: false`.
+- switch_no_speculation: the same with `speculate: false`;
+- colocated_single, colocated_switch: single and switch with the writers colocated
+  (`colocate=True`: the coordinator replica runs them, no model deployments) and the switcher
+  in the coordinator's process too.
 And, in this process with the same checkpoints, the reference approach written faithfully
 (BunsenFeng/switch_generation's `switch_generation`): every round the selector *generates*
 up to a segment's tokens with `generate` from its prompt rebuilt as text (query and tagged
@@ -24,6 +27,7 @@ re-prefilled, and the decoded segment is appended with a space. Left out in its 
 reference starts a multiprocessing pool per round and pickles the models into it.
 Ratios from the same run:
 - `switch_vs_single` = tokens/s of switch / tokens/s of single (target >= 0.9);
+  `colocated_switch_vs_single` the same colocated;
 - `switch_vs_reference_256` = tokens/s of switch / tokens/s of the reference (target >= 3);
   `switch_vs_reference_1_token_selector_256`: the same against a kinder reference whose
   selector generates one token only.
@@ -91,8 +95,8 @@ def time_policy(handle, models, policy, params, max_tokens) -> dict[str, float]:
 
 
 def serving_runs(paths: dict[str, str], new_tokens: int, repeats: int) -> dict[str, dict]:
-    """single and switch over the serving stack, interleaved so that drift in the shared
-    machine's load hits both alike."""
+    """single and switch over the serving stack, one deployment per model and colocated,
+    interleaved so that drift in the shared machine's load hits all alike."""
     import ray
     from ray import serve
 
@@ -105,21 +109,28 @@ def serving_runs(paths: dict[str, str], new_tokens: int, repeats: int) -> dict[s
         spec = ModelSpec(name="switcher-model", path=paths["switcher"])
         actor = deploy_switch_policy(spec, {"segment_len": SEGMENT})
         specs = [ModelSpec(name=n, path=paths[n]) for n in writers]
-        handle = serve.run(build_coordinator_app(specs, None, {"switch": actor}), name="bench",
-                           route_prefix=None)  # fmt: skip
+        deployed = serve.run(build_coordinator_app(specs, None, {"switch": actor}),
+                             name="bench", route_prefix=None)  # fmt: skip
+        colocated = serve.run(build_coordinator_app(specs, colocate=True),
+                              name="bench-colocated", route_prefix=None)  # fmt: skip
+        single = ("fixed", {"model": writers[0], "segment_len": SEGMENT})
+        # colocated, the switcher runs in the coordinator's process too (no deployment)
+        in_process = {"switcher_path": paths["switcher"], "segment_len": SEGMENT}
         configs = {
-            "single": ("fixed", {"model": writers[0], "segment_len": SEGMENT}),
-            "switch": ("switch", switch_policy_params(spec, {"segment_len": SEGMENT})),
+            "single": (deployed, *single),
+            "switch": (deployed, "switch", switch_policy_params(spec, {"segment_len": SEGMENT})),
             "switch_no_speculation": (
-                "switch",
+                deployed, "switch",
                 switch_policy_params(spec, {"segment_len": SEGMENT, "speculate": False}),
             ),
-        }
-        for policy, params in configs.values():  # warm up: sessions, the switcher's build
+            "colocated_single": (colocated, *single),
+            "colocated_switch": (colocated, "switch", in_process),
+        }  # fmt: skip
+        for handle, policy, params in configs.values():  # warm up: sessions, switcher builds
             time_policy(handle, writers, policy, params, SEGMENT)
         runs = {name: [] for name in configs}
         for _ in range(repeats):
-            for name, (policy, params) in configs.items():
+            for name, (handle, policy, params) in configs.items():
                 runs[name].append(time_policy(handle, writers, policy, params, new_tokens))
     finally:
         serve.shutdown()
@@ -193,6 +204,9 @@ def main() -> None:
         "switch_no_speculation_vs_single": round(
             runs["switch_no_speculation"]["tokens_per_s"] / runs["single"]["tokens_per_s"], 3
         ),
+        "colocated_switch_vs_single": round(
+            runs["colocated_switch"]["tokens_per_s"] / runs["colocated_single"]["tokens_per_s"], 3
+        ),
         f"switch_vs_reference_{n}": round(switch / runs["reference"]["tokens_per_s"], 2),
         f"switch_vs_reference_1_token_selector_{n}": round(
             switch / runs["reference_1_token_selector"]["tokens_per_s"], 2
@@ -201,8 +215,8 @@ def main() -> None:
     targets = {"switch_vs_single": ">= 0.9", f"switch_vs_reference_{n}": ">= 3"}
     out = {**ratios, "targets": targets, "details": {
         "shape": vars(SHAPE), "segment_len": SEGMENT, "new_tokens": n, "prompts": len(PROMPTS),
-        "repeats": args.repeats, "switch_policy_in": "policy actor", "runs": runs,
-        "cpu_count": os.cpu_count()}}  # fmt: skip
+        "repeats": args.repeats, "runs": runs, "cpu_count": os.cpu_count(),
+        "switch_policy_in": "policy actor (colocated: the coordinator)"}}  # fmt: skip
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2) + "\n")
     print(f"{'run':<28} {'tokens':>7} {'seconds':>8} {'tok/s':>8}")
