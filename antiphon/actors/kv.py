@@ -8,8 +8,11 @@ A batch of one session with nothing to pad wraps the session's tensors without c
 a lone session decodes at the cost of a plain `model.generate`.
 
 transformers 5 caches are lists of layer objects; `DynamicLayer.update` grows `keys` and
-`values` by concatenation (new tensors, never in place), which is why sessions can share
-tensors after a fork and a cropped cache can be a view.
+`values` by concatenation, a new tensor per step: a batch of L cached positions copies all L
+every step. The caches here are made of `GrowingLayer`s instead, which append in place into
+spare room at the end of a buffer they allocated. Positions once handed out are never
+written again, so sessions can still share tensors after a fork and a cropped cache can
+still be a view.
 
 Only full-attention layers are handled: sliding-window and linear-attention layers keep
 state that padding would corrupt.
@@ -24,11 +27,76 @@ LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values of one layer: (1, H,
 SessionKV = list[LayerKV]  # one pair per layer; empty list: nothing cached yet
 
 
+ROOM_FRACTION = 0.25  # spare positions a new buffer gets, as a share of those it holds
+MIN_ROOM = 32  # ... and at least this many
+
+
+class GrowingLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values are views into buffers with room at the end:
+    an append that fits writes in place. Only positions past every view this layer handed out
+    are written (its frontier), so a view someone kept (a fork, an unpacked or cropped
+    session) never changes; an append after a crop, or into tensors this layer did not
+    allocate, copies into a new buffer first (amortised: each one holds a quarter more)."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers: LayerKV | None = None  # allocated here; keys/values view their start
+        self._frontier = 0  # positions of the buffers handed out so far
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> LayerKV:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held = self.get_seq_length()
+        end = held + key_states.shape[-2]
+        if not self._fits(key_states, held, end):
+            self._reallocate(key_states, value_states, held, end)
+        keys, values = self._buffers
+        keys[:, :, held:end] = key_states
+        values[:, :, held:end] = value_states
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        self._frontier = end
+        return self.keys, self.values
+
+    def _fits(self, key_states: torch.Tensor, held: int, end: int) -> bool:
+        """Whether the append can be written in place: into this layer's own buffers, right
+        at the frontier (nothing cropped since), with room left."""
+        if self._buffers is None or held != self._frontier:
+            return False
+        keys = self._buffers[0]
+        return (
+            end <= keys.shape[2]
+            and keys.shape[0] == key_states.shape[0]
+            and (held == 0 or self.keys.data_ptr() == keys.data_ptr())
+        )
+
+    def _reallocate(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, held: int, end: int
+    ) -> None:
+        capacity = end + max(MIN_ROOM, int(end * ROOM_FRACTION))
+        batch, heads = key_states.shape[:2]
+        keys = key_states.new_empty(batch, heads, capacity, key_states.shape[-1])
+        values = value_states.new_empty(batch, heads, capacity, value_states.shape[-1])
+        if held:
+            keys[:, :, :held] = self.keys
+            values[:, :, :held] = self.values
+        self._buffers = (keys, values)
+
+
+class GrowingCache(DynamicCache):
+    """A DynamicCache whose layers, made on first use, are `GrowingLayer`s."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
+
+
 def cache_from_layers(layers: list[LayerKV]) -> DynamicCache:
-    """A DynamicCache holding exactly these tensors (no copy). Empty list -> empty cache."""
-    cache = DynamicCache()
+    """A cache holding exactly these tensors (no copy). Empty list -> empty cache."""
+    cache = GrowingCache()
     for keys, values in layers:
-        layer = DynamicLayer()
+        layer = GrowingLayer()
         layer.lazy_initialization(keys, values)
         layer.keys, layer.values = keys, values
         cache.layers.append(layer)
@@ -49,7 +117,7 @@ def pack(rows: list[SessionKV], lengths: list[int]) -> tuple[DynamicCache, list[
     longest = max(lengths)
     pads = [longest - n for n in lengths]
     if longest == 0:
-        return DynamicCache(), pads
+        return GrowingCache(), pads
     if len(rows) == 1:
         return cache_from_layers(rows[0]), pads
     # the first non-empty row gives H, D, dtype and device

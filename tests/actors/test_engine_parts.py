@@ -99,6 +99,40 @@ def test_single_row_is_not_copied_and_crop_is_a_view():
     assert kv.crop(row, 0) == []
 
 
+def kv_states(batch: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, n, 4, generator=g), torch.randn(batch, 2, n, 4, generator=g)
+
+
+def test_a_growing_layer_appends_in_place_and_never_changes_a_view_it_gave():
+    layer = kv.GrowingLayer()
+    steps = [kv_states(1, 5, 0)] + [kv_states(1, 1, s) for s in range(1, 6)]
+    keys, _ = layer.update(*steps[0])
+    kept = keys  # a session's view of the first 5 positions
+    buffer = layer.keys.data_ptr()
+    for k, v in steps[1:]:
+        layer.update(k, v)
+    assert layer.keys.data_ptr() == buffer  # appended into the room, no new tensor
+    assert torch.equal(layer.keys, torch.cat([k for k, _ in steps], dim=2))
+    assert torch.equal(layer.values, torch.cat([v for _, v in steps], dim=2))
+    before = layer.keys.clone()
+    layer.crop(-3)  # positions 7..9 are still seen by `before`'s owner: not to be overwritten
+    seen = layer.keys
+    layer.update(*kv_states(1, 2, 9))
+    assert torch.equal(seen, before[:, :, :7]) and torch.equal(kept, steps[0][0])
+    assert layer.keys.data_ptr() != buffer  # a crop made the next append copy
+    assert torch.equal(layer.keys[:, :, :7], before[:, :, :7])
+
+
+def test_a_cache_of_given_tensors_copies_them_before_its_first_append():
+    held = kv_states(1, 4, 1)
+    cache = kv.cache_from_layers([held])  # e.g. a forked session's tensors, shared
+    keys, values = cache.update(*kv_states(1, 1, 2), layer_idx=0)
+    assert keys.shape[2] == 5 and torch.equal(keys[:, :, :4], held[0])
+    assert held[0].shape[2] == 4 and keys.data_ptr() != held[0].data_ptr()
+    assert isinstance(kv.pack([[], []], [0, 0])[0].layer_class_to_replicate(), kv.GrowingLayer)
+
+
 def test_gate_file_round_trip(tmp_path):
     weight = torch.arange(4, dtype=torch.float32)
     path = save_gate(tmp_path / "g.safetensors", weight, bias=-1.0)
