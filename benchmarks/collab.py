@@ -3,6 +3,7 @@
     python benchmarks/collab.py          # prints a table, writes benchmarks/results/collab.json
     python benchmarks/collab.py --max-tokens 64 --repeats 1      # quicker
     python benchmarks/collab.py --zoo       # the zoo's base and sft instead (if it is built)
+    python benchmarks/collab.py --serve-throughput-optimized   # Serve's latency knob on
 
 Deploys two same-size checkpoints (two random-weight ones; with --zoo the zoo's base and sft)
 behind the real HTTP ingress on a local Ray, and times `/v1/generate` (greedy, same prompts;
@@ -173,26 +174,28 @@ def fitting_budget(models: list[dict[str, str]], max_tokens: int) -> int:
 LAYOUTS = {"deployments": False, "colocated": True}  # serving.colocate_models
 
 
-def measure(models: list[dict[str, str]], work: Path, colocate: bool, args) -> tuple[dict, dict]:
-    """Deploy the pair in one layout behind the HTTP ingress, time every config, take the
-    app down; the runs and their turn records."""
+def measure(
+    models: list[dict[str, str]], work: Path, colocate: bool, port: int, args
+) -> tuple[dict, dict]:
+    """Deploy the pair in one layout behind the HTTP ingress on Serve's proxy at `port`, time
+    every config, delete the app; the runs and their turn records."""
     from ray import serve
 
-    from antiphon.deploy.app import build_app, free_port
+    from antiphon.deploy.app import build_app
     from antiphon.deploy.config import parse_config
 
-    log_path = work / f"turns-{'colocated' if colocate else 'deployments'}.atl"
+    layout = "colocated" if colocate else "deployments"
+    log_path = work / f"turns-{layout}.atl"
     config = parse_config(
         {
             "models": models,
             "ensembles": [{"name": "pair", "models": [m["name"] for m in models]}],
-            "serving": {"port": free_port(), "turn_log_path": str(log_path),
+            "serving": {"port": port, "turn_log_path": str(log_path),
                         "colocate_models": colocate},
         },
         source="collab benchmark",
     )  # fmt: skip
-    serve.start(http_options={"host": "127.0.0.1", "port": config.serving.port})
-    serve.run(build_app(config), name="collab", route_prefix="/")
+    serve.run(build_app(config), name=f"collab-{layout}", route_prefix="/")
     try:
         url = f"http://127.0.0.1:{config.serving.port}"
         configs = {
@@ -210,7 +213,7 @@ def measure(models: list[dict[str, str]], work: Path, colocate: bool, args) -> t
         all_ids = {i for run in runs.values() for i in run["wall_ms"]}
         wait_for_turn_log(log_path, all_ids)
     finally:
-        serve.shutdown()  # the next layout starts its own
+        serve.delete(f"collab-{layout}")  # the next layout takes the route
     turns = {name: turns_by_request(log_path, set(run["wall_ms"])) for name, run in runs.items()}
     return runs, turns
 
@@ -283,18 +286,35 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--zoo", action="store_true", help="the zoo's base and sft")
+    parser.add_argument(
+        "--serve-throughput-optimized",
+        action="store_true",
+        help="start the local Ray with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (Serve's own knob: user "
+        "code and the router on the replica's main loop, gRPC between deployments); writes "
+        "collab_throughput_optimized.json",
+    )
     args = parser.parse_args()
+    results_path = RESULTS
+    if args.serve_throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every process Ray starts
+        results_path = RESULTS.with_name("collab_throughput_optimized.json")
 
     import ray
+    from ray import serve
+
+    from antiphon.deploy.app import free_port
 
     work = Path(tempfile.mkdtemp(prefix="antiphon-collab-"))
     models = two_models(work, args.zoo)
     args.max_tokens = fitting_budget(models, args.max_tokens)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
-        layouts = {name: figures(*measure(models, work, colocate, args))
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        layouts = {name: figures(*measure(models, work, colocate, port, args))
                    for name, colocate in LAYOUTS.items()}  # fmt: skip
     finally:
+        serve.shutdown()
         ray.shutdown()
     reference = reference_tokens_per_s(models, args.max_tokens, end_token_id(models))
     shutil.rmtree(work, ignore_errors=True)  # the checkpoints and turn logs of this run
@@ -331,9 +351,10 @@ def main() -> None:
         print(f"{layout}: one more turn, all in (seg 1 vs single): "
               f"{marginal:.2f} ms; per request outside its turns: "
               f"{f['request_outside_turns_ms']:.2f} ms")  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    results["details"]["serve_throughput_optimized"] = args.serve_throughput_optimized
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {results_path}")
 
 
 if __name__ == "__main__":
