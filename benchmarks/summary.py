@@ -41,6 +41,8 @@ ROWS = [
         "the same, RAY_SERVE_THROUGHPUT_OPTIMIZED=1",
         None,
     ),
+    ("hops", "hop_ms", "a one-token generate through Serve minus in process, ms", None),
+    ("hops_throughput_optimized", "hop_ms", "the same, RAY_SERVE_THROUGHPUT_OPTIMIZED=1", None),
     ("collab", "roundrobin_seg8_vs_reference", "round robin seg 8 / the reference's", None),
     ("switch", "switch_vs_single", "switch (switcher included, seg 32) / one model", 0.9),
     ("switch", "switch_no_speculation_vs_single", "the same, speculation off", None),

@@ -94,7 +94,7 @@ def test_policy_follows_the_trained_switcher(trained_switcher):
             await engine.shutdown()
 
     decisions, probs = asyncio.run(decide_all())
-    assert decisions == [WriteSegment("b", 5)] * 2
+    assert decisions == [WriteSegment("b", 5, speculate=True)] * 2
     assert probs[1] > 0.9
     registered = build_policy("switch", {"switcher_path": str(out)}, ("a", "b"))
     assert registered.name == "switch" and registered.version == policy.version
