@@ -127,11 +127,16 @@ class WriteExecutor:
             if draft is not None:
                 await draft.discard()
             outcome = await self._write(state, decision)
-        after = apply(state, outcome, self.ctx.trim)
-        if decision.speculate and not after.done and after.tokens_left > 0:
+        if decision.speculate:
+            self._speculate(decision, apply(state, outcome, self.ctx.trim))
+        return outcome
+
+    def _speculate(self, decision: WriteSegment, after: SequenceState) -> None:
+        """Start the draft of the next segment from the state this outcome commits (the turn
+        loop applies it too; only a speculating decision pays for the second `apply`)."""
+        if not after.done and after.tokens_left > 0:
             session = self.ctx.sessions[decision.model]
             self.draft = Draft.start(self._draft, next_turn(after), decision, session)
-        return outcome
 
     async def settle(self, state: SequenceState) -> Outcome:
         """Another kind of decision, or the end: a draft left is cut off, nothing committed."""
