@@ -10,10 +10,13 @@ calls (after a warm-up) of:
 - `serve_handle_ms`: a no-op method of a Serve deployment, through a DeploymentHandle;
 - `engine_generate_ms`: a one-token `generate` on a session of the engine in this process
   (what a colocated turn's model call costs);
-- `deployment_generate_ms`: the same call on the checkpoint's model deployment through
-  `ServeModelClient` (the handle, the session-affinity router, the replica's shim): what one
-  deployment per model costs a turn.
-`hop_ms` = deployment_generate_ms - engine_generate_ms, in the same run.
+- `serve_generate_ms`: the same call on the checkpoint's model deployment through Serve
+  (`ServeModelClient(direct=False)`: the handle, the session-affinity router, the replica's
+  shim), as an autoscaled model's calls go;
+- `deployment_generate_ms`: the same call as a deployed model's turn makes it
+  (`ServeModelClient`: over the direct channel to the session's replica after its first call).
+`hop_ms` = deployment_generate_ms - engine_generate_ms and `serve_hop_ms` = serve_generate_ms -
+engine_generate_ms, in the same run.
 """
 
 from __future__ import annotations
@@ -68,8 +71,8 @@ async def measure(calls: int, work: Path) -> dict[str, float]:
     spec = ModelSpec(name="model", path=str(write_random_model(work / "model", seed=0)))
     actor = Echo.remote()
     echo = serve.run(ServeEcho.bind(), name="echo", route_prefix=None)
-    deployed = ServeModelClient(serve.run(build_model_deployment(spec), name="model",
-                                          route_prefix=None))  # fmt: skip
+    model_handle = serve.run(build_model_deployment(spec), name="model", route_prefix=None)
+    deployed, through_serve = ServeModelClient(model_handle), ServeModelClient(model_handle, False)
     engine = ModelEngine(spec)
     one_token = SamplingParams(max_new_tokens=1, ignore_eos=True)
 
@@ -84,11 +87,13 @@ async def measure(calls: int, work: Path) -> dict[str, float]:
         "ray_actor_ms": await median_ms(lambda: actor.ping.remote(), calls),
         "serve_handle_ms": await median_ms(lambda: echo.ping.remote(), calls),
         "engine_generate_ms": await generate_ms(engine),
+        "serve_generate_ms": await generate_ms(through_serve),
         "deployment_generate_ms": await generate_ms(deployed),
     }
     await engine.shutdown()
     await serve.shutdown_async()  # in this loop: the handles' routers are bound to it
     out["hop_ms"] = round(out["deployment_generate_ms"] - out["engine_generate_ms"], 3)
+    out["serve_hop_ms"] = round(out["serve_generate_ms"] - out["engine_generate_ms"], 3)
     return out
 
 

@@ -3,6 +3,8 @@
 Each replica hosts one `ModelEngine`; the methods here only forward to it, keep the replica's
 metrics, and give the engine an id prefix so session ids name their replica (see
 `antiphon.actors.affinity`). Everything about sessions, batching and errors is the engine's.
+A replica also takes its sessions' calls straight from a caller that asked for its address
+(`direct_address`, see `antiphon.actors.direct`), past Serve's handle path.
 
     from ray import serve
     from antiphon.actors.client import ServeModelClient
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
@@ -24,6 +27,7 @@ from ray.serve.exceptions import RayServeException
 
 from antiphon import metrics
 from antiphon.actors.affinity import SessionAffinityRouter, session_id_prefix
+from antiphon.actors.direct import DirectAddress, DirectServer
 from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
 from antiphon.logging import configure_logging
@@ -50,6 +54,9 @@ class ModelServer:
         )
         self._tokens_reported = 0  # engine's tokens_generated already added to the counter
         self._record_metrics()
+        # in a Ray worker, on its node's address (callers on other nodes reach it there)
+        host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        self._direct = DirectServer(self, host, replica_id or "")
 
     def _record_metrics(self) -> None:
         # The engine counts without Ray; its counters become the replica's metrics here
@@ -64,6 +71,10 @@ class ModelServer:
 
     async def info(self) -> ModelInfo:
         return await self.engine.info()
+
+    async def direct_address(self) -> DirectAddress:
+        """Where this replica takes its sessions' calls directly (listening from the first ask)."""
+        return await self._direct.address()
 
     async def open(self, prompt: list[int] | str) -> SessionInfo:
         try:
@@ -130,6 +141,7 @@ class ModelServer:
 
     async def __del__(self) -> None:
         # Serve awaits this on graceful replica shutdown.
+        await self._direct.close()
         await self.engine.shutdown()
 
 

@@ -2,7 +2,8 @@
 `antiphon.coordinator.loop.Coordinator`.
 
 Each replica holds a `ServeModelClient` per model deployment (a `CompletionsModel` for a
-model behind a completions endpoint, which has no deployment), the tokenizers (loaded from the
+model behind a completions endpoint, which has no deployment; a session's calls go straight to
+its replica after the first, except for an autoscaled model), the tokenizers (loaded from the
 models' specs), the policies hosted in policy actors, and the turn sink it was given (the app
 builder in `antiphon.deploy.app` makes it: a client of the turn log actor). Colocated
 (`colocate=True`), a replica runs every model itself, each a `ModelServer` in this process (its
@@ -117,8 +118,10 @@ class CoordinatorServer:
             if s.endpoint is not None:  # called from here: its sessions live in this replica
                 models[s.name] = CompletionsModel(s)
             else:
+                # Direct session calls bypass Serve's request counting, which an
+                # autoscaled deployment scales by: there every call goes through Serve.
                 models[s.name] = self.colocated.get(s.name) or ServeModelClient(
-                    model_handles[s.name]
+                    model_handles[s.name], direct=s.deployment.autoscaling is None
                 )
         self.coordinator = Coordinator(
             models=models,
