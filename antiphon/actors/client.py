@@ -57,35 +57,42 @@ class ServeModelClient:
         self._channels: dict[str, DirectChannel | None] = {}
         self._connecting: dict[str, asyncio.Future] = {}
 
-    def _session_handle(self, session_id: str) -> DeploymentHandle:
+    @staticmethod
+    def _check_session_id(session_id: str) -> None:
         if not isinstance(session_id, str):
             # Checked here: the routing key must be a string before Serve sees it.
             raise InvalidRequest(f"session_id must be a string, got {type(session_id).__name__}")
+
+    def _session_handle(self, session_id: str) -> DeploymentHandle:
         return self.handle.options(session_id=session_id)
 
     async def _session_call(self, method: str, session_id: str, *args):
         """`method(session_id, *args)` on the session's home replica: over its channel, else
         through Serve."""
-        h = self._session_handle(session_id)
-        channel = await self._channel(session_id, h) if self.direct else None
+        self._check_session_id(session_id)
+        channel = await self._channel(session_id) if self.direct else None
         if channel is None:
+            h = self._session_handle(session_id)  # built only here: off the direct path
             return await _result(getattr(h, method).remote(session_id, *args), session_id)
         try:
             return await channel.call(method, [session_id, *args])
         except ChannelLost:
             raise _replica_died(session_id) from None
 
-    async def _channel(self, session_id: str, h: DeploymentHandle) -> DirectChannel | None:
+    async def _channel(self, session_id: str) -> DirectChannel | None:
         replica = home_replica_of(session_id)
         if replica is None:
             return None  # not a session id a replica made: Serve's answer names the problem
-        channel = self._channels.get(replica, False)
-        if channel is None or (channel and not channel.closed and channel.loop is _loop()):
-            return channel
+        if replica in self._channels:
+            channel = self._channels[replica]
+            if channel is None or (not channel.closed and channel.loop is _loop()):
+                return channel
         # one connect per replica at a time; calls arriving meanwhile wait for it
         pending = self._connecting.get(replica)
         if pending is None or pending.get_loop() is not _loop():
-            pending = self._connecting[replica] = asyncio.ensure_future(self._connect(replica, h))
+            pending = self._connecting[replica] = asyncio.ensure_future(
+                self._connect(replica, self._session_handle(session_id))
+            )
             pending.add_done_callback(lambda _: self._connecting.pop(replica, None))
         return await asyncio.shield(pending)
 
