@@ -49,7 +49,7 @@ def job_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def submit_when_ready(client, timeout_s: float = 120.0, **job) -> str:
+def submit_when_ready(client, timeout_s: float = 300.0, **job) -> str:
     """Submit once the head's job agent is up (the job server answers before it is: "No
     available agent to submit job, please try again later")."""
     deadline = time.monotonic() + timeout_s
