@@ -10,15 +10,18 @@ a lone session decodes at the cost of a plain `model.generate`.
 transformers 5 caches are lists of layer objects; `DynamicLayer.update` grows `keys` and
 `values` by concatenation, a new tensor per step: a batch of L cached positions copies all L
 every step. The caches here are made of `GrowingLayer`s instead, which append in place into
-spare room at the end of a buffer they allocated. Positions once handed out are never
-written again, so sessions can still share tensors after a fork and a cropped cache can
-still be a view.
+spare room at the end of a buffer (`Buffers`). Positions once handed out are never written
+again, so sessions can still share tensors after a fork and a cropped cache can still be a
+view. The views a layer hands out carry their buffers, so a session's cache wrapped again
+for its next pass (its next turn) appends in place too, instead of copying its whole cache.
 
 Only full-attention layers are handled: sliding-window and linear-attention layers keep
 state that padding would corrupt.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -31,17 +34,46 @@ ROOM_FRACTION = 0.25  # spare positions a new buffer gets, as a share of those i
 MIN_ROOM = 32  # ... and at least this many
 
 
+BUFFERS_ATTR = "_antiphon_buffers"  # the attribute of a handed-out view naming its Buffers
+
+
+@dataclass(eq=False)
+class Buffers:
+    """Keys and values buffers with room at the end, shared by every view cut from them.
+
+    `frontier` counts the positions handed out so far, by any layer: only positions past it
+    are written, so no view anyone holds (a fork's, a prefix another session reuses) ever
+    changes."""
+
+    keys: torch.Tensor  # (B, H, capacity, D)
+    values: torch.Tensor
+    frontier: int = 0
+
+    def views(self, end: int) -> LayerKV:
+        """The first `end` positions, marked as cut from these buffers."""
+        keys, values = self.keys[:, :, :end], self.values[:, :, :end]
+        setattr(keys, BUFFERS_ATTR, self)
+        setattr(values, BUFFERS_ATTR, self)
+        return keys, values
+
+
 class GrowingLayer(DynamicLayer):
-    """A `DynamicLayer` whose keys and values are views into buffers with room at the end:
-    an append that fits writes in place. Only positions past every view this layer handed out
-    are written (its frontier), so a view someone kept (a fork, an unpacked or cropped
-    session) never changes; an append after a crop, or into tensors this layer did not
-    allocate, copies into a new buffer first (amortised: each one holds a quarter more)."""
+    """A `DynamicLayer` whose keys and values are views into `Buffers`: an append that fits
+    writes in place. An append behind the buffers' frontier (after a crop, or by the second
+    of two sessions sharing a view), or onto tensors not cut from buffers, copies into new
+    buffers first (amortised: each one holds a quarter more)."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        self._buffers: LayerKV | None = None  # allocated here; keys/values view their start
-        self._frontier = 0  # positions of the buffers handed out so far
+        self._buffers: Buffers | None = None
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these tensors (no copy); if they were cut from buffers, keep appending there."""
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        buffers = getattr(keys, BUFFERS_ATTR, None)
+        if buffers is not None and getattr(values, BUFFERS_ATTR, None) is buffers:
+            self._buffers = buffers
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
@@ -52,23 +84,24 @@ class GrowingLayer(DynamicLayer):
         end = held + key_states.shape[-2]
         if not self._fits(key_states, held, end):
             self._reallocate(key_states, value_states, held, end)
-        keys, values = self._buffers
-        keys[:, :, held:end] = key_states
-        values[:, :, held:end] = value_states
-        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
-        self._frontier = end
+        buffers = self._buffers
+        buffers.keys[:, :, held:end] = key_states
+        buffers.values[:, :, held:end] = value_states
+        buffers.frontier = end
+        self.keys, self.values = buffers.views(end)
         return self.keys, self.values
 
     def _fits(self, key_states: torch.Tensor, held: int, end: int) -> bool:
-        """Whether the append can be written in place: into this layer's own buffers, right
-        at the frontier (nothing cropped since), with room left."""
-        if self._buffers is None or held != self._frontier:
+        """Whether the append can be written in place: into buffers this layer's tensors
+        were cut from (not replaced since, e.g. by a reorder), right at their frontier, with
+        room left."""
+        buffers = self._buffers
+        if buffers is None or held != buffers.frontier:
             return False
-        keys = self._buffers[0]
         return (
-            end <= keys.shape[2]
-            and keys.shape[0] == key_states.shape[0]
-            and (held == 0 or self.keys.data_ptr() == keys.data_ptr())
+            end <= buffers.keys.shape[2]
+            and buffers.keys.shape[0] == key_states.shape[0]
+            and (held == 0 or self.keys.data_ptr() == buffers.keys.data_ptr())
         )
 
     def _reallocate(
@@ -81,7 +114,7 @@ class GrowingLayer(DynamicLayer):
         if held:
             keys[:, :, :held] = self.keys
             values[:, :, :held] = self.values
-        self._buffers = (keys, values)
+        self._buffers = Buffers(keys, values)
 
 
 class GrowingCache(DynamicCache):
@@ -97,8 +130,7 @@ def cache_from_layers(layers: list[LayerKV]) -> DynamicCache:
     cache = GrowingCache()
     for keys, values in layers:
         layer = GrowingLayer()
-        layer.lazy_initialization(keys, values)
-        layer.keys, layer.values = keys, values
+        layer.adopt(keys, values)
         cache.layers.append(layer)
     return cache
 

@@ -46,11 +46,12 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 def choose_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    generators: list[torch.Generator | None],
     shaped: torch.Tensor | None = None,
 ) -> tuple[list[int], list[float], torch.Tensor]:
     """Pick a token for every row of logits (B, V); from `shaped` (B, V) instead where the
-    call's logits processors changed them (`antiphon.actors.logits`).
+    call's logits processors changed them (`antiphon.actors.logits`). Sampled rows draw with
+    their generator (greedy rows need none: theirs may be None).
 
     Returns the token ids, their log-probs under the model (of `logits`), and the log-prob
     matrix (B, V) (on the logits' device) for callers that want top-k alternatives.

@@ -133,6 +133,23 @@ def test_a_cache_of_given_tensors_copies_them_before_its_first_append():
     assert isinstance(kv.pack([[], []], [0, 0])[0].layer_class_to_replicate(), kv.GrowingLayer)
 
 
+def test_a_cache_wrapped_again_appends_in_place_and_a_view_shared_past_the_frontier_copies():
+    layer = kv.GrowingLayer()
+    held = layer.update(*kv_states(1, 5, 0))  # a session's cache after its pass
+    before = tuple(t.clone() for t in held)
+    again = kv.cache_from_layers([held])  # its next turn wraps the same views
+    keys, _ = again.update(*kv_states(1, 1, 1), layer_idx=0)
+    assert keys.shape[2] == 6 and keys.data_ptr() == held[0].data_ptr()  # no copy
+    assert held[0].shape[2] == 5 and torch.equal(held[0], before[0])
+    sibling = kv.cache_from_layers([held])  # a fork holding the same 5 positions
+    token = kv_states(1, 1, 2)
+    sib_keys, sib_values = sibling.update(*token, layer_idx=0)
+    assert sib_keys.data_ptr() != held[0].data_ptr()  # behind the frontier: copied
+    assert torch.equal(sib_keys[:, :, :5], before[0])
+    assert torch.equal(sib_values[:, :, 5:], token[1])
+    assert torch.equal(keys[:, :, 5:], kv_states(1, 1, 1)[0])  # the first one's token stands
+
+
 def test_gate_file_round_trip(tmp_path):
     weight = torch.arange(4, dtype=torch.float32)
     path = save_gate(tmp_path / "g.safetensors", weight, bias=-1.0)
