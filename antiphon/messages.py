@@ -84,6 +84,11 @@ class SamplingParams:
             raise InvalidRequest("penalties and a grammar need the response_start")
 
     @property
+    def samples(self) -> bool:
+        """Tokens are drawn from the distribution (with a generator), not the argmax."""
+        return self.temperature >= GREEDY_BELOW
+
+    @property
     def reads_response(self) -> bool:
         """The call's token choice depends on the response so far (penalties, a grammar)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.grammar)

@@ -46,7 +46,7 @@ from antiphon.actors.scheduler import Candidate, schedule
 from antiphon.actors.sessions import Session, SessionTable
 from antiphon.config import ModelSpec
 from antiphon.errors import AntiphonError, InvalidRequest, Overloaded, PromptTooLong
-from antiphon.messages import GREEDY_BELOW, SessionInfo, as_token_ids
+from antiphon.messages import SessionInfo, as_token_ids
 
 IDLE_WAKE_S = 1.0  # how often an idle worker wakes to expire sessions
 
@@ -224,7 +224,7 @@ class EngineCore:
             op.processors = logits_processors(op.params, ids, self._grammar)
             self.table.grow(session, op.prefix_ids, self.max_context)
             op.prefix_ids = []
-            if op.params.temperature >= GREEDY_BELOW:  # greedy calls draw nothing
+            if op.params.samples:  # greedy calls draw nothing
                 op.generator = new_generator(op.params.seed)
         elif isinstance(op, Append) or (isinstance(op, Score) and op.candidate_ids is not None):
             self.table.grow(session, op.token_ids, self.max_context)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from antiphon.messages import GREEDY_BELOW, SamplingParams
+from antiphon.messages import SamplingParams
 
 
 def new_generator(seed: int | None) -> torch.Generator:
@@ -59,7 +59,7 @@ def choose_tokens(
     choice = logits if shaped is None else shaped
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (B, V)
     tokens = torch.argmax(choice, dim=-1)  # (B,) greedy choice for every row
-    sampled = [i for i, p in enumerate(params) if p.temperature >= GREEDY_BELOW]
+    sampled = [i for i, p in enumerate(params) if p.samples]
     if sampled:
         tokens = tokens.cpu()
         for i in sampled:
