@@ -3,7 +3,7 @@ training, router training, then every policy on the test split through the evalu
 harness; writes results/switch.json, results/switch.md and results/switch.png (every score
 with its 95% bootstrap interval over the test items).
 
-    python -m antiphon.experiments.switch --limit 20 --prefixes 4 --k 4 --rounds 1 --ship
+    python -m antiphon.experiments.switch --limit 20 --prefixes 4 --k 4 --rounds 1 --epochs 3 --ship
                                                               # the committed results
     python -m antiphon.experiments.switch --zoo-dir zoo-build --limit 4 --k 2   # smoke
 
@@ -16,6 +16,12 @@ the task's own metric over its k completions (validity x diversity for creativit
 r > 1 cuts its prefixes from responses of round r-1's switcher (states the switcher reaches)
 and, with --on-policy (the default), completes the branches with that switcher too, so a
 branch is labelled by what follows under the switcher's own continuation, not a random one.
+Labels (`--labels`): by default the exact-answer tasks (one right sentence) are labelled by
+the oracle switch's own path on every dev item (`antiphon.training.oracle_labels`: at each
+state the oracle passes, which candidates' greedy segment keeps the answer right), and only
+creativity and calibration by rollouts; `--labels rollouts` labels every task by rollouts,
+the paper's recipe, which on the zoo's exact answers leaves most examples tied (results/
+switch.md names what each gave).
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
 `random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`), the untuned
 switcher (the switcher's initial checkpoint, prompted, not trained) and `switch` (trained).
@@ -32,6 +38,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 from antiphon.actors.engine import ModelEngine
@@ -47,13 +54,51 @@ from antiphon.experiments.train_switcher import (
     zoo_model_path,
 )
 from antiphon.policies.fusion import FusionGenerator
+from antiphon.training.oracle_labels import label_by_oracle, reference_query
 from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
 from antiphon.training.switcher_training import load_init, train_switcher
-from antiphon.zoo.evaluate import EvalResult, plot, run_task, score_interval, zoo_tasks
-from antiphon.zoo.tasks import COMPOSITIONAL_TASKS, CORE_TASKS, HELD_OUT_TASKS, SWITCH_ENSEMBLE
+from antiphon.zoo.evaluate import (
+    EvalResult,
+    SessionGenerator,
+    plot,
+    run_task,
+    score_interval,
+    zoo_tasks,
+)
+from antiphon.zoo.tasks import (
+    COMPOSITIONAL_TASKS,
+    CORE_TASKS,
+    EXACT_TASKS,
+    HELD_OUT_TASKS,
+    SWITCH_ENSEMBLE,
+)
 
 ENSEMBLE = SWITCH_ENSEMBLE
+
+
+async def oracle_labels(engines: dict, dev: dict, args: argparse.Namespace) -> list:
+    """Oracle-path examples of the dev items (`--oracle-limit` per task, default all) of the
+    exact-answer tasks, kept in
+    `work/oracle-labels` (a rerun reads them back instead of labelling again)."""
+    store = RolloutStore(args.work / "oracle-labels")
+    if store.done:
+        return store.examples()
+    writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
+    queries = [
+        reference_query(f"{name}:{i}", name, item.prompt, item.reference,
+                        partial(task.verify, item), task.max_new_tokens)
+        for name, task in dev.items() if name in EXACT_TASKS
+        for i, item in enumerate(task.items[: args.oracle_limit])
+    ]  # fmt: skip
+    examples = await label_by_oracle(queries, writers, segment_len=args.segment_len)
+    for ex in examples:
+        store.append(ex.key, ex)
+    store.write_provenance({"labels": "oracle", "segment_len": args.segment_len,
+                            "queries": len(queries), "examples": len(examples),
+                            "informative": sum(e.informative for e in examples)})  # fmt: skip
+    print(f"[switch] oracle labels: {len(examples)} examples from {len(queries)} dev items")
+    return examples
 
 
 def coordinator_generate(coord: Coordinator, policy: str, params: dict):
@@ -181,11 +226,15 @@ async def run(args: argparse.Namespace) -> dict:
     test = zoo_tasks("test", trained_on + list(HELD_OUT_TASKS), args.zoo_dir)
     work = args.work
     queries = rollout_queries(dev, args)
+    # With --labels oracle the exact-answer tasks are labelled by the oracle's path on every
+    # dev item (`antiphon.training.oracle_labels`); rollouts label only the others.
+    oracle_examples = await oracle_labels(engines, dev, args) if args.labels == "oracle" else []
+    labelled = [q for q in queries if not (oracle_examples and q.task in EXACT_TASKS)]
 
     # 1-2. rollouts on dev and the switcher trained on them; round r > 1 cuts its prefixes from
     # responses of round r-1's switcher and trains on every round's examples
     init = zoo_model_path("sft", args.zoo_dir)
-    examples: list = []
+    examples: list = list(oracle_examples)
     reports = []
     switcher = trained = None
     for r in range(1, args.rounds + 1):
@@ -195,7 +244,7 @@ async def run(args: argparse.Namespace) -> dict:
             cfg = replace(cfg, prefix_policy="switch", prefix_policy_params=previous,
                           completion_switcher=previous if args.on_policy else None)  # fmt: skip
         store = RolloutStore(work / ("rollouts" if r == 1 else f"rollouts-r{r}"))
-        examples += await run_rollouts(coord.generate, queries, ENSEMBLE, cfg, store,
+        examples += await run_rollouts(coord.generate, labelled, ENSEMBLE, cfg, store,
                                        {"ensemble": paths, "round": r})  # fmt: skip
         switcher = work / ("switcher" if r == args.rounds else f"switcher-r{r}")
         try:
@@ -243,7 +292,8 @@ async def run(args: argparse.Namespace) -> dict:
     setup = {"ensemble": paths, "segment_len": args.segment_len, "k": args.k,
              "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
              "rounds": args.rounds, "on_policy": args.on_policy,
-             "dense_reward": args.dense_reward,
+             "dense_reward": args.dense_reward, "labels": args.labels,
+             "oracle_limit": args.oracle_limit,
              "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
@@ -256,6 +306,8 @@ async def run(args: argparse.Namespace) -> dict:
         "rollouts": {
             "examples": len(examples),
             "informative": sum(e.informative for e in examples),
+            "oracle_path_examples": len(oracle_examples),
+            "oracle_path_informative": sum(e.informative for e in oracle_examples),
             "rounds": args.rounds,
         },
     }
@@ -322,6 +374,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="round r > 1 also completes the branches with round r-1's switcher (top-p 0.9)",
+    )
+    p.add_argument(
+        "--labels",
+        choices=("oracle", "rollouts"),
+        default="oracle",
+        help="oracle: exact-answer tasks labelled by the oracle switch's path, the rest by "
+        "rollouts; rollouts: every task by rollouts (the paper)",
+    )
+    p.add_argument(
+        "--oracle-limit", type=int, default=None, help="dev items per task the oracle labels"
     )
     p.add_argument("--ship", action="store_true", help="copy the switcher into the zoo")
     return asyncio.run(run(p.parse_args(argv)))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from antiphon.experiments.switch import claims, markdown
-from antiphon.zoo.tasks import HELD_OUT_TASKS, SWITCH_ENSEMBLE
+from antiphon.zoo.tasks import EXACT_TASKS, HELD_OUT_TASKS, SWITCH_ENSEMBLE
 
 TASKS = ("qa-knowledge", "qa-format", "qa-fact-sum")
 
@@ -59,7 +59,8 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
 
     results = main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
                     "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "2",
-                    "--epochs", "1", "--max-context", "512", "--rounds", "2"])  # fmt: skip
+                    "--epochs", "1", "--max-context", "512", "--rounds", "2",
+                    "--oracle-limit", "1"])  # fmt: skip
     provenance = json.loads((tmp_path / "work" / "rollouts-r2" / "provenance.json").read_text())
     assert provenance["config"]["prefix_policy"] == "switch" and provenance["round"] == 2
     assert provenance["config"]["prefix_policy_params"]["switcher_path"].endswith("switcher-r1")
@@ -72,6 +73,12 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     ]
     rollout_tasks = {rec["task"] for rec in records if not rec.get("skipped")}
     assert rollout_tasks and not rollout_tasks & set(HELD_OUT_TASKS)  # never trained on
+    # the exact-answer tasks are labelled by the oracle's path, the others by rollouts
+    oracle_file = tmp_path / "work" / "oracle-labels" / "examples.jsonl"
+    oracle_tasks = {json.loads(line)["task"] for line in oracle_file.read_text().splitlines()}
+    assert oracle_tasks == set(EXACT_TASKS) - set(HELD_OUT_TASKS)
+    assert not rollout_tasks & oracle_tasks
+    assert results["rollouts"]["oracle_path_informative"] > 0
     assert set(HELD_OUT_TASKS) <= set(results["scores"]["switch"])  # but tested
     assert [r["round"] for r in results["switcher_training"]] == [1, 2]
     singles = {f"single:{m}" for m in SWITCH_ENSEMBLE}
