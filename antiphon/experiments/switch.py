@@ -126,6 +126,7 @@ async def evaluate_policies(generators: dict, tasks: dict, seed: int) -> dict:
     out: dict[str, dict[str, tuple[float, list[float], tuple[float, float]]]] = {}
     for name, generate in generators.items():
         out[name] = {}
+        start = time.time()
         for task in tasks.values():
             outputs = await run_task(generate, task, seed=seed, concurrency=16)
             per_item = [sum(task.verify(it, o) for o in outs) / len(outs)
@@ -133,7 +134,7 @@ async def evaluate_policies(generators: dict, tasks: dict, seed: int) -> dict:
             interval = score_interval(task, outputs, key=f"{name}:{task.name}")
             score = round(task.score(task.items, outputs), 2)
             out[name][task.name] = (score, per_item, interval)
-        print(f"[switch] evaluated {name}: "
+        print(f"[switch] evaluated {name} in {time.time() - start:.0f} s: "
               f"{ {t: s for t, (s, *_) in out[name].items()} }", flush=True)  # fmt: skip
     return out
 
@@ -229,6 +230,7 @@ async def run(args: argparse.Namespace) -> dict:
     # With --labels oracle the exact-answer tasks are labelled by the oracle's path on every
     # dev item (`antiphon.training.oracle_labels`); rollouts label only the others.
     oracle_examples = await oracle_labels(engines, dev, args) if args.labels == "oracle" else []
+    phases = {"oracle_labels": round(time.time() - t0)}  # seconds per phase, for the budget
     labelled = [q for q in queries if not (oracle_examples and q.task in EXACT_TASKS)]
 
     # 1-2. rollouts on dev and the switcher trained on them; round r > 1 cuts its prefixes from
@@ -238,6 +240,7 @@ async def run(args: argparse.Namespace) -> dict:
     reports = []
     switcher = trained = None
     for r in range(1, args.rounds + 1):
+        mark = time.time()
         cfg = rollout_config(args)
         if r > 1:
             previous = {"switcher_path": str(switcher), "selection": "top_p", "top_p": 0.9}
@@ -246,6 +249,8 @@ async def run(args: argparse.Namespace) -> dict:
         store = RolloutStore(work / ("rollouts" if r == 1 else f"rollouts-r{r}"))
         examples += await run_rollouts(coord.generate, labelled, ENSEMBLE, cfg, store,
                                        {"ensemble": paths, "round": r})  # fmt: skip
+        phases[f"rollouts_r{r}"] = round(time.time() - mark)
+        mark = time.time()
         switcher = work / ("switcher" if r == args.rounds else f"switcher-r{r}")
         try:
             report = asdict(train_switcher(examples, init, switcher, train_config(args)))
@@ -255,6 +260,8 @@ async def run(args: argparse.Namespace) -> dict:
             break
         trained = switcher
         reports.append({"round": r, "examples": len(examples), **report})
+        phases[f"training_r{r}"] = round(time.time() - mark)
+    mark = time.time()
     # the untuned switcher: its initial checkpoint, with the same context
     untuned = work / "switcher-untuned"
     model, tok = load_init(init, args.max_context or None)
@@ -263,6 +270,8 @@ async def run(args: argparse.Namespace) -> dict:
     # 3. the router, from each model alone on the dev queries
     outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
     router_report = train_router(outcomes, ENSEMBLE, work / "router")
+    phases["router"] = round(time.time() - mark)
+    mark = time.time()
 
     # 4. every policy on test
     seg = {"segment_len": args.segment_len}
@@ -284,6 +293,7 @@ async def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         test_tasks = {n: replace(t, items=t.items[: args.test_limit]) for n, t in test.items()}
     scores = await evaluate_policies(gens, test_tasks, args.seed)
+    phases["test_evaluation"] = round(time.time() - mark)
     for e in engines.values():
         await e.shutdown()
 
@@ -298,6 +308,7 @@ async def run(args: argparse.Namespace) -> dict:
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
         "setup": setup,
+        "phase_seconds": phases,
         "scores": {p: {t: s for t, (s, *_) in row.items()} for p, row in scores.items()},
         "intervals": {p: {t: list(c[2]) for t, c in row.items()} for p, row in scores.items()},
         "summary": summary,

@@ -48,6 +48,9 @@ class WriteSegment:
     # True: once this segment is written its writer drafts the next one while the policy
     # decides; the draft is kept if the same decision comes (`executors/speculate.py`)
     speculate: bool = False
+    # The seed each turn's sampling seed is derived from, in place of the request's: lets
+    # completions of one replayed prefix sample apart (`replay_switch`). None: the request's.
+    sample_seed: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self.max_tokens, "WriteSegment.max_tokens")

@@ -10,12 +10,15 @@ model uniformly at random (seeded by (seed, turn), as `random_switch`), or, with
 `completion_switcher`, as that `switch` policy picks: on-policy completions, so a branch is
 labelled by what happens when the switcher itself writes the rest. Under the same request
 seed the coordinator derives the same sampling seed per turn, so a replayed prefix reproduces
-the text of the run it was cut from, greedy or sampled.
+the text of the run it was cut from, greedy or sampled. After the prefix, the turns sample from
+`seed` instead (where given): completions under different seeds are independent samples of the
+rest, not one text repeated, and one seed across branches gives them common random numbers.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import ClassVar
 
 from pydantic import Field, model_validator
@@ -35,7 +38,9 @@ class ReplaySwitchParams(PolicyParams):
     )
     segment_len: int = Field(default=32, ge=1, description="Tokens per segment after the prefix.")
     seed: int | None = Field(
-        default=None, description="Seed of the random choices; default: the request's seed."
+        default=None,
+        description="Seed of the random choices and of sampling after the prefix; default: "
+        "the request's seed.",
     )
     config_only: ClassVar[frozenset[str]] = frozenset({"completion_switcher"})  # names a path
 
@@ -85,7 +90,10 @@ class ReplaySwitch:
         if view.turn < len(p.prefix_models):
             return WriteSegment(p.prefix_models[view.turn], p.prefix_tokens[view.turn])
         if self.completion is not None:
-            return await self.completion.decide(view)
+            decision = await self.completion.decide(view)
+            if isinstance(decision, WriteSegment):
+                decision = replace(decision, sample_seed=p.seed)
+            return decision
         seed = p.seed if p.seed is not None else (view.seed or 0)
         rng = random.Random(f"replay_switch:{seed}:{view.turn}")
-        return WriteSegment(rng.choice(view.models), p.segment_len)
+        return WriteSegment(rng.choice(view.models), p.segment_len, sample_seed=p.seed)

@@ -15,8 +15,9 @@
 Ties: `best` keeps every candidate whose utility equals the maximum (the trainer maximises
 their total probability); `label` is the lowest index among them. An example whose utilities
 are all equal carries no preference and is kept in the file but skipped by the trainer.
-Completion r of every branch uses the same random-switch seed (common random numbers), so
-utilities differ by the branch, not by the luck of the continuation.
+Completion r of every branch uses the same seed for its random switching and for its sampling
+after the prefix (common random numbers), so utilities differ by the branch, not by the luck
+of the continuation; the k completions of one branch sample apart (`replay_switch`).
 
 Every run goes through a `Generate` callable: `Coordinator.generate` over in-process engines,
 or the coordinator deployment on a Ray cluster (`serve_generate(handle)`): the items run

@@ -44,17 +44,25 @@ class ExecutionContext:
         check_logit_bias(self.request, self.sessions.infos)
 
     def sampling(
-        self, model: str, max_new: int, *, seed_parts: tuple[int, ...], **kw: object
+        self,
+        model: str,
+        max_new: int,
+        *,
+        seed_parts: tuple[int, ...],
+        sample_seed: int | None = None,
+        **kw: object,
     ) -> SamplingParams:
-        """The request's sampling settings for one call of `model`, with a seed of its own
-        (penalties and a grammar read the response from the end of its prompt)."""
+        """The request's sampling settings for one call of `model`, with a seed of its own,
+        derived from `sample_seed` if given, else from the request's seed (penalties and a
+        grammar read the response from the end of its prompt)."""
         r = self.request
+        root = r.seed if sample_seed is None else sample_seed
         fields = dict(
             max_new_tokens=max_new,
             temperature=r.temperature,
             top_p=r.top_p,
             top_k=r.top_k,
-            seed=derive_seed(r.seed, *seed_parts),
+            seed=derive_seed(root, *seed_parts),
             stop_strings=r.stop,
             presence_penalty=r.presence_penalty,
             frequency_penalty=r.frequency_penalty,

@@ -55,6 +55,7 @@ class Draft:
             decision.model == d.model
             and decision.max_tokens == d.max_tokens
             and decision.end_on_eos == d.end_on_eos
+            and decision.sample_seed == d.sample_seed
             and state.segments == self.state.segments
             and state.turn == self.state.turn
             and state.tokens_left == self.state.tokens_left

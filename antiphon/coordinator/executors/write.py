@@ -48,11 +48,13 @@ async def draft_segment(
     gate: float | None = None,
     gate_warmup: tuple[float, ...] = (),
     end_on_eos: bool = True,
+    sample_seed: int | None = None,
 ) -> tuple[Outcome, Generation | None]:
     """`write_segment` with the writer's gate: it stops before the first token whose gate
     reaches `gate` (`gate_warmup`: the thresholds of its first tokens). Also returns the
     generate call's result (its gates; None when the writer had no room to write), which
-    says whether the gate stopped it, even before its first token."""
+    says whether the gate stopped it, even before its first token. `sample_seed`: as
+    `WriteSegment.sample_seed`."""
     ms = ctx.sessions[name]
     room = ms.context_room(state)
     if room <= 0 and not state.segments:
@@ -64,8 +66,8 @@ async def draft_segment(
         return Outcome(finish="length"), None
     limit = min(state.tokens_left, room)
     params = ctx.sampling(
-        name, min(max_tokens, limit), seed_parts=(state.turn, 0), gate_threshold=gate,
-        gate_warmup=gate_warmup[:limit],
+        name, min(max_tokens, limit), seed_parts=(state.turn, 0), sample_seed=sample_seed,
+        gate_threshold=gate, gate_warmup=gate_warmup[:limit],
     )  # fmt: skip
     gen = await ms.generate(state, params)
     ids, text, logprobs = list(gen.token_ids), gen.text, list(gen.logprobs)
@@ -80,7 +82,10 @@ async def draft_segment(
         and extra < MAX_CHAR_COMPLETION_TOKENS
         and len(ids) < limit
     ):
-        more = await ms.generate(state, ctx.sampling(name, 1, seed_parts=(state.turn, 1 + extra)))
+        more = await ms.generate(
+            state,
+            ctx.sampling(name, 1, seed_parts=(state.turn, 1 + extra), sample_seed=sample_seed),
+        )
         ids += more.token_ids
         logprobs += more.logprobs
         top += more.top_logprobs
@@ -153,7 +158,8 @@ class WriteExecutor:
         self, state: SequenceState, decision: WriteSegment
     ) -> Awaitable[tuple[Outcome, Generation | None]]:
         return draft_segment(self.ctx, state, decision.model, decision.max_tokens, "write",
-                             end_on_eos=decision.end_on_eos)  # fmt: skip
+                             end_on_eos=decision.end_on_eos,
+                             sample_seed=decision.sample_seed)  # fmt: skip
 
 
 class FinishExecutor(Stateless):
