@@ -212,8 +212,23 @@ def zoo_oracle(path: Path) -> dict[str, float]:
     return {r["task"]: r["score"] for r in rows if r["policy"] == "oracle-switch"}
 
 
+class PhaseClock:
+    """Seconds per phase of a run: each `end(name)` records the time since the previous end (or
+    the start), so no second falls between two phases."""
+
+    def __init__(self, start: float) -> None:
+        self.seconds: dict[str, int] = {}
+        self._mark = start
+
+    def end(self, name: str) -> None:
+        now = time.time()
+        self.seconds[name] = round(now - self._mark)
+        self._mark = now
+
+
 async def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
+    phases = PhaseClock(t0)  # seconds per phase, for the budget
     paths = {n: zoo_model_path(n, args.zoo_dir) for n in ENSEMBLE}
     # Rollouts hold 1 + n x k sessions per item in flight: room for all of them.
     engines = {
@@ -230,7 +245,7 @@ async def run(args: argparse.Namespace) -> dict:
     # With --labels oracle the exact-answer tasks are labelled by the oracle's path on every
     # dev item (`antiphon.training.oracle_labels`); rollouts label only the others.
     oracle_examples = await oracle_labels(engines, dev, args) if args.labels == "oracle" else []
-    phases = {"oracle_labels": round(time.time() - t0)}  # seconds per phase, for the budget
+    phases.end("oracle_labels")
     labelled = [q for q in queries if not (oracle_examples and q.task in EXACT_TASKS)]
 
     # 1-2. rollouts on dev and the switcher trained on them; round r > 1 cuts its prefixes from
@@ -240,7 +255,6 @@ async def run(args: argparse.Namespace) -> dict:
     reports = []
     switcher = trained = None
     for r in range(1, args.rounds + 1):
-        mark = time.time()
         cfg = rollout_config(args)
         if r > 1:
             previous = {"switcher_path": str(switcher), "selection": "top_p", "top_p": 0.9}
@@ -249,8 +263,7 @@ async def run(args: argparse.Namespace) -> dict:
         store = RolloutStore(work / ("rollouts" if r == 1 else f"rollouts-r{r}"))
         examples += await run_rollouts(coord.generate, labelled, ENSEMBLE, cfg, store,
                                        {"ensemble": paths, "round": r})  # fmt: skip
-        phases[f"rollouts_r{r}"] = round(time.time() - mark)
-        mark = time.time()
+        phases.end(f"rollouts_r{r}")
         switcher = work / ("switcher" if r == args.rounds else f"switcher-r{r}")
         try:
             report = asdict(train_switcher(examples, init, switcher, train_config(args)))
@@ -258,10 +271,10 @@ async def run(args: argparse.Namespace) -> dict:
         except ValueError as e:  # no informative example: nothing to train on
             reports.append({"round": r, "error": str(e)})
             break
+        finally:
+            phases.end(f"training_r{r}")
         trained = switcher
         reports.append({"round": r, "examples": len(examples), **report})
-        phases[f"training_r{r}"] = round(time.time() - mark)
-    mark = time.time()
     # the untuned switcher: its initial checkpoint, with the same context
     untuned = work / "switcher-untuned"
     model, tok = load_init(init, args.max_context or None)
@@ -270,8 +283,7 @@ async def run(args: argparse.Namespace) -> dict:
     # 3. the router, from each model alone on the dev queries
     outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
     router_report = train_router(outcomes, ENSEMBLE, work / "router")
-    phases["router"] = round(time.time() - mark)
-    mark = time.time()
+    phases.end("router")
 
     # 4. every policy on test
     seg = {"segment_len": args.segment_len}
@@ -293,7 +305,7 @@ async def run(args: argparse.Namespace) -> dict:
     if args.test_limit:
         test_tasks = {n: replace(t, items=t.items[: args.test_limit]) for n, t in test.items()}
     scores = await evaluate_policies(gens, test_tasks, args.seed)
-    phases["test_evaluation"] = round(time.time() - mark)
+    phases.end("test_evaluation")
     for e in engines.values():
         await e.shutdown()
 
@@ -308,7 +320,7 @@ async def run(args: argparse.Namespace) -> dict:
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
         "setup": setup,
-        "phase_seconds": phases,
+        "phase_seconds": phases.seconds,
         "scores": {p: {t: s for t, (s, *_) in row.items()} for p, row in scores.items()},
         "intervals": {p: {t: list(c[2]) for t, c in row.items()} for p, row in scores.items()},
         "summary": summary,

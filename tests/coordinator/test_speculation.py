@@ -12,10 +12,11 @@ from dataclasses import replace
 
 import pytest
 
+from antiphon.coordinator.executors.speculate import Draft
 from antiphon.coordinator.loop import Coordinator
 from antiphon.policies.base import Decision, Finish, WriteSegment
 from antiphon.policies.switcher import Switch, SwitchParams
-from antiphon.sequence import SequenceView
+from antiphon.sequence import SequenceState, SequenceView
 from tests.coordinator.conftest import live_sessions
 from tests.factories import make_request
 
@@ -149,3 +150,15 @@ def test_the_switcher_asks_for_speculation_unless_told_not_to(tiny_model_dir):
     off = asyncio.run(Switch(SwitchParams(**params, speculate=False)).decide(view))
     assert on.speculate and not off.speculate
     assert replace(on, speculate=False) == off
+
+
+def test_a_draft_serves_only_a_decision_that_writes_the_same():
+    """Who made the decision and whether it speculates do not change the text; every other
+    field (a sampling seed of its own included) does, so the draft is not reused for it."""
+    decision = WriteSegment("a", 4, speculate=True, version="v1")
+    state = SequenceState(request_id="r", prompt="p", models=("a", "b"), max_tokens=20, turn=1)
+    draft = Draft(decision, state, session=None, task=None)  # matching reads neither
+    assert draft.matches(replace(decision, version="v2", speculate=False), state)
+    for other in ({"model": "b"}, {"max_tokens": 8}, {"end_on_eos": False}, {"sample_seed": 3}):
+        assert not draft.matches(replace(decision, **other), state), other
+    assert not draft.matches(decision, replace(state, turn=2))

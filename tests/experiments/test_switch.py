@@ -88,6 +88,10 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     assert saved["summary"] == results["summary"]
     assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()
     assert set(saved["intervals"]) == set(saved["scores"])  # an interval for every score
+    assert list(saved["phase_seconds"]) == ["oracle_labels", "rollouts_r1", "training_r1",
+                                            "rollouts_r2", "training_r2", "router",
+                                            "test_evaluation"]  # fmt: skip
+    assert all(isinstance(s, int) and s >= 0 for s in saved["phase_seconds"].values())
     for row in saved["intervals"].values():
         assert all(0.0 <= low <= high <= 100.0 for low, high in row.values())
     assert (tmp_path / "results" / "switch.png").stat().st_size > 0

@@ -3,8 +3,9 @@ segment drafts the next one, as if it were chosen again.
 
 A draft is the segment `write_segment` would write for that decision on the next turn: same
 session, same sampling settings, same seed parts. If the policy does choose it again (same
-model, budget and end-token rule), the draft is the turn's outcome, so a response is the same
-with speculation on or off; the policy's call is hidden behind the writer's tokens. Otherwise
+model, budget, end-token rule and sampling seed), the draft is the turn's outcome, so a
+response is the same with speculation on or off; the policy's call is hidden behind the
+writer's tokens. Otherwise
 the draft is cut off the writer's session (`truncate` back to where it was), and the turn
 pays only what the draft costs beside the new writer. A policy asks for it per decision
 (`WriteSegment.speculate`): it pays off for slow decisions that often keep the writer (a
@@ -51,11 +52,10 @@ class Draft:
     def matches(self, decision: WriteSegment, state: SequenceState) -> bool:
         """Whether this draft is what the decision would write after the state."""
         d = self.decision
+        # every field but the two that do not change what is written, so a field added to
+        # WriteSegment counts here without being listed
         return (
-            decision.model == d.model
-            and decision.max_tokens == d.max_tokens
-            and decision.end_on_eos == d.end_on_eos
-            and decision.sample_seed == d.sample_seed
+            replace(decision, version=d.version, speculate=d.speculate) == d
             and state.segments == self.state.segments
             and state.turn == self.state.turn
             and state.tokens_left == self.state.tokens_left
