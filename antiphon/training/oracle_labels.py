@@ -106,7 +106,9 @@ def _example(
     best, label = label_from_utilities(utilities)
     prefix_tokens = len(segments) * segment_len  # every segment before the last is full
     return RolloutExample(
-        key=f"{query.key}:oracle:{len(segments)}:{len(''.join(t for _, t in segments))}",
+        # "<query key>:<state>", as a rollout's key is, so the trainer's split by query keeps
+        # all of a question's states on one side
+        key=f"{query.key}:oracle-{len(segments)}-{len(''.join(t for _, t in segments))}",
         task=query.task,
         query=query.prompt,
         models=list(models),

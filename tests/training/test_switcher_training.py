@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from antiphon.training.switcher_training import (
     SwitcherTrainConfig,
     collate,
     encode,
+    grouped_batches,
     index_logprobs,
     load_init,
     switcher_loss,
@@ -98,3 +100,21 @@ def test_policy_follows_the_trained_switcher(trained_switcher):
     assert probs[1] > 0.9
     registered = build_policy("switch", {"switcher_path": str(out)}, ("a", "b"))
     assert registered.name == "switch" and registered.version == policy.version
+
+
+def test_batches_hold_similar_lengths_and_an_epoch_reads_every_example_once():
+    lengths = [random.Random(i).randint(10, 1000) for i in range(200)]
+    batches = grouped_batches(lengths, 16, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert sorted(map(len, batches)) == [8] + [16] * 12
+
+    def padded(bs):  # tokens the batches read, each padded to its longest prompt
+        return sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    shuffled = list(range(200))
+    random.Random(0).shuffle(shuffled)
+    at_random = [shuffled[i : i + 16] for i in range(0, 200, 16)]
+    assert padded(batches) < 0.75 * padded(at_random)
+    # seeded: the same rng gives the same epoch, another rng another one
+    assert grouped_batches(lengths, 16, random.Random(0)) == batches
+    assert grouped_batches(lengths, 16, random.Random(1)) != batches
