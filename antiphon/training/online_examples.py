@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from antiphon.coordinator.records import FeedbackRecord, Record, RequestRecord, TurnRecord
-from antiphon.training.rollouts import RolloutExample, label_from_utilities
+from antiphon.training.rollouts import RolloutExample, example_key, label_from_utilities
 
 # Requests whose reward has not come yet are held at most this many at a time; beyond it the
 # oldest is given up (counted in `unrewarded`: the log still holds it)
@@ -112,7 +112,7 @@ def request_examples(logged: LoggedRequest, reward: float, baseline: float) -> l
             best, label = label_from_utilities(utilities)
             examples.append(
                 RolloutExample(
-                    key=f"{request.request_id}:{turn.segment}",
+                    key=example_key(request.request_id, str(turn.segment)),
                     task=str(request.policy_params.get("task", "online")),
                     query=request.prompt,
                     models=models,

@@ -31,6 +31,7 @@ from antiphon.training.rollouts import (
     RolloutConfig,
     RolloutExample,
     RolloutQuery,
+    example_key,
     label_prefix,
     retrying,
 )
@@ -70,7 +71,7 @@ class LoggedPrefixRollouts:
             decisions = ([t.model for t in segments[:j]], [len(t.token_ids) for t in segments[:j]])
             return await label_prefix(
                 generate, q, models, cfg, decisions, branch_rng, request_seed,
-                key=f"{request.request_id}:rollout{j}", total_tokens=total,
+                key=example_key(request.request_id, f"rollout{j}"), total_tokens=total,
             )  # fmt: skip
 
         return list(await asyncio.gather(*(one(j, *s) for j, s in zip(cuts, seeds, strict=True))))

@@ -27,7 +27,7 @@ import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from antiphon.training.rollouts import RolloutExample, label_from_utilities
+from antiphon.training.rollouts import RolloutExample, example_key, label_from_utilities
 
 Segment = Callable[[str, int], Awaitable[tuple[str, bool]]]  # (prompt, n) -> (text, eos)
 
@@ -105,10 +105,9 @@ def _example(
     utilities = [float(r) for r in right]
     best, label = label_from_utilities(utilities)
     prefix_tokens = len(segments) * segment_len  # every segment before the last is full
+    chars = len("".join(t for _, t in segments))
     return RolloutExample(
-        # "<query key>:<state>", as a rollout's key is, so the trainer's split by query keeps
-        # all of a question's states on one side
-        key=f"{query.key}:oracle-{len(segments)}-{len(''.join(t for _, t in segments))}",
+        key=example_key(query.key, f"oracle-{len(segments)}-{chars}"),
         task=query.task,
         query=query.prompt,
         models=list(models),

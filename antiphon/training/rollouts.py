@@ -98,11 +98,20 @@ class RolloutConfig:
     concurrency: int = 8  # (query, prefix) items in flight at once
 
 
+def example_key(query_key: str, state: str) -> str:
+    """An example's key, "<query key>:<state>": the trainer splits train from validation by
+    the query key, read back as everything before the last ":" (`RolloutExample.query_key`),
+    so the state part may hold no ":"."""
+    if ":" in state:
+        raise ValueError(f"an example's state {state!r} may not contain ':'")
+    return f"{query_key}:{state}"
+
+
 @dataclass
 class RolloutExample:
     """One labelled (query, prefix): what the switcher is trained on."""
 
-    key: str  # "<query key>:<prefix index>"
+    key: str  # `example_key(query key, prefix index or state)`
     task: str
     query: str
     models: list[str]  # the ensemble; indices below refer to it
@@ -113,6 +122,11 @@ class RolloutExample:
     label: int  # lowest index in best
     prefix_tokens: int  # tokens in the prefix
     total_tokens: int  # tokens of the random response the prefix was cut from
+
+    @property
+    def query_key(self) -> str:
+        """The key of the query this example labels a state of (see `example_key`)."""
+        return self.key.rsplit(":", 1)[0]
 
     @property
     def informative(self) -> bool:
@@ -204,7 +218,7 @@ async def label_query(
     prefix_models, prefix_tokens = prefix_decisions(written, cut)
     return await label_prefix(
         generate, q, models, cfg, (prefix_models, prefix_tokens), rng, request_seed,
-        key=f"{q.key}:{prefix_index}", total_tokens=total,
+        key=example_key(q.key, str(prefix_index)), total_tokens=total,
     )  # fmt: skip
 
 

@@ -78,17 +78,13 @@ class _Encoded:
     task: str
 
 
-def _query_key(example: RolloutExample) -> str:
-    return example.key.rsplit(":", 1)[0]
-
-
 def split_by_query(
     examples: Sequence[RolloutExample], val_fraction: float, seed: int
 ) -> tuple[list[RolloutExample], list[RolloutExample]]:
     """(train, validation): a query's prefixes all land on the same side (by a seeded hash)."""
     train, val = [], []
     for ex in examples:
-        h = zlib.crc32(f"{seed}:{_query_key(ex)}".encode()) / 2**32
+        h = zlib.crc32(f"{seed}:{ex.query_key}".encode()) / 2**32
         (val if h < val_fraction else train).append(ex)
     return train, val
 

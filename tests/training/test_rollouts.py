@@ -7,11 +7,14 @@ import asyncio
 import json
 import random
 
+import pytest
+
 from antiphon.training.rollouts import (
     RolloutConfig,
     RolloutQuery,
     RolloutStore,
     cut_point,
+    example_key,
     label_from_utilities,
     prefix_decisions,
     queries_from_tasks,
@@ -162,3 +165,14 @@ def test_rollouts_wait_out_a_full_model_instead_of_failing(constant_dirs, tmp_pa
 
     examples = asyncio.run(run())
     assert len(examples) == len(QUERIES) and all(ex.best == [1] for ex in examples)
+
+
+def test_an_example_key_names_its_query_and_refuses_a_state_that_would_hide_it():
+    from tests.switch_models import examples
+
+    (ex,) = examples(1)
+    for query_key in ("qa-safety:3", "req:with:colons"):
+        ex.key = example_key(query_key, "oracle-2-8")
+        assert ex.query_key == query_key  # what the trainer splits train from validation by
+    with pytest.raises(ValueError, match="may not contain ':'"):
+        example_key("qa-safety:3", "oracle:2:8")  # the old oracle key: read as "...:oracle:2"
