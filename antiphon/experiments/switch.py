@@ -23,8 +23,9 @@ creativity and calibration by rollouts; `--labels rollouts` labels every task by
 the paper's recipe, which on the zoo's exact answers leaves most examples tied (results/
 switch.md names what each gave).
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
-`random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`), the untuned
-switcher (the switcher's initial checkpoint, prompted, not trained) and `switch` (trained).
+`random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`) and `switch`
+(trained). The untrained switcher (sft prompted) is no longer run: it scored 1.0 on average in
+the run before this one, and its seven minutes would put the experiment over its hour.
 Everything runs in this process over in-process engines: on two cores a Ray hop per turn
 would only add time, and the code path is the coordinator's either way.
 """
@@ -57,7 +58,7 @@ from antiphon.policies.fusion import FusionGenerator
 from antiphon.training.oracle_labels import label_by_oracle, reference_query
 from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
-from antiphon.training.switcher_training import load_init, train_switcher
+from antiphon.training.switcher_training import train_switcher
 from antiphon.zoo.evaluate import (
     EvalResult,
     SessionGenerator,
@@ -275,11 +276,6 @@ async def run(args: argparse.Namespace) -> dict:
             phases.end(f"training_r{r}")
         trained = switcher
         reports.append({"round": r, "examples": len(examples), **report})
-    # the untuned switcher: its initial checkpoint, with the same context
-    untuned = work / "switcher-untuned"
-    model, tok = load_init(init, args.max_context or None)
-    model.save_pretrained(untuned)
-    tok.save_pretrained(untuned)
     # 3. the router, from each model alone on the dev queries
     outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
     router_report = train_router(outcomes, ENSEMBLE, work / "router")
@@ -294,9 +290,6 @@ async def run(args: argparse.Namespace) -> dict:
         coord, "trained_router", {"weights": str(work / "router"), **seg}
     )
     gens["logit_fusion"] = FusionGenerator(engines, tokenizers[ENSEMBLE[0]])
-    gens["untuned_switcher"] = coordinator_generate(
-        coord, "switch", {"switcher_path": str(untuned), **seg}
-    )
     if trained is not None:
         gens["switch"] = coordinator_generate(
             coord, "switch", {"switcher_path": str(trained), **seg}

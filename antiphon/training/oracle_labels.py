@@ -10,9 +10,16 @@ zoo's headroom is measured with), on dev items only:
 2. a candidate is right when its segment keeps the answer on the reference (a prefix of it,
    or, where the segment ends the answer, the whole of it verified);
 3. the state is one labelled example (utility 1 for a right candidate, 0 for a wrong one);
-4. every distinct answer a right candidate reached is expanded in turn (each text once,
-   tagged with the first right writer), so the examples are the states a switcher that
-   decides right passes through, and each of their labels is exact, not a sampled estimate.
+4. every distinct answer a right candidate reached is expanded in turn (each text once), so
+   the examples are the states a switcher that decides right passes through, and each of
+   their labels is exact, not a sampled estimate;
+5. each segment of a state's trace is tagged, among the writers that wrote that text, with
+   the one right most often over all the labelled states (`tag_order`): the writer a trained
+   switcher picks wherever it is right. Tagging the first right writer in ensemble order
+   wrote traces a switcher never writes (base, first, on most segments, where the trained
+   switcher picks a tuned model), so at test it read traces unlike any it was trained on,
+   and on the training states themselves it fitted only half of the states where the tuned
+   models are wrong.
 
 This is imitation of a search teacher (learning to search, as DAgger does with an expert),
 not the paper's rollouts; it needs the reference, so it labels the training split only.
@@ -58,18 +65,23 @@ def reference_query(key: str, task: str, prompt: str, reference: str, verify, ma
     )
 
 
-async def oracle_path_examples(
-    query: OracleQuery,
-    writers: Mapping[str, Segment],
-    *,
-    segment_len: int,
-    max_states: int = 256,
-) -> list[RolloutExample]:
-    """One example per state on the oracle's path (at most `max_states`), breadth first."""
+@dataclass(frozen=True)
+class OracleState:
+    """One state the oracle passed: its trace, each segment with every writer that wrote that
+    text there (ensemble indices), and per candidate whether its next segment is right."""
+
+    segments: tuple[tuple[tuple[int, ...], str], ...]
+    right: tuple[bool, ...]
+
+
+async def oracle_states(
+    query: OracleQuery, writers: Mapping[str, Segment], *, segment_len: int, max_states: int = 256
+) -> list[OracleState]:
+    """The states on the oracle's path (at most `max_states`), breadth first."""
     models = list(writers)
-    out: list[RolloutExample] = []
+    out: list[OracleState] = []
+    level: list[tuple[tuple[tuple[tuple[int, ...], str], ...], str]] = [((), "")]
     seen = {""}
-    level: list[tuple[tuple[tuple[int, str], ...], str]] = [((), "")]  # (segments, answer)
     while level and len(out) < max_states:
         written = await asyncio.gather(
             *(asyncio.gather(*(writers[m](query.prompt + answer, segment_len) for m in models))
@@ -80,38 +92,49 @@ async def oracle_path_examples(
             # the budget ends the answer after this segment
             last = (len(segments) + 1) * segment_len >= query.max_tokens
             right = []
-            for i, (text, ended) in enumerate(outs):
+            for text, ended in outs:
                 new = answer + text
                 final = ended or last or not text
-                ok = query.solved(new) if final else query.on_path(new)
-                right.append(ok)
-                if ok and not final and new not in seen:
+                right.append(query.solved(new) if final else query.on_path(new))
+            for i, (text, ended) in enumerate(outs):
+                new = answer + text
+                if right[i] and not (ended or last or not text) and new not in seen:
                     seen.add(new)
-                    next_level.append(((*segments, (i, text)), new))
-            out.append(_example(query, models, segments, right, segment_len))
+                    wrote = tuple(j for j, (t, _) in enumerate(outs) if t == text and right[j])
+                    next_level.append(((*segments, (wrote, text)), new))
+            out.append(OracleState(segments, tuple(right)))
             if len(out) >= max_states:
                 break
         level = next_level
     return out
 
 
-def _example(
+def tag_order(states: Sequence[OracleState], n: int) -> list[int]:
+    """The ensemble's indices, the most often right first (ties: lower index first)."""
+    counts = [sum(s.right[i] for s in states) for i in range(n)]
+    return sorted(range(n), key=lambda i: (-counts[i], i))
+
+
+def state_example(
     query: OracleQuery,
     models: Sequence[str],
-    segments: Sequence[tuple[int, str]],
-    right: Sequence[bool],
+    state: OracleState,
+    order: Sequence[int],
     segment_len: int,
 ) -> RolloutExample:
-    utilities = [float(r) for r in right]
+    """The state as a labelled example, each segment tagged with its first writer in `order`."""
+    rank = {m: r for r, m in enumerate(order)}
+    prefix = [(min(wrote, key=rank.__getitem__), text) for wrote, text in state.segments]
+    utilities = [float(r) for r in state.right]
     best, label = label_from_utilities(utilities)
-    prefix_tokens = len(segments) * segment_len  # every segment before the last is full
-    chars = len("".join(t for _, t in segments))
+    prefix_tokens = len(prefix) * segment_len  # every segment before the last is full
+    chars = len("".join(t for _, t in prefix))
     return RolloutExample(
-        key=example_key(query.key, f"oracle-{len(segments)}-{chars}"),
+        key=example_key(query.key, f"oracle-{len(prefix)}-{chars}"),
         task=query.task,
         query=query.prompt,
         models=list(models),
-        prefix=list(segments),
+        prefix=prefix,
         utilities=utilities,
         scores=[[u] for u in utilities],
         best=best,
@@ -119,6 +142,20 @@ def _example(
         prefix_tokens=prefix_tokens,
         total_tokens=prefix_tokens + segment_len,
     )
+
+
+async def oracle_path_examples(
+    query: OracleQuery,
+    writers: Mapping[str, Segment],
+    *,
+    segment_len: int,
+    max_states: int = 256,
+) -> list[RolloutExample]:
+    """One example per state on the oracle's path (at most `max_states`), breadth first, tagged
+    by this query's own `tag_order` (`label_by_oracle` tags by that of all its queries)."""
+    states = await oracle_states(query, writers, segment_len=segment_len, max_states=max_states)
+    order = tag_order(states, len(writers))
+    return [state_example(query, list(writers), s, order, segment_len) for s in states]
 
 
 async def label_by_oracle(
@@ -129,12 +166,18 @@ async def label_by_oracle(
     concurrency: int = 16,
 ) -> list[RolloutExample]:
     """Every query's oracle-path examples, `concurrency` queries at a time (the engines batch
-    their sessions), in the order of `queries`."""
+    their sessions), in the order of `queries`, tagged by the `tag_order` of all their states."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(q: OracleQuery) -> list[RolloutExample]:
+    async def one(q: OracleQuery) -> list[OracleState]:
         async with limit:
-            return await oracle_path_examples(q, writers, segment_len=segment_len)
+            return await oracle_states(q, writers, segment_len=segment_len)
 
     found = await asyncio.gather(*(one(q) for q in queries))
-    return [ex for exs in found for ex in exs]
+    models = list(writers)
+    order = tag_order([s for states in found for s in states], len(models))
+    return [
+        state_example(q, models, s, order, segment_len)
+        for q, states in zip(queries, found, strict=True)
+        for s in states
+    ]

@@ -83,7 +83,7 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     assert [r["round"] for r in results["switcher_training"]] == [1, 2]
     singles = {f"single:{m}" for m in SWITCH_ENSEMBLE}
     assert set(results["scores"]) == singles | {"random_switch", "trained_router", "logit_fusion",
-                                                "untuned_switcher", "switch"}  # fmt: skip
+                                                "switch"}  # fmt: skip
     saved = json.loads((tmp_path / "results" / "switch.json").read_text())
     assert saved["summary"] == results["summary"]
     assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()

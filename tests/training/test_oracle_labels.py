@@ -13,9 +13,12 @@ from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
 from antiphon.training.oracle_labels import (
     OracleQuery,
+    OracleState,
     label_by_oracle,
     oracle_path_examples,
     reference_query,
+    state_example,
+    tag_order,
 )
 from antiphon.training.switcher_training import split_by_query
 from antiphon.zoo.evaluate import SessionGenerator, zoo_tasks
@@ -74,6 +77,24 @@ def test_both_writers_right_expands_the_text_once(constant_dirs):
     )
     assert [ex.prefix for ex in examples] == [[], [(0, "XX")]]
     assert all(ex.best == [0, 1] and not ex.informative for ex in examples)
+
+
+def test_a_segment_is_tagged_with_its_writer_that_is_right_most_often():
+    """Pure: where several writers wrote a segment's text, the trace names the one right most
+    often over the labelled states (what a trained switcher picks), not the first in the
+    ensemble; a text one writer alone wrote keeps that writer."""
+    states = [
+        OracleState((), (True, True, False)),
+        OracleState((((0, 1), "XX"),), (False, True, True)),
+        OracleState((((0, 1), "XX"), ((2,), "yy")), (True, True, False)),
+    ]
+    order = tag_order(states, 3)
+    assert order == [1, 0, 2]  # b right 3 times, a and c fewer (a before c: 2 against 1)
+    q = exact("XXyyZZ", 6)
+    examples = [state_example(q, ["a", "b", "c"], s, order, segment_len=2) for s in states]
+    assert [ex.prefix for ex in examples] == [[], [(1, "XX")], [(1, "XX"), (2, "yy")]]
+    assert [ex.best for ex in examples] == [[0, 1], [1, 2], [0, 1]]
+    assert tag_order(states[1:2], 3) == [1, 2, 0]  # ties keep the ensemble's order
 
 
 @pytest.mark.slow
