@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from antiphon.training.rollouts import RolloutExample, example_key, label_from_utilities
 
 Segment = Callable[[str, int], Awaitable[tuple[str, bool]]]  # (prompt, n) -> (text, eos)
+Trace = tuple[tuple[tuple[int, ...], str], ...]  # per segment: (every writer of it, text)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class OracleState:
     """One state the oracle passed: its trace, each segment with every writer that wrote that
     text there (ensemble indices), and per candidate whether its next segment is right."""
 
-    segments: tuple[tuple[tuple[int, ...], str], ...]
+    segments: Trace
     right: tuple[bool, ...]
 
 
@@ -80,7 +81,7 @@ async def oracle_states(
     """The states on the oracle's path (at most `max_states`), breadth first."""
     models = list(writers)
     out: list[OracleState] = []
-    level: list[tuple[tuple[tuple[tuple[int, ...], str], ...], str]] = [((), "")]
+    level: list[tuple[Trace, str]] = [((), "")]  # (segments, answer)
     seen = {""}
     while level and len(out) < max_states:
         written = await asyncio.gather(
@@ -91,14 +92,10 @@ async def oracle_states(
         for (segments, answer), outs in zip(level, written, strict=True):
             # the budget ends the answer after this segment
             last = (len(segments) + 1) * segment_len >= query.max_tokens
-            right = []
-            for text, ended in outs:
-                new = answer + text
-                final = ended or last or not text
-                right.append(query.solved(new) if final else query.on_path(new))
-            for i, (text, ended) in enumerate(outs):
-                new = answer + text
-                if right[i] and not (ended or last or not text) and new not in seen:
+            grown = [(answer + text, ended or last or not text) for text, ended in outs]
+            right = [query.solved(new) if final else query.on_path(new) for new, final in grown]
+            for i, ((text, _), (new, final)) in enumerate(zip(outs, grown, strict=True)):
+                if right[i] and not final and new not in seen:
                     seen.add(new)
                     wrote = tuple(j for j, (t, _) in enumerate(outs) if t == text and right[j])
                     next_level.append(((*segments, (wrote, text)), new))
