@@ -21,7 +21,10 @@ the oracle switch's own path on every dev item (`antiphon.training.oracle_labels
 state the oracle passes, which candidates' greedy segment keeps the answer right), and only
 creativity and calibration by rollouts; `--labels rollouts` labels every task by rollouts,
 the paper's recipe, which on the zoo's exact answers leaves most examples tied (results/
-switch.md names what each gave).
+switch.md names what each gave). `--dagger-rounds d` then runs DAgger over that oracle d
+times: the switcher answers the same dev items greedily through the coordinator, every state
+on its answer up to its first wrong segment is labelled by the oracle with the switcher's own
+writers in the trace, and the switcher is fine-tuned (`--dagger-epochs`) on all examples.
 Policies compared (same coordinator, same engines, same seeds): each model alone (`fixed`),
 `random_switch`, `trained_router`, logit fusion (`antiphon.policies.fusion`) and `switch`
 (trained). The untrained switcher (sft prompted) is no longer run: it scored 1.0 on average in
@@ -55,7 +58,12 @@ from antiphon.experiments.train_switcher import (
     zoo_model_path,
 )
 from antiphon.policies.fusion import FusionGenerator
-from antiphon.training.oracle_labels import label_by_oracle, reference_query
+from antiphon.training.oracle_labels import (
+    OracleQuery,
+    label_by_oracle,
+    label_switcher_paths,
+    reference_query,
+)
 from antiphon.training.rollouts import RolloutStore, run_rollouts
 from antiphon.training.router_training import single_model_outcomes, train_router
 from antiphon.training.switcher_training import train_switcher
@@ -78,20 +86,23 @@ from antiphon.zoo.tasks import (
 ENSEMBLE = SWITCH_ENSEMBLE
 
 
-async def oracle_labels(engines: dict, dev: dict, args: argparse.Namespace) -> list:
-    """Oracle-path examples of the dev items (`--oracle-limit` per task, default all) of the
-    exact-answer tasks, kept in
-    `work/oracle-labels` (a rerun reads them back instead of labelling again)."""
-    store = RolloutStore(args.work / "oracle-labels")
-    if store.done:
-        return store.examples()
-    writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
-    queries = [
+def oracle_queries(dev: dict, args: argparse.Namespace) -> list[OracleQuery]:
+    """The dev items (`--oracle-limit` per task, default all) of the exact-answer tasks."""
+    return [
         reference_query(f"{name}:{i}", name, item.prompt, item.reference,
                         partial(task.verify, item), task.max_new_tokens)
         for name, task in dev.items() if name in EXACT_TASKS
         for i, item in enumerate(task.items[: args.oracle_limit])
     ]  # fmt: skip
+
+
+async def oracle_labels(engines: dict, queries: list[OracleQuery], args) -> list:
+    """Oracle-path examples of the queries, kept in `work/oracle-labels` (a rerun reads them
+    back instead of labelling again)."""
+    store = RolloutStore(args.work / "oracle-labels")
+    if store.done:
+        return store.examples()
+    writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
     examples = await label_by_oracle(queries, writers, segment_len=args.segment_len)
     for ex in examples:
         store.append(ex.key, ex)
@@ -99,6 +110,40 @@ async def oracle_labels(engines: dict, dev: dict, args: argparse.Namespace) -> l
                             "queries": len(queries), "examples": len(examples),
                             "informative": sum(e.informative for e in examples)})  # fmt: skip
     print(f"[switch] oracle labels: {len(examples)} examples from {len(queries)} dev items")
+    return examples
+
+
+async def switcher_path_labels(
+    coord: Coordinator, engines: dict, queries: list[OracleQuery], switcher: Path, args, store
+) -> list:
+    """DAgger's new examples: the states `switcher` passes on its own greedy answers to the
+    queries (through the coordinator, as the test evaluation runs it), labelled as the oracle
+    labels its own (`label_switcher_paths`), kept in `store`."""
+    if store.done:
+        return store.examples()
+    limit = asyncio.Semaphore(16)
+    params = {"switcher_path": str(switcher), "segment_len": args.segment_len}
+
+    async def path(q: OracleQuery) -> list[tuple[int, str]]:
+        async with limit:
+            result = await coord.generate(GenerationRequest(
+                prompt=q.prompt, models=ENSEMBLE, policy="switch", policy_params=params,
+                max_tokens=q.max_tokens, temperature=0.0, seed=args.seed))  # fmt: skip
+        return [(ENSEMBLE.index(s.model), s.text) for s in result.segments]
+
+    paths = await asyncio.gather(*(path(q) for q in queries))
+    writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
+    examples = await label_switcher_paths(queries, writers, paths, segment_len=args.segment_len)
+    for ex in examples:
+        store.append(ex.key, ex)
+    solved: dict[str, int] = {}  # dev items the switcher answered right, per task
+    for q, p in zip(queries, paths, strict=True):
+        solved[q.task] = solved.get(q.task, 0) + q.solved("".join(t for _, t in p))
+    store.write_provenance({"labels": "switcher-path", "switcher": str(switcher),
+                            "queries": len(queries), "solved": solved,
+                            "examples": len(examples)})  # fmt: skip
+    print(f"[switch] switcher paths: {sum(solved.values())}/{len(queries)} dev items solved "
+          f"{solved}, {len(examples)} examples")  # fmt: skip
     return examples
 
 
@@ -230,6 +275,7 @@ class PhaseClock:
 async def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
     phases = PhaseClock(t0)  # seconds per phase, for the budget
+    train_cfg = train_config(args)  # a bad training option fails now, not after the labels
     paths = {n: zoo_model_path(n, args.zoo_dir) for n in ENSEMBLE}
     # Rollouts hold 1 + n x k sessions per item in flight: room for all of them.
     engines = {
@@ -245,7 +291,8 @@ async def run(args: argparse.Namespace) -> dict:
     queries = rollout_queries(dev, args)
     # With --labels oracle the exact-answer tasks are labelled by the oracle's path on every
     # dev item (`antiphon.training.oracle_labels`); rollouts label only the others.
-    oracle_examples = await oracle_labels(engines, dev, args) if args.labels == "oracle" else []
+    exact = oracle_queries(dev, args) if args.labels == "oracle" else []
+    oracle_examples = await oracle_labels(engines, exact, args) if exact else []
     phases.end("oracle_labels")
     labelled = [q for q in queries if not (oracle_examples and q.task in EXACT_TASKS)]
 
@@ -267,7 +314,7 @@ async def run(args: argparse.Namespace) -> dict:
         phases.end(f"rollouts_r{r}")
         switcher = work / ("switcher" if r == args.rounds else f"switcher-r{r}")
         try:
-            report = asdict(train_switcher(examples, init, switcher, train_config(args)))
+            report = asdict(train_switcher(examples, init, switcher, train_cfg))
             report.pop("losses")
         except ValueError as e:  # no informative example: nothing to train on
             reports.append({"round": r, "error": str(e)})
@@ -276,6 +323,19 @@ async def run(args: argparse.Namespace) -> dict:
             phases.end(f"training_r{r}")
         trained = switcher
         reports.append({"round": r, "examples": len(examples), **report})
+    # 2b. DAgger over the oracle: the switcher's own states on the exact tasks' dev items,
+    # labelled by the oracle, and the switcher fine-tuned on every example so far
+    for d in range(1, (args.dagger_rounds if exact and trained else 0) + 1):
+        store = RolloutStore(work / f"switcher-paths-d{d}")
+        examples += await switcher_path_labels(coord, engines, exact, trained, args, store)
+        phases.end(f"switcher_paths_d{d}")
+        switcher = work / f"switcher-d{d}"
+        cfg = replace(train_cfg, epochs=args.dagger_epochs)
+        report = asdict(train_switcher(examples, str(trained), switcher, cfg))
+        report.pop("losses")
+        phases.end(f"training_d{d}")
+        trained = switcher
+        reports.append({"dagger_round": d, "examples": len(examples), **report})
     # 3. the router, from each model alone on the dev queries
     outcomes = await single_model_outcomes(coord.generate, queries, ENSEMBLE, seed=args.seed)
     router_report = train_router(outcomes, ENSEMBLE, work / "router")
@@ -308,7 +368,9 @@ async def run(args: argparse.Namespace) -> dict:
              "prefixes": args.prefixes, "empty_first_prefix": args.empty_first_prefix,
              "rounds": args.rounds, "on_policy": args.on_policy,
              "dense_reward": args.dense_reward, "labels": args.labels,
-             "oracle_limit": args.oracle_limit,
+             "oracle_limit": args.oracle_limit, "dagger_rounds": args.dagger_rounds,
+             "dagger_epochs": args.dagger_epochs, "epochs": args.epochs,
+             "lr_schedule": args.lr_schedule, "warmup_ratio": args.warmup_ratio,
              "dev_limit": args.limit, "test_limit": args.test_limit,
              "seed": args.seed, "seconds": round(time.time() - t0)}  # fmt: skip
     results = {
@@ -317,6 +379,7 @@ async def run(args: argparse.Namespace) -> dict:
         "scores": {p: {t: s for t, (s, *_) in row.items()} for p, row in scores.items()},
         "intervals": {p: {t: list(c[2]) for t, c in row.items()} for p, row in scores.items()},
         "summary": summary,
+        "switcher": str(trained) if trained is not None else None,  # the one tested
         "switcher_training": reports,
         "router_training": router_report,
         "rollouts": {
@@ -401,6 +464,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument(
         "--oracle-limit", type=int, default=None, help="dev items per task the oracle labels"
     )
+    p.add_argument("--dagger-rounds", type=int, default=0,
+                   help="after the rounds: label the switcher's own dev paths by the oracle and "
+                   "fine-tune it on every example, this many times")  # fmt: skip
+    p.add_argument("--dagger-epochs", type=int, default=1, help="epochs of each DAgger round")
     p.add_argument("--ship", action="store_true", help="copy the switcher into the zoo")
     return asyncio.run(run(p.parse_args(argv)))
 

@@ -120,6 +120,8 @@ def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr-schedule", default="constant", help="constant, linear, cosine, ...")
+    p.add_argument("--warmup-ratio", type=float, default=0.0, help="share of steps warming up")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lora-r", type=int, default=0, help="0: full fine-tune")
     p.add_argument("--max-context", type=int, default=1024, help="switcher context (0: keep)")
@@ -153,6 +155,7 @@ def train_config(args: argparse.Namespace) -> SwitcherTrainConfig:
 
     return SwitcherTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                lora_r=args.lora_r, max_context=args.max_context or None,
+                               lr_schedule=args.lr_schedule, warmup_ratio=args.warmup_ratio,
                                seed=args.seed)  # fmt: skip
 
 

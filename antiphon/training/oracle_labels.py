@@ -23,9 +23,12 @@ zoo's headroom is measured with), on dev items only:
 
 This is imitation of a search teacher (learning to search, as DAgger does with an expert),
 not the paper's rollouts; it needs the reference, so it labels the training split only.
+DAgger's second half is `label_switcher_paths`: the states a trained switcher passes on its
+own answers, labelled the same way, so the next switcher is trained where the last one went.
 The examples are `RolloutExample`s: the switcher trainer reads them unchanged.
 
-    examples = await oracle_path_examples(query, {"base": gen.segment, ...}, segment_len=4)
+    examples = await label_by_oracle(queries, {"base": gen.segment, ...}, segment_len=4)
+    examples += await label_switcher_paths(queries, writers, paths, segment_len=4)
 """
 
 from __future__ import annotations
@@ -75,6 +78,19 @@ class OracleState:
     right: tuple[bool, ...]
 
 
+def judge(
+    query: OracleQuery, depth: int, answer: str, outs: Sequence[tuple[str, bool]], segment_len: int
+) -> list[tuple[str, bool, bool]]:
+    """Each candidate's segment `outs[i]` (text, eos), written at the state `answer` after
+    `depth` segments: (the answer it makes, whether that ends it, whether it is right)."""
+    last = (depth + 1) * segment_len >= query.max_tokens  # the budget ends it after this one
+    judged = []
+    for text, ended in outs:
+        new, final = answer + text, ended or last or not text
+        judged.append((new, final, query.solved(new) if final else query.on_path(new)))
+    return judged
+
+
 async def oracle_states(
     query: OracleQuery, writers: Mapping[str, Segment], *, segment_len: int, max_states: int = 256
 ) -> list[OracleState]:
@@ -90,11 +106,9 @@ async def oracle_states(
         )  # fmt: skip
         next_level = []
         for (segments, answer), outs in zip(level, written, strict=True):
-            # the budget ends the answer after this segment
-            last = (len(segments) + 1) * segment_len >= query.max_tokens
-            grown = [(answer + text, ended or last or not text) for text, ended in outs]
-            right = [query.solved(new) if final else query.on_path(new) for new, final in grown]
-            for i, ((text, _), (new, final)) in enumerate(zip(outs, grown, strict=True)):
+            judged = judge(query, len(segments), answer, outs, segment_len)
+            right = [r for _, _, r in judged]
+            for i, ((text, _), (new, final, _)) in enumerate(zip(outs, judged, strict=True)):
                 if right[i] and not final and new not in seen:
                     seen.add(new)
                     wrote = tuple(j for j, (t, _) in enumerate(outs) if t == text and right[j])
@@ -118,8 +132,10 @@ def state_example(
     state: OracleState,
     order: Sequence[int],
     segment_len: int,
+    source: str = "oracle",
 ) -> RolloutExample:
-    """The state as a labelled example, each segment tagged with its first writer in `order`."""
+    """The state as a labelled example, each segment tagged with its first writer in `order`
+    (`source` names whose path the state is on, in the example's key)."""
     rank = {m: r for r, m in enumerate(order)}
     prefix = [(min(wrote, key=rank.__getitem__), text) for wrote, text in state.segments]
     utilities = [float(r) for r in state.right]
@@ -127,7 +143,7 @@ def state_example(
     prefix_tokens = len(prefix) * segment_len  # every segment before the last is full
     chars = len("".join(t for _, t in prefix))
     return RolloutExample(
-        key=example_key(query.key, f"oracle-{len(prefix)}-{chars}"),
+        key=example_key(query.key, f"{source}-{len(prefix)}-{chars}"),
         task=query.task,
         query=query.prompt,
         models=list(models),
@@ -139,20 +155,6 @@ def state_example(
         prefix_tokens=prefix_tokens,
         total_tokens=prefix_tokens + segment_len,
     )
-
-
-async def oracle_path_examples(
-    query: OracleQuery,
-    writers: Mapping[str, Segment],
-    *,
-    segment_len: int,
-    max_states: int = 256,
-) -> list[RolloutExample]:
-    """One example per state on the oracle's path (at most `max_states`), breadth first, tagged
-    by this query's own `tag_order` (`label_by_oracle` tags by that of all its queries)."""
-    states = await oracle_states(query, writers, segment_len=segment_len, max_states=max_states)
-    order = tag_order(states, len(writers))
-    return [state_example(query, list(writers), s, order, segment_len) for s in states]
 
 
 async def label_by_oracle(
@@ -175,6 +177,61 @@ async def label_by_oracle(
     order = tag_order([s for states in found for s in states], len(models))
     return [
         state_example(q, models, s, order, segment_len)
+        for q, states in zip(queries, found, strict=True)
+        for s in states
+    ]
+
+
+async def path_states(
+    query: OracleQuery,
+    writers: Mapping[str, Segment],
+    path: Sequence[tuple[int, str]],
+    *,
+    segment_len: int,
+) -> list[OracleState]:
+    """The states a switcher passed on its own answer to `query` (`path`: its segments, each
+    (writer's index, text)), up to and including the first where its segment went wrong, each
+    labelled as the oracle labels its states, its trace tagged with the switcher's own writers.
+    These are the learner's states that DAgger adds to the teacher's: the oracle's path tags
+    each segment with one writer, the switcher's own answers may name another, and the state
+    where it first goes wrong is, by construction, one it has not learnt."""
+    models = list(writers)
+    answers = ["".join(t for _, t in path[:k]) for k in range(len(path))]
+    written = await asyncio.gather(
+        *(asyncio.gather(*(writers[m](query.prompt + a, segment_len) for m in models))
+          for a in answers)
+    )  # fmt: skip
+    states = []
+    for k, (answer, outs) in enumerate(zip(answers, written, strict=True)):
+        right = tuple(r for _, _, r in judge(query, k, answer, outs, segment_len))
+        segments = tuple(((i,), text) for i, text in path[:k])
+        states.append(OracleState(segments, right))
+        if not right[path[k][0]]:
+            break
+    return states
+
+
+async def label_switcher_paths(
+    queries: Sequence[OracleQuery],
+    writers: Mapping[str, Segment],
+    paths: Sequence[Sequence[tuple[int, str]]],
+    *,
+    segment_len: int,
+    concurrency: int = 16,
+) -> list[RolloutExample]:
+    """Every query's `path_states` along the switcher's own answer `paths[i]`, as examples
+    (DAgger's aggregation step: the trainer reads them beside the oracle's), in the order of
+    `queries`."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(q: OracleQuery, path) -> list[OracleState]:
+        async with limit:
+            return await path_states(q, writers, path, segment_len=segment_len)
+
+    found = await asyncio.gather(*(one(q, p) for q, p in zip(queries, paths, strict=True)))
+    models, order = list(writers), range(len(writers))  # each segment has its one writer
+    return [
+        state_example(q, models, s, order, segment_len, source="switch")
         for q, states in zip(queries, found, strict=True)
         for s in states
     ]

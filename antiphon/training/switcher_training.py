@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase, get_scheduler
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from antiphon.checkpoint import load_tokenizer, resolve_checkpoint_path
@@ -39,6 +39,10 @@ from antiphon.training.rollouts import RolloutExample
 
 REPORT_FILE = "switcher_training.json"
 ADAPTER_DIR = "adapter"  # with LoRA: the PEFT adapter alone, beside the merged checkpoint
+
+
+# transformers' schedules that step without a metric or extra arguments
+LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,14 @@ class SwitcherTrainConfig:
     val_fraction: float = 0.2  # share of queries held out for validation
     seed: int = 0
     max_steps: int | None = None  # stop early after this many optimiser steps
+    lr_schedule: str = "constant"  # one of LR_SCHEDULES, over every step
+    warmup_ratio: float = 0.0  # share of the steps the lr ramps up over first
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r}: not one of {LR_SCHEDULES}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio {self.warmup_ratio}: must be in [0, 1)")
 
 
 @dataclass
@@ -252,6 +264,10 @@ def train_switcher(
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
+    # transformers' schedulers, as its Trainer runs them (a bad name fails here, before step 1)
+    scheduler = get_scheduler(cfg.lr_schedule, optimizer,
+                              num_warmup_steps=round(cfg.warmup_ratio * total),
+                              num_training_steps=total)  # fmt: skip
     model.train()
     from tqdm import tqdm
 
@@ -267,6 +283,7 @@ def train_switcher(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
+            scheduler.step()
             report.steps += 1
             report.losses.append(round(float(loss.detach()), 5))
             bar.update(1)

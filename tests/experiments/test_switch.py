@@ -54,13 +54,14 @@ def test_claims_compare_switch_with_every_baseline_and_count_rescued_questions()
 @pytest.mark.slow
 def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     """The documented command, tiny: two rounds (round 2 cuts prefixes from round 1's
-    switcher), the switcher, the router, every policy on a few test items, both files."""
+    switcher), a DAgger round on round 2's switcher, the router, every policy on a few test
+    items, both files."""
     from antiphon.experiments.switch import main
 
     results = main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
                     "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "2",
                     "--epochs", "1", "--max-context", "512", "--rounds", "2",
-                    "--oracle-limit", "1"])  # fmt: skip
+                    "--oracle-limit", "1", "--dagger-rounds", "1"])  # fmt: skip
     provenance = json.loads((tmp_path / "work" / "rollouts-r2" / "provenance.json").read_text())
     assert provenance["config"]["prefix_policy"] == "switch" and provenance["round"] == 2
     assert provenance["config"]["prefix_policy_params"]["switcher_path"].endswith("switcher-r1")
@@ -80,7 +81,20 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     assert not rollout_tasks & oracle_tasks
     assert results["rollouts"]["oracle_path_informative"] > 0
     assert set(HELD_OUT_TASKS) <= set(results["scores"]["switch"])  # but tested
-    assert [r["round"] for r in results["switcher_training"]] == [1, 2]
+    rounds = [(r.get("round"), r.get("dagger_round")) for r in results["switcher_training"]]
+    assert rounds == [(1, None), (2, None), (None, 1)]
+    # DAgger: round 2's switcher walked the oracle's dev items; its states, labelled, are
+    # examples of the switcher then tested, fine-tuned from round 2's
+    paths = tmp_path / "work" / "switcher-paths-d1"
+    walked = json.loads((paths / "provenance.json").read_text())
+    assert walked["switcher"].endswith("switcher") and walked["queries"] == len(oracle_tasks)
+    lines = (paths / "examples.jsonl").read_text().splitlines()
+    path_records = [json.loads(line) for line in lines]
+    assert path_records and all(":switch-" in rec["key"] for rec in path_records)
+    assert {rec["task"] for rec in path_records} <= oracle_tasks
+    tested = tmp_path / "work" / "switcher-d1"
+    assert json.loads((tested / "switcher_training.json").read_text())["init"] == walked["switcher"]
+    assert results["switcher"] == str(tested)  # the switcher the test split saw
     singles = {f"single:{m}" for m in SWITCH_ENSEMBLE}
     assert set(results["scores"]) == singles | {"random_switch", "trained_router", "logit_fusion",
                                                 "switch"}  # fmt: skip
@@ -89,7 +103,8 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     assert "| switch |" in (tmp_path / "results" / "switch.md").read_text()
     assert set(saved["intervals"]) == set(saved["scores"])  # an interval for every score
     assert list(saved["phase_seconds"]) == ["oracle_labels", "rollouts_r1", "training_r1",
-                                            "rollouts_r2", "training_r2", "router",
+                                            "rollouts_r2", "training_r2", "switcher_paths_d1",
+                                            "training_d1", "router",
                                             "test_evaluation"]  # fmt: skip
     assert all(isinstance(s, int) and s >= 0 for s in saved["phase_seconds"].values())
     for row in saved["intervals"].values():

@@ -5,6 +5,7 @@ construction; then a zoo dev item, where following the labels writes the referen
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from functools import partial
 
 import pytest
@@ -15,7 +16,7 @@ from antiphon.training.oracle_labels import (
     OracleQuery,
     OracleState,
     label_by_oracle,
-    oracle_path_examples,
+    label_switcher_paths,
     reference_query,
     state_example,
     tag_order,
@@ -47,7 +48,7 @@ def exact(target: str, max_tokens: int, key: str = "q:0") -> OracleQuery:
 def test_each_state_on_the_path_is_labelled_with_the_writers_that_keep_it_right(constant_dirs):
     specs = {n: str(d) for n, d in constant_dirs.items()}
     examples = run_with_engines(
-        specs, partial(oracle_path_examples, exact("XXyyXX", 6), segment_len=2)
+        specs, partial(label_by_oracle, [exact("XXyyXX", 6)], segment_len=2)
     )
     assert [ex.prefix for ex in examples] == [[], [(0, "XX")], [(0, "XX"), (1, "yy")]]
     # "XX" then "yy" then "XX", where the last segment fills the budget and is verified whole
@@ -63,7 +64,7 @@ def test_each_state_on_the_path_is_labelled_with_the_writers_that_keep_it_right(
 
 def test_a_question_no_writer_can_answer_gives_one_tied_example(constant_dirs):
     specs = {n: str(d) for n, d in constant_dirs.items()}
-    examples = run_with_engines(specs, partial(oracle_path_examples, exact("zz", 4), segment_len=2))
+    examples = run_with_engines(specs, partial(label_by_oracle, [exact("zz", 4)], segment_len=2))
     assert len(examples) == 1 and examples[0].utilities == [0.0, 0.0]
     assert not examples[0].informative  # the trainer skips it
 
@@ -72,9 +73,7 @@ def test_both_writers_right_expands_the_text_once(constant_dirs):
     """Two writers that reach the same right text: one state, not two (the search stays
     linear in the answer's length)."""
     specs = {"x1": str(constant_dirs["x"]), "x2": str(constant_dirs["x"])}
-    examples = run_with_engines(
-        specs, partial(oracle_path_examples, exact("XXXX", 4), segment_len=2)
-    )
+    examples = run_with_engines(specs, partial(label_by_oracle, [exact("XXXX", 4)], segment_len=2))
     assert [ex.prefix for ex in examples] == [[], [(0, "XX")]]
     assert all(ex.best == [0, 1] and not ex.informative for ex in examples)
 
@@ -124,3 +123,30 @@ def test_following_the_labels_writes_the_reference_of_a_zoo_dev_item():
         solved += rest <= 4 and deepest.utilities[deepest.label] == 1.0
     # the arithmetic expert writes every carry: the oracle answers each of these
     assert solved == 3
+
+
+def test_a_switchers_path_is_labelled_up_to_its_first_wrong_segment(constant_dirs):
+    """DAgger's states: along the switcher's own answer, each state labelled as the oracle
+    labels it, and none past the first segment that left the reference."""
+    specs = {n: str(d) for n, d in constant_dirs.items()}
+    q = exact("XXyyXX", 6)
+    wrong = [(0, "XX"), (0, "XX"), (1, "yy")]  # the second "XX" leaves the reference
+    right = [(0, "XX"), (1, "yy"), (0, "XX")]
+    work = partial(label_switcher_paths, [q, replace(q, key="q:1")], paths=[wrong, right],
+                   segment_len=2)  # fmt: skip
+    examples = run_with_engines(specs, work)
+    assert [(ex.prefix, ex.best) for ex in examples] == [
+        ([], [0]), ([(0, "XX")], [1]),  # the wrong path: its first state, and the one it erred in
+        ([], [0]), ([(0, "XX")], [1]), ([(0, "XX"), (1, "yy")], [0]),
+    ]  # fmt: skip
+    assert all(":switch-" in ex.key for ex in examples)  # never the oracle's key for a state
+
+
+def test_a_switchers_path_keeps_the_switchers_own_writer(constant_dirs):
+    """Where two writers wrote the same text, the trace names the one the switcher picked,
+    not the one the oracle's tag order would (the point of labelling its own states)."""
+    specs = {"x1": str(constant_dirs["x"]), "x2": str(constant_dirs["x"])}
+    work = partial(label_switcher_paths, [exact("XXXX", 4)], paths=[[(1, "XX"), (1, "XX")]],
+                   segment_len=2)  # fmt: skip
+    examples = run_with_engines(specs, work)
+    assert [ex.prefix for ex in examples] == [[], [(1, "XX")]]

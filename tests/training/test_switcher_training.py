@@ -9,6 +9,7 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -54,6 +55,23 @@ def test_full_fine_tune_learns_the_labels_and_saves_hf(trained_switcher):
     saved = json.loads((out / "switcher_training.json").read_text())
     assert saved["report"]["val_accuracy"] == 1.0
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_the_lr_schedule_is_applied_and_a_bad_one_is_refused(tiny_model_dir, tmp_path):
+    """Under a warmup the first step's lr is 0: one step leaves the weights as they were, where
+    the constant lr moves them; a schedule the trainer cannot step is refused up front."""
+    init = load_file(tiny_model_dir / "model.safetensors")
+    moved = {}
+    for schedule in ("constant", "linear"):
+        cfg = SwitcherTrainConfig(batch_size=8, max_steps=1, val_fraction=0.0,
+                                  lr_schedule=schedule, warmup_ratio=0.9)  # fmt: skip
+        train_switcher(examples(8), str(tiny_model_dir), tmp_path / schedule, cfg, progress=False)
+        after = load_file(tmp_path / schedule / "model.safetensors")
+        moved[schedule] = any(not torch.equal(after[k], v) for k, v in init.items())
+    assert moved == {"constant": True, "linear": False}
+    for bad in ({"lr_schedule": "reduce_lr_on_plateau"}, {"warmup_ratio": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SwitcherTrainConfig(**bad)
 
 
 def test_lora_trains_adapters_and_saves_merged_weights(tiny_model_dir, tmp_path):
