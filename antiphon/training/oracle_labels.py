@@ -195,20 +195,24 @@ async def path_states(
     These are the learner's states that DAgger adds to the teacher's: the oracle's path tags
     each segment with one writer, the switcher's own answers may name another, and the state
     where it first goes wrong is, by construction, one it has not learnt."""
+    if not path:
+        return []
     models = list(writers)
-    answers = ["".join(t for _, t in path[:k]) for k in range(len(path))]
+    answers = ["".join(t for _, t in path[: k + 1]) for k in range(len(path))]  # after segment k
+    # the answer's own text says where it left the reference (its last segment ended it), so
+    # only the states up to there are written out, not every state of a long wrong answer
+    went_wrong = [not query.on_path(a) for a in answers[:-1]] + [not query.solved(answers[-1])]
+    stop = went_wrong.index(True) if any(went_wrong) else len(path) - 1
+    before = ["", *answers[:stop]]  # the answer at each state, up to the one it erred in
     written = await asyncio.gather(
         *(asyncio.gather(*(writers[m](query.prompt + a, segment_len) for m in models))
-          for a in answers)
+          for a in before)
     )  # fmt: skip
-    states = []
-    for k, (answer, outs) in enumerate(zip(answers, written, strict=True)):
-        right = tuple(r for _, _, r in judge(query, k, answer, outs, segment_len))
-        segments = tuple(((i,), text) for i, text in path[:k])
-        states.append(OracleState(segments, right))
-        if not right[path[k][0]]:
-            break
-    return states
+    return [
+        OracleState(tuple(((i,), text) for i, text in path[:k]),
+                    tuple(r for _, _, r in judge(query, k, answer, outs, segment_len)))
+        for k, (answer, outs) in enumerate(zip(before, written, strict=True))
+    ]  # fmt: skip
 
 
 async def label_switcher_paths(

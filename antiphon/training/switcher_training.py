@@ -264,7 +264,7 @@ def train_switcher(
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps)
-    # transformers' schedulers, as its Trainer runs them (a bad name fails here, before step 1)
+    # transformers' schedulers, stepped once per optimiser step as its Trainer steps them
     scheduler = get_scheduler(cfg.lr_schedule, optimizer,
                               num_warmup_steps=round(cfg.warmup_ratio * total),
                               num_training_steps=total)  # fmt: skip
