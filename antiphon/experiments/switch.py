@@ -100,15 +100,13 @@ async def oracle_labels(engines: dict, queries: list[OracleQuery], args) -> list
     """Oracle-path examples of the queries, kept in `work/oracle-labels` (a rerun reads them
     back instead of labelling again)."""
     store = RolloutStore(args.work / "oracle-labels")
-    if store.done:
+    if store.finished:
         return store.examples()
     writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
     examples = await label_by_oracle(queries, writers, segment_len=args.segment_len)
-    for ex in examples:
-        store.append(ex.key, ex)
-    store.write_provenance({"labels": "oracle", "segment_len": args.segment_len,
-                            "queries": len(queries), "examples": len(examples),
-                            "informative": sum(e.informative for e in examples)})  # fmt: skip
+    store.write_all(examples, {"labels": "oracle", "segment_len": args.segment_len,
+                               "queries": len(queries), "examples": len(examples),
+                               "informative": sum(e.informative for e in examples)})  # fmt: skip
     print(f"[switch] oracle labels: {len(examples)} examples from {len(queries)} dev items")
     return examples
 
@@ -119,7 +117,7 @@ async def switcher_path_labels(
     """DAgger's new examples: the states `switcher` passes on its own greedy answers to the
     queries (through the coordinator, as the test evaluation runs it), labelled as the oracle
     labels its own (`label_switcher_paths`), kept in `store`."""
-    if store.done:
+    if store.finished:
         return store.examples()
     limit = asyncio.Semaphore(16)
     params = {"switcher_path": str(switcher), "segment_len": args.segment_len}
@@ -134,14 +132,12 @@ async def switcher_path_labels(
     paths = await asyncio.gather(*(path(q) for q in queries))
     writers = {n: SessionGenerator(e).segment for n, e in engines.items()}
     examples = await label_switcher_paths(queries, writers, paths, segment_len=args.segment_len)
-    for ex in examples:
-        store.append(ex.key, ex)
     solved: dict[str, int] = {}  # dev items the switcher answered right, per task
     for q, p in zip(queries, paths, strict=True):
         solved[q.task] = solved.get(q.task, 0) + q.solved("".join(t for _, t in p))
-    store.write_provenance({"labels": "switcher-path", "switcher": str(switcher),
-                            "queries": len(queries), "solved": solved,
-                            "examples": len(examples)})  # fmt: skip
+    store.write_all(examples, {"labels": "switcher-path", "switcher": str(switcher),
+                               "queries": len(queries), "solved": solved,
+                               "examples": len(examples)})  # fmt: skip
     print(f"[switch] switcher paths: {sum(solved.values())}/{len(queries)} dev items solved "
           f"{solved}, {len(examples)} examples")  # fmt: skip
     return examples

@@ -7,12 +7,14 @@ Not a `Policy`: a policy picks who writes a segment, and fusion has no writer --
 is a joint decision. `FusionGenerator` is a `generate(prompt, sampling) -> text` callable for
 the evaluation harness (`antiphon.zoo.evaluate`), driving any `SessionModel`s (the engines in
 process, or the Serve clients): per token, one `next_token_logprobs` call per model (over the
-whole vocabulary) and one `append` of the chosen token, models in parallel. Over Serve that is
-two round trips per token and model, which is what fusion costs without a fused kernel; in
-process (how the experiment runs it) it is a forward pass per token and model. The token is
-chosen from the fused distribution by the engine's own sampler (`antiphon.actors.sampling`:
-greedy, or temperature, top-k and top-p with a seeded generator); stop strings are not
-applied.
+whole vocabulary) and one `append` of the chosen token, models in parallel. Every request in
+flight on one generator steps in lockstep (one round per token), so that each engine batches
+all their sessions in its passes. Over Serve that is two round trips per token and model,
+which is what fusion costs without a fused kernel; in process (how the experiment runs it) it
+is two batched forward passes per round and model (one caches the previous token, one reads
+the distribution after the new one). The token is chosen from the fused distribution by the
+engine's own sampler (`antiphon.actors.sampling`: greedy, or temperature, top-k and top-p with
+a seeded generator); stop strings are not applied.
 
     fused = FusionGenerator({"base": engine_b, "aligned": engine_a}, tokenizer)
     text = await fused("Q: 2+2?\\nA:", SamplingParams(max_new_tokens=16))
@@ -21,7 +23,8 @@ applied.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -70,6 +73,8 @@ class FusionGenerator:
         self.weights = weights
         self.coefficients = coefficients
         self._checked: tuple[int, tuple[int, ...], int] | None = None  # vocab, eos ids, context
+        self._joining: list[_Request] = []  # requests waiting for the next round
+        self._stepper: asyncio.Task | None = None  # the rounds' task while any is in flight
 
     async def _vocab(self) -> tuple[int, tuple[int, ...], int]:
         if self._checked is None:
@@ -81,34 +86,96 @@ class FusionGenerator:
         return self._checked
 
     async def __call__(self, prompt: str, sampling: SamplingParams) -> str:
-        vocab, eos, context = await self._vocab()
+        _, _, context = await self._vocab()
         models = list(self.models.values())
         opened = await asyncio.gather(*(m.open(prompt) for m in models))
         sessions = [s.session_id for s in opened]
         # Like a single model, stop when the shortest context is full (finish "length").
         room = context - max(s.length for s in opened)
-        generator = new_generator(sampling.seed if sampling.seed is not None else 0)
-        everything = list(range(vocab))
-        written: list[int] = []
+        seed = sampling.seed if sampling.seed is not None else 0
+        request = _Request(sessions, sampling, new_generator(seed),
+                           min(sampling.max_new_tokens, room),
+                           asyncio.get_running_loop().create_future())  # fmt: skip
         try:
-            for _ in range(min(sampling.max_new_tokens, room)):
-                lps = await asyncio.gather(
-                    *(
-                        m.next_token_logprobs(s, everything)
-                        for m, s in zip(models, sessions, strict=True)
-                    )
-                )
+            if request.limit > 0:
+                self._joining.append(request)
+                if self._stepper is None or self._stepper.done():
+                    self._stepper = asyncio.create_task(self._step_all())
+                await request.done
+        finally:
+            request.done.cancel()  # a caller gone (cancelled) leaves the steps at once
+            await asyncio.gather(*(m.close(s) for m, s in zip(models, sessions, strict=True)))
+        return self.tokenizer.decode(request.written, skip_special_tokens=True)
+
+    async def _step_all(self) -> None:
+        """One token of every request in flight per round, in lockstep, so that each model
+        reads the next-token distributions of all their sessions in one batched pass (each
+        request on its own would reach the engines at its own moment, and a pass would batch
+        only the few that happened to arrive together). Requests join at a round's start."""
+        active: list[_Request] = []
+        try:
+            await self._rounds(active)
+        except Exception as e:  # a bug here fails the requests in flight instead of hanging them
+            for request in active + self._joining:
+                if not request.done.done():
+                    request.done.set_exception(e)
+
+    async def _rounds(self, active: list[_Request]) -> None:
+        vocab, eos, _ = await self._vocab()
+        while active or self._joining:
+            active[:] = [r for r in active + self._joining if not r.done.done()]
+            self._joining.clear()
+            # one flat gather: every call is sent before any engine starts its pass
+            reads = [self._reads(r, vocab) for r in active]
+            results = await asyncio.gather(*(c for calls in reads for c in calls),
+                                           return_exceptions=True)  # fmt: skip
+            still, at = [], 0
+            for request, calls in zip(active, reads, strict=True):
+                got, at = results[at : at + len(calls)], at + len(calls)
+                if request.done.done():
+                    continue
+                failed = [e for e in got if isinstance(e, BaseException)]
+                if failed:  # that request's failure, not the others'
+                    request.done.set_exception(failed[0])
+                    continue
+                lps = got[1::2] if request.written else got  # the reads, not the appends
                 if self.coefficients is not None:
                     fused = arithmetic(lps, self.coefficients)  # (V,) log-probs
                 else:
                     fused = fuse(lps, self.weights)  # (V,) log-probs, used as logits
-                (token,), _, _ = choose_tokens(fused[None], [sampling], [generator])
+                sampling = request.sampling
+                (token,), _, _ = choose_tokens(fused[None], [sampling], [request.generator])
                 if token in eos and not sampling.ignore_eos:
-                    break
-                written.append(token)
-                await asyncio.gather(
-                    *(m.append(s, [token]) for m, s in zip(models, sessions, strict=True))
-                )
-        finally:
-            await asyncio.gather(*(m.close(s) for m, s in zip(models, sessions, strict=True)))
-        return self.tokenizer.decode(written, skip_special_tokens=True)
+                    request.done.set_result(None)
+                    continue
+                request.written.append(token)
+                if len(request.written) == request.limit:
+                    request.done.set_result(None)
+                else:
+                    still.append(request)
+            active[:] = still
+
+    def _reads(self, request: _Request, vocab: int) -> list[Awaitable]:
+        """The calls of one round for `request`: per model, its last chosen token appended
+        (the engine keeps a session's calls in order) and the log-probs of every vocabulary
+        token next."""
+        calls: list[Awaitable] = []
+        last = request.written[-1:]
+        for model, session in zip(self.models.values(), request.sessions, strict=True):
+            if last:
+                calls.append(model.append(session, last))
+            calls.append(model.next_token_logprobs(session, list(range(vocab))))
+        return calls
+
+
+@dataclass
+class _Request:
+    """One fused generation in flight: its sessions (one per model, in model order), how it
+    samples, and the tokens it has chosen."""
+
+    sessions: list[str]
+    sampling: SamplingParams
+    generator: torch.Generator
+    limit: int  # most tokens it may write
+    done: asyncio.Future
+    written: list[int] = field(default_factory=list)

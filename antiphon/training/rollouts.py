@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -308,8 +309,33 @@ class RolloutStore:
             f.write(json.dumps(record) + "\n")
         self.done.add(key)
 
+    @property
+    def finished(self) -> bool:
+        """Whether a whole labelling run ended here: its provenance is written and not marked
+        "running" (a run cut by a crash leaves the mark, or no provenance at all)."""
+        try:
+            provenance = json.loads((self.root / PROVENANCE_FILE).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+        return provenance.get("status", "done") == "done"
+
+    def write_all(self, examples: Sequence[RolloutExample], provenance: Mapping[str, object]):
+        """Replace the store's examples with `examples` in one step, then mark it finished:
+        for labellers that make all their examples at once, so that a crash part way leaves
+        an unfinished store (redone by the next run), never a partial one read as whole."""
+        _replace_text(self.path, "".join(json.dumps(asdict(ex)) + "\n" for ex in examples))
+        self.done = {ex.key for ex in examples}
+        self.write_provenance({**provenance, "status": "done"})
+
     def write_provenance(self, provenance: Mapping[str, object]) -> None:
-        (self.root / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _replace_text(self.root / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a crash mid-write leaves the old file)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(text)
+    os.replace(part, path)
 
 
 async def run_rollouts(

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 from antiphon.actors.engine import ModelEngine
 from antiphon.config import ModelSpec
-from antiphon.errors import InvalidRequest
+from antiphon.errors import InvalidRequest, SessionLost
 from antiphon.messages import SamplingParams
 from antiphon.policies import build_policy
 from antiphon.policies.base import WriteSegment
@@ -90,3 +90,101 @@ def test_fusion_stops_when_the_context_is_full(tmp_path):
     prompt_len = len(tok("Once upon")["input_ids"])
     # Decoding drops any special tokens the random models wrote, so count at most the room.
     assert 0 < len(tok(text, add_special_tokens=False)["input_ids"]) <= 40 - prompt_len
+
+
+PROMPTS = ("Once upon", "The cat", "Zq", "A long time ago there")
+
+
+def fusion_engines(tiny_model_dir, other_tiny_model_dir) -> dict[str, ModelEngine]:
+    return {
+        "a": ModelEngine(ModelSpec(name="a", path=str(tiny_model_dir))),
+        "b": ModelEngine(ModelSpec(name="b", path=str(other_tiny_model_dir))),
+    }
+
+
+def test_concurrent_fused_requests_are_batched_and_each_writes_its_own_text(
+    tiny_model_dir, other_tiny_model_dir
+):
+    """Requests in flight together step in lockstep: each engine reads all their sessions in
+    one pass per token, and each request writes what it writes alone (its own seed, length
+    and sampling)."""
+    engines = fusion_engines(tiny_model_dir, other_tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = [SamplingParams(max_new_tokens=6 + 3 * i, temperature=0.8 * (i % 2), seed=i,
+                             ignore_eos=True) for i in range(len(PROMPTS))]  # fmt: skip
+
+    async def run():
+        fused = FusionGenerator(engines, tok)
+        try:
+            passes = engines["a"].stats().forward_passes
+            alone = [await fused(p, s) for p, s in zip(PROMPTS, params, strict=True)]
+            alone_passes = engines["a"].stats().forward_passes - passes
+            passes = engines["a"].stats().forward_passes
+            together = await asyncio.gather(*map(fused, PROMPTS, params))
+            together_passes = engines["a"].stats().forward_passes - passes
+            live = sum(e.stats().live_sessions for e in engines.values())
+        finally:
+            for e in engines.values():
+                await e.shutdown()
+        return alone, together, alone_passes, together_passes, live
+
+    alone, together, alone_passes, together_passes, live = asyncio.run(run())
+    assert together == alone and len(set(alone)) == len(PROMPTS)
+    # alone: about two passes per token of every request; together: of the longest one
+    assert together_passes < alone_passes / 2
+    assert live == 0
+
+
+class LosesOneSession:
+    """A real engine whose session opened on `prompt` is lost at its `after`-th read, as
+    an eviction would lose it."""
+
+    def __init__(self, engine: ModelEngine, prompt: str, after: int) -> None:
+        self.engine, self.prompt, self.after = engine, prompt, after
+        self.doomed: str | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    async def open(self, prompt):
+        info = await self.engine.open(prompt)
+        if prompt == self.prompt:
+            self.doomed = info.session_id
+        return info
+
+    async def next_token_logprobs(self, session_id, candidate_ids):
+        if session_id == self.doomed:
+            self.after -= 1
+            if self.after < 0:
+                raise SessionLost(f"session {session_id!r} was evicted")
+        return await self.engine.next_token_logprobs(session_id, candidate_ids)
+
+
+def test_a_failed_or_cancelled_fused_request_leaves_the_others_running(
+    tiny_model_dir, other_tiny_model_dir
+):
+    engines = fusion_engines(tiny_model_dir, other_tiny_model_dir)
+    lossy = {"a": LosesOneSession(engines["a"], PROMPTS[1], after=3), "b": engines["b"]}
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+
+    async def run():
+        try:
+            alone = await FusionGenerator(engines, tok)(PROMPTS[0], params)
+            fused = FusionGenerator(lossy, tok)
+            calls = [asyncio.ensure_future(fused(p, params)) for p in PROMPTS[:3]]
+            await asyncio.sleep(0.05)
+            calls[2].cancel()  # its caller gave up
+            got = await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.sleep(0.05)  # the cancelled call's sessions close as it unwinds
+            live = sum(e.stats().live_sessions for e in engines.values())
+        finally:
+            for e in engines.values():
+                await e.shutdown()
+        return alone, got, live
+
+    alone, (first, lost, cancelled), live = asyncio.run(run())
+    assert first == alone  # written to the end, as alone
+    assert isinstance(lost, SessionLost) and "evicted" in str(lost)
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert live == 0  # every session of the three closed

@@ -79,6 +79,30 @@ def test_rollouts_label_the_known_best_and_resume(xy_coordinator, tmp_path):
     assert len(lines) == 8 and len({json.loads(x)["key"] for x in lines}) == 8
 
 
+def test_a_store_written_whole_is_finished_and_one_cut_by_a_crash_is_not(xy_coordinator, tmp_path):
+    """Labellers that make all their examples at once (the oracle's) keep them with
+    `write_all`: a run cut part way is never read back as a whole one."""
+    cfg = RolloutConfig(k=2, segment_len=4, prefixes_per_query=2, seed=1)
+    made = RolloutStore(tmp_path / "made")
+    examples = asyncio.run(
+        run_rollouts(xy_coordinator.generate, QUERIES, ("x", "y"), cfg, made, progress=False)
+    )
+    store = RolloutStore(tmp_path / "ro")
+    store.append(examples[0].key, examples[0])  # a crash after the first append
+    assert not RolloutStore(tmp_path / "ro").finished
+    store.write_provenance({"status": "running"})  # or after marking itself running
+    assert not RolloutStore(tmp_path / "ro").finished
+    (tmp_path / "ro" / "provenance.json").write_text('{"status": "do')  # or mid-write
+    assert not RolloutStore(tmp_path / "ro").finished
+    store.write_all(examples[1:], {"labels": "test"})
+    again = RolloutStore(tmp_path / "ro")
+    assert again.finished and again.done == {ex.key for ex in examples[1:]}
+    assert again.examples() == examples[1:]  # the partial run's line replaced, not kept
+    assert sorted(p.name for p in (tmp_path / "ro").iterdir()) == ["examples.jsonl",
+                                                                  "provenance.json"]  # fmt: skip
+    assert RolloutStore(tmp_path / "made").finished  # run_rollouts' own "done"
+
+
 def test_empty_first_prefix_labels_the_first_decision(xy_coordinator, tmp_path):
     cfg = RolloutConfig(k=2, segment_len=4, prefixes_per_query=2, empty_first_prefix=True, seed=1)
     examples = asyncio.run(
