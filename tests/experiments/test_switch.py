@@ -59,7 +59,7 @@ def test_the_experiment_runs_end_to_end_on_the_zoo(tmp_path):
     from antiphon.experiments.switch import main
 
     results = main(["--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
-                    "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "2",
+                    "--limit", "1", "--k", "2", "--prefixes", "2", "--test-limit", "1",
                     "--epochs", "1", "--max-context", "512", "--rounds", "2",
                     "--oracle-limit", "1", "--dagger-rounds", "1"])  # fmt: skip
     provenance = json.loads((tmp_path / "work" / "rollouts-r2" / "provenance.json").read_text())

@@ -45,7 +45,11 @@ def job_cluster():
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        try:  # a graceful stop takes ~30 s, most of it waiting on idle workers
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)  # the whole group: no Ray process outlives it
+            head.wait(timeout=60)
         shutil.rmtree(temp, ignore_errors=True)
 
 
