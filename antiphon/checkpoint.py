@@ -18,13 +18,16 @@ import inspect
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer
 
 from antiphon.config import ModelSpec
 from antiphon.errors import NotFound
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -97,6 +100,10 @@ def load_checkpoint(spec: ModelSpec) -> tuple[PreTrainedModel, Any]:
     """Load spec's causal LM (safetensors only, eval mode, spec's device, dtype) and tokenizer.
     A PEFT adapter directory (`adapter_config.json`) loads as its base with the adapter on
     (transformers' PEFT integration), as the field's tools load one."""
+    # imported here: the model classes cost ~4 s of import that processes which only read
+    # tokenizers (the ingress, the coordinator) never need
+    from transformers import AutoModelForCausalLM
+
     where = resolve_checkpoint_path(spec.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(

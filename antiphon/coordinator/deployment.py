@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import ray
 from ray import serve
@@ -43,9 +44,7 @@ from ray.serve.deployment import Application
 from ray.serve.handle import DeploymentHandle
 
 from antiphon.actors.client import ServeModelClient
-from antiphon.actors.endpoint import CompletionsModel
 from antiphon.actors.protocol import SessionModel
-from antiphon.actors.server import ModelServer, actor_options
 from antiphon.checkpoint import load_tokenizer
 from antiphon.config import ModelSpec
 from antiphon.coordinator.loop import Coordinator
@@ -58,6 +57,9 @@ from antiphon.logging import configure_logging
 from antiphon.policies.actor import HostedPolicy, PolicyClient
 from antiphon.policies.base import Policy
 from antiphon.policies.registry import PolicyCache, validate_policy_params
+
+if TYPE_CHECKING:
+    from antiphon.actors.server import ModelServer
 
 
 class HostedPolicies:
@@ -88,6 +90,15 @@ class HostedPolicies:
         return self.local(name, params, ensemble)
 
 
+def colocated_servers(specs: Sequence[ModelSpec]) -> dict[str, ModelServer]:
+    """Each model served in this process (a colocated ensemble). The engine is imported here,
+    not with this module: a replica that only calls model deployments never loads the model
+    classes of transformers (seconds of import in every replica that starts)."""
+    from antiphon.actors.server import ModelServer
+
+    return {s.name: ModelServer(s) for s in specs}
+
+
 class CoordinatorServer:
     """One coordinator replica. Stateless between requests: any replica serves any request."""
 
@@ -111,11 +122,13 @@ class CoordinatorServer:
             raise ValueError(f"no deployment handle for models {missing}")
         self.turn_sink = turn_sink
         self.model_handles = {s.name: model_handles[s.name] for s in deployed}
-        self.colocated = {s.name: ModelServer(s) for s in served} if colocate else {}
+        self.colocated = colocated_servers(served) if colocate else {}
         self.policy_actors = policy_actors
         models: dict[str, SessionModel] = {}
         for s in specs:
             if s.endpoint is not None:  # called from here: its sessions live in this replica
+                from antiphon.actors.endpoint import CompletionsModel  # the openai client
+
                 models[s.name] = CompletionsModel(s)
             else:
                 # Direct session calls bypass Serve's request counting, which an
@@ -250,6 +263,8 @@ def build_coordinator_deployment(
 ) -> Application:
     """The coordinator bound to its model deployments (bound apps become handles in Serve);
     `colocate`: running the models itself, with the resources they ask for."""
+    from antiphon.actors.server import actor_options
+
     options = {
         "name": "coordinator",
         "num_replicas": num_replicas,
