@@ -1,6 +1,7 @@
 """The shape the architecture promises (docs/architecture.md): the turn loop and the engine
-front stay small, and no function in the coordinator or the model actors grows long. The
-import layers are checked by `lint-imports` (its contracts are in pyproject.toml)."""
+front stay small, no function in the coordinator or the model actors grows long, and the
+replicas and actors that run no model start without importing one. The import layers are
+checked by `lint-imports` (its contracts are in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import antiphon
 
@@ -34,14 +37,22 @@ def test_no_function_in_the_coordinator_or_the_actors_is_over_80_lines():
     assert long == []
 
 
-def test_replicas_that_only_call_models_do_not_import_the_model_classes():
-    """The ingress and coordinator replicas read tokenizers and call model deployments: the
-    engine and transformers' model classes (seconds of import in every replica that starts)
-    stay out of their modules' imports."""
-    modules = ("antiphon.deploy.ingress", "antiphon.coordinator.deployment")
-    probe = (f"import sys; import {', '.join(modules)}; "
-             "print([m for m in ('transformers.modeling_utils', 'antiphon.actors.engine', "
-             "'openai') if m in sys.modules])")  # fmt: skip
+# what a process hosting the module's class never needs: the seconds of import that every
+# replica or actor pays when it starts
+NOT_IMPORTED = {
+    # the ingress and the coordinator read tokenizers and call model deployments
+    "antiphon.deploy.ingress": ("transformers.modeling_utils", "antiphon.actors.engine", "openai"),
+    "antiphon.coordinator.deployment": ("transformers.modeling_utils", "antiphon.actors.engine",
+                                        "openai"),
+    # the turn log writes records: no model, no tokenizer
+    "antiphon.training.turn_log_actor": ("torch", "transformers"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("module", sorted(NOT_IMPORTED))
+def test_replicas_and_actors_import_only_what_they_run(module):
+    probe = (f"import sys, {module}; "
+             f"print([m for m in {NOT_IMPORTED[module]!r} if m in sys.modules])")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]

@@ -15,12 +15,20 @@ from antiphon.policies.base import (
     decide,
 )
 from antiphon.policies.baselines import PolicyParams
-from antiphon.policies.registry import (
-    build_policy,
-    policy_names,
-    register_policy,
-    validate_policy_params,
-)
+
+REGISTRY_NAMES = ("build_policy", "policy_names", "register_policy", "validate_policy_params")
+
+
+def __getattr__(name: str):
+    # The registry imports every policy, and the switcher's brings torch and transformers: it
+    # is loaded on first use, so that a process that only reads decisions (the turn log's)
+    # starts without them.
+    if name in REGISTRY_NAMES:
+        from antiphon.policies import registry
+
+        return getattr(registry, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "Decision",
