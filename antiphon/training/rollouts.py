@@ -277,8 +277,9 @@ async def label_prefix(
 
 
 class RolloutStore:
-    """An append-only directory: examples.jsonl (one line per done key, examples and skipped
-    items alike) and provenance.json."""
+    """A directory of examples.jsonl (one line per done key, examples and skipped items
+    alike) and provenance.json: appended to key by key (`run_rollouts` resumes where it
+    stopped), or written whole (`write_all`)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -319,7 +320,9 @@ class RolloutStore:
             return False
         return provenance.get("status", "done") == "done"
 
-    def write_all(self, examples: Sequence[RolloutExample], provenance: Mapping[str, object]):
+    def write_all(
+        self, examples: Sequence[RolloutExample], provenance: Mapping[str, object]
+    ) -> None:
         """Replace the store's examples with `examples` in one step, then mark it finished:
         for labellers that make all their examples at once, so that a crash part way leaves
         an unfinished store (redone by the next run), never a partial one read as whole."""
