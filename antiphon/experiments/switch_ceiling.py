@@ -75,10 +75,9 @@ def near_end(state: RolloutExample, reference: str, segment_chars: int) -> bool:
     return bool(state.best) and len(reference) - len(answer_text(state).strip()) <= segment_chars
 
 
-def walk(states: Mapping[str, RolloutExample], choose, reference: str) -> bool:
+def walk(states: Mapping[str, RolloutExample], choose, reference: str, segment_chars: int) -> bool:
     """Whether `choose(state) -> model` answers right from the empty answer along the
     oracle's tree (`states`: one question's labelled states by their answer text)."""
-    segment_chars = max((len(t) for s in states.values() for _, t in s.prefix), default=0)
     state = states.get("")
     while state is not None:
         pick = choose(state)
@@ -100,9 +99,9 @@ def ceiling(
     by_question: dict[str, dict[str, RolloutExample]] = defaultdict(dict)
     key = {}
     for ex in examples:
-        reference = references[ex.query_key]
-        key[ex.key] = (ex.task, masked(answer_text(ex), names_of(ex.query, reference)))
-        by_question[ex.query_key][answer_text(ex)] = ex
+        answer = answer_text(ex)
+        key[ex.key] = (ex.task, masked(answer, names_of(ex.query, references[ex.query_key])))
+        by_question[ex.query_key][answer] = ex
     policy = blind_policy(examples, key)
     out: dict[str, dict[str, int]] = {}
     for question, states in sorted(by_question.items()):
@@ -112,7 +111,7 @@ def ceiling(
         row["questions"] += 1
         segment_chars = max((len(t) for s in states.values() for _, t in s.prefix), default=0)
         row["oracle"] += any(near_end(s, reference, segment_chars) for s in states.values())
-        row["masked"] += walk(states, lambda s: policy[key[s.key]], reference)
+        row["masked"] += walk(states, lambda s: policy[key[s.key]], reference, segment_chars)
     return out
 
 

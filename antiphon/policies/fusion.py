@@ -122,11 +122,12 @@ class FusionGenerator:
 
     async def _rounds(self, active: list[_Request]) -> None:
         vocab, eos, _ = await self._vocab()
+        everything = list(range(vocab))
         while active or self._joining:
             active[:] = [r for r in active + self._joining if not r.done.done()]
             self._joining.clear()
             # one flat gather: every call is sent before any engine starts its pass
-            reads = [self._reads(r, vocab) for r in active]
+            reads = [self._reads(r, everything) for r in active]
             results = await asyncio.gather(*(c for calls in reads for c in calls),
                                            return_exceptions=True)  # fmt: skip
             still, at = [], 0
@@ -138,7 +139,7 @@ class FusionGenerator:
                 if failed:  # that request's failure, not the others'
                     request.done.set_exception(failed[0])
                     continue
-                lps = got[1::2] if request.written else got  # the reads, not the appends
+                lps = got[-len(self.models) :]  # the reads, not the appends
                 if self.coefficients is not None:
                     fused = arithmetic(lps, self.coefficients)  # (V,) log-probs
                 else:
@@ -155,17 +156,16 @@ class FusionGenerator:
                     still.append(request)
             active[:] = still
 
-    def _reads(self, request: _Request, vocab: int) -> list[Awaitable]:
-        """The calls of one round for `request`: per model, its last chosen token appended
-        (the engine keeps a session's calls in order) and the log-probs of every vocabulary
-        token next."""
-        calls: list[Awaitable] = []
+    def _reads(self, request: _Request, everything: list[int]) -> list[Awaitable]:
+        """The calls of one round for `request`: per model, its last chosen token appended,
+        then per model the log-probs of every vocabulary token next (the last len(models)
+        calls). The engine keeps a session's calls in order, so each read follows its append."""
+        pairs = list(zip(self.models.values(), request.sessions, strict=True))
         last = request.written[-1:]
-        for model, session in zip(self.models.values(), request.sessions, strict=True):
-            if last:
-                calls.append(model.append(session, last))
-            calls.append(model.next_token_logprobs(session, list(range(vocab))))
-        return calls
+        appends = [model.append(session, last) for model, session in pairs] if last else []
+        return appends + [
+            model.next_token_logprobs(session, everything) for model, session in pairs
+        ]
 
 
 @dataclass

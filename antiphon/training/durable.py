@@ -1,7 +1,7 @@
-"""Files that survive a crash: a JSON file replaced atomically, a symlink moved atomically, a
-directory fsynced. The turn log's consumer offsets, the policy store's records and served
-link and a trainer's state all are written this way, so a crash leaves the old content or
-the new, never half of either."""
+"""Files that survive a crash: a text or JSON file replaced atomically, a symlink moved
+atomically, a directory fsynced. The turn log's consumer offsets, the policy store's records
+and served link, a trainer's state and the oracle labeller's stores all are written this way,
+so a crash leaves the old content or the new, never half of either."""
 
 from __future__ import annotations
 
@@ -25,15 +25,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
-    """Write `data` to `path` atomically: a temp file beside it (named `TMP_PREFIX...`),
+def write_text_atomic(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write `text` to `path` atomically: a temp file beside it (named `TMP_PREFIX...`),
     fsynced, then renamed over it; with `durable`, the directory fsynced too, so the rename
     itself survives a crash."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -41,6 +40,11 @@ def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = Tr
         Path(tmp).unlink(missing_ok=True)
     if durable:
         fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, data: Mapping[str, Any], *, durable: bool = True) -> None:
+    """`data` as indented JSON, written by `write_text_atomic`."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n", durable=durable)
 
 
 def replace_link(link: Path, target: str | Path, *, durable: bool = True) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ from tqdm import tqdm
 
 from antiphon.coordinator.request import GenerationRequest, GenerationResult
 from antiphon.errors import retry_overloaded
+from antiphon.training.durable import write_json_atomic, write_text_atomic
 
 Generate = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 EXAMPLES_FILE = "examples.jsonl"
@@ -326,19 +326,12 @@ class RolloutStore:
         """Replace the store's examples with `examples` in one step, then mark it finished:
         for labellers that make all their examples at once, so that a crash part way leaves
         an unfinished store (redone by the next run), never a partial one read as whole."""
-        _replace_text(self.path, "".join(json.dumps(asdict(ex)) + "\n" for ex in examples))
+        write_text_atomic(self.path, "".join(json.dumps(asdict(ex)) + "\n" for ex in examples))
         self.done = {ex.key for ex in examples}
         self.write_provenance({**provenance, "status": "done"})
 
     def write_provenance(self, provenance: Mapping[str, object]) -> None:
-        _replace_text(self.root / PROVENANCE_FILE, json.dumps(provenance, indent=2) + "\n")
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a crash mid-write leaves the old file)."""
-    part = path.with_name(path.name + ".part")
-    part.write_text(text)
-    os.replace(part, path)
+        write_json_atomic(self.root / PROVENANCE_FILE, provenance)
 
 
 async def run_rollouts(
